@@ -1,0 +1,3 @@
+//! Model code: UNet, VAE, CLIP text encoders and their shared parts, named as in diffusers/transformers.
+
+pub mod resnet;

@@ -1,0 +1,1 @@
+//! Reward models for diffpref (filled by the reward-model issue).
