@@ -1,3 +1,4 @@
 //! Model code: UNet, VAE, CLIP text encoders and their shared parts, named as in diffusers/transformers.
 
 pub mod resnet;
+pub mod vae;
