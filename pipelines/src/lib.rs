@@ -11,6 +11,7 @@ pub mod error;
 pub mod golden;
 pub mod models;
 pub mod nn;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -1,4 +1,5 @@
 //! Model code: UNet, VAE, CLIP text encoders and their shared parts, named as in diffusers/transformers.
 
+pub mod clip_text;
 pub mod resnet;
 pub mod vae;
