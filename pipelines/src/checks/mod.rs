@@ -9,6 +9,7 @@ use std::path::PathBuf;
 mod models;
 mod scheduler;
 mod text;
+pub mod vae;
 
 /// Where and how to run a check.
 #[derive(Clone, Debug)]
@@ -55,7 +56,7 @@ pub fn run(golden: &Golden, ctx: &CheckContext) -> Result<Option<Vec<Comparison>
         "scheduler_timesteps" => scheduler::check_timesteps(golden, ctx)?,
         "ddim_logprob" => scheduler::check_ddim_logprob(golden, ctx)?,
         "unet" => models::check_unet(golden, ctx)?,
-        "vae" => models::check_vae(golden, ctx)?,
+        "vae" => vae::check_vae(golden, ctx)?,
         "pipeline" => models::check_pipeline(golden, ctx)?,
         _ => return Ok(None),
     };

@@ -2,4 +2,7 @@
 
 pub mod clip_text;
 pub mod resnet;
+pub mod attention;
+pub mod embeddings;
+pub mod unet;
 pub mod vae;
