@@ -10,6 +10,7 @@ pub mod checks;
 pub mod error;
 pub mod golden;
 pub mod models;
+pub mod loading;
 pub mod nn;
 pub mod tokenizer;
 pub mod weights;
