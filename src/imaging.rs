@@ -1,0 +1,743 @@
+//! Image output utilities: tensor <-> image conversion, atomic PNG writing,
+//! preview strips and labelled comparison grids.
+//!
+//! Text is rendered with the embedded DejaVu Sans font (see
+//! `assets/fonts/LICENSE-DejaVu.txt`) through `ab_glyph`, so the binary does not
+//! depend on any font installed on the host.
+
+use std::fs;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use ab_glyph::{point, Font, FontRef, GlyphId, PxScale, ScaleFont};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use image::codecs::png::PngEncoder;
+use image::{ImageReader, Rgb, RgbImage};
+
+/// Bytes of the embedded label font (DejaVu Sans, Bitstream Vera licence).
+pub static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+const ELLIPSIS: &str = "\u{2026}";
+const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
+const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
+/// Upper bound for an automatically sized row-label column, in pixels (before padding).
+const MAX_AUTO_ROW_LABEL_WIDTH: u32 = 200;
+
+/// The parsed embedded font (parsed once, shared).
+fn font() -> &'static FontRef<'static> {
+    static FONT: OnceLock<FontRef<'static>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        FontRef::try_from_slice(FONT_BYTES).expect("embedded DejaVuSans.ttf is a valid font")
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Tensor <-> image
+// ---------------------------------------------------------------------------
+
+/// Converts a `[B, 3, H, W]` tensor with values in `[0, 1]` (any float or integer
+/// dtype, any device) into `B` RGB images.
+///
+/// Values are clamped to `[0, 1]` and quantised with `round(x * 255)`; NaN maps to 0.
+pub fn tensor_to_images(t: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, c, h, w) = t.dims4().with_context(|| {
+        format!(
+            "tensor_to_images: expected a [B,3,H,W] tensor, got shape {:?}",
+            t.dims()
+        )
+    })?;
+    ensure!(
+        c == 3,
+        "tensor_to_images: expected 3 channels, got shape {:?}",
+        t.dims()
+    );
+    let (w32, h32) = (u32::try_from(w)?, u32::try_from(h)?);
+    let data = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()
+        .context("tensor_to_images: reading tensor data")?;
+    let plane = h * w;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let base = i * 3 * plane;
+        let mut raw = Vec::with_capacity(3 * plane);
+        for p in 0..plane {
+            for ch in 0..3 {
+                raw.push(quantise(data[base + ch * plane + p]));
+            }
+        }
+        out.push(
+            RgbImage::from_raw(w32, h32, raw).context("tensor_to_images: buffer size mismatch")?,
+        );
+    }
+    Ok(out)
+}
+
+fn quantise(x: f32) -> u8 {
+    if x.is_nan() {
+        0
+    } else {
+        (x.clamp(0.0, 1.0) * 255.0).round() as u8
+    }
+}
+
+/// Converts equally sized RGB images into a `[B, 3, H, W]` `f32` tensor with values
+/// in `[0, 1]` on `device`. Errors on an empty slice or on differing sizes.
+pub fn images_to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
+    let first = imgs.first().context("images_to_tensor: no images given")?;
+    let (w, h) = first.dimensions();
+    for (i, img) in imgs.iter().enumerate() {
+        ensure!(
+            img.dimensions() == (w, h),
+            "images_to_tensor: image {i} is {}x{}, expected {w}x{h} like image 0",
+            img.width(),
+            img.height()
+        );
+    }
+    let plane = (w as usize) * (h as usize);
+    let mut data = vec![0f32; imgs.len() * 3 * plane];
+    for (i, img) in imgs.iter().enumerate() {
+        let base = i * 3 * plane;
+        for (p, px) in img.pixels().enumerate() {
+            for ch in 0..3 {
+                data[base + ch * plane + p] = f32::from(px.0[ch]) / 255.0;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (imgs.len(), 3, h as usize, w as usize),
+        device,
+    )?)
+}
+
+// ---------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------
+
+/// Loads an image in any format the `image` crate can decode (detected from the
+/// content, not only the extension) and converts it to RGB8.
+pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
+    let path = path.as_ref();
+    let img = ImageReader::open(path)
+        .with_context(|| format!("opening image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading image {}", path.display()))?
+        .decode()
+        .with_context(|| format!("decoding image {}", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+/// Removes the temporary file on drop unless it was committed (renamed).
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Writes `img` as a PNG to `path` atomically.
+///
+/// Parent directories are created; the PNG is written and fsynced into a hidden
+/// temporary file in the same directory, which is then renamed over `path`. A
+/// reader therefore sees either the old file (or none) or the complete new one,
+/// and on error the temporary file is removed.
+pub fn save_png(img: &RgbImage, path: impl AsRef<Path>) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let path = path.as_ref();
+    let name = path
+        .file_name()
+        .with_context(|| format!("save_png: {} has no file name", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "creating directory {} for {}",
+            dir.display(),
+            path.display()
+        )
+    })?;
+
+    let (tmp_path, file) = loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}-{n}-{nanos}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("creating temporary file for {}", path.display()));
+            }
+        }
+    };
+    let mut guard = TempGuard(Some(tmp_path.clone()));
+
+    let mut writer = BufWriter::new(file);
+    img.write_with_encoder(PngEncoder::new(&mut writer))
+        .with_context(|| format!("encoding PNG for {}", path.display()))?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("writing PNG for {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing PNG for {}", path.display()))?;
+    drop(file);
+    fs::rename(&tmp_path, path)
+        .with_context(|| format!("renaming temporary file onto {}", path.display()))?;
+    guard.0 = None;
+    // Best effort: persist the directory entry too.
+    #[cfg(unix)]
+    if let Ok(d) = fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Text
+// ---------------------------------------------------------------------------
+
+/// Height in pixels of one line of text at `px` (ascent - descent + line gap), rounded up.
+pub fn line_height(px: f32) -> u32 {
+    let f = font().as_scaled(PxScale::from(px));
+    (f.height() + f.line_gap()).ceil().max(0.0) as u32
+}
+
+/// Width in pixels (rounded up) of `text` rendered at `px`; for multi-line text the
+/// widest line.
+pub fn text_width(text: &str, px: f32) -> u32 {
+    text.split('\n')
+        .map(|l| line_width(l, px))
+        .fold(0f32, f32::max)
+        .ceil() as u32
+}
+
+fn line_width(line: &str, px: f32) -> f32 {
+    let f = font().as_scaled(PxScale::from(px));
+    let mut w = 0.0;
+    let mut prev: Option<GlyphId> = None;
+    for c in line.chars() {
+        let id = f.glyph_id(c);
+        if let Some(p) = prev {
+            w += f.kern(p, id);
+        }
+        w += f.h_advance(id);
+        prev = Some(id);
+    }
+    w
+}
+
+/// Clip rectangle `[x0, x1) × [y0, y1)` in image coordinates.
+#[derive(Clone, Copy)]
+struct Clip {
+    x0: i64,
+    y0: i64,
+    x1: i64,
+    y1: i64,
+}
+
+impl Clip {
+    fn image(img: &RgbImage) -> Self {
+        Clip {
+            x0: 0,
+            y0: 0,
+            x1: i64::from(img.width()),
+            y1: i64::from(img.height()),
+        }
+    }
+    fn intersect(self, o: Clip) -> Clip {
+        Clip {
+            x0: self.x0.max(o.x0),
+            y0: self.y0.max(o.y0),
+            x1: self.x1.min(o.x1),
+            y1: self.y1.min(o.y1),
+        }
+    }
+}
+
+/// Draws `text` with its top-left corner at `(x, y)` (the baseline is `y + ascent`)
+/// at pixel size `px` in `color`, alpha-blending the anti-aliased glyph coverage
+/// onto `img`. `'\n'` starts a new line; anything outside the image is clipped.
+pub fn draw_text(img: &mut RgbImage, x: i32, y: i32, text: &str, px: f32, color: Rgb<u8>) {
+    let clip = Clip::image(img);
+    draw_text_clipped(img, x, y, text, px, color, clip);
+}
+
+fn draw_text_clipped(
+    img: &mut RgbImage,
+    x: i32,
+    y: i32,
+    text: &str,
+    px: f32,
+    color: Rgb<u8>,
+    clip: Clip,
+) {
+    let clip = clip.intersect(Clip::image(img));
+    if clip.x0 >= clip.x1 || clip.y0 >= clip.y1 {
+        return;
+    }
+    let f = font().as_scaled(PxScale::from(px));
+    let lh = line_height(px) as f32;
+    for (li, line) in text.split('\n').enumerate() {
+        let baseline = y as f32 + li as f32 * lh + f.ascent();
+        let mut pen = x as f32;
+        let mut prev: Option<GlyphId> = None;
+        for c in line.chars() {
+            let id = f.glyph_id(c);
+            if let Some(p) = prev {
+                pen += f.kern(p, id);
+            }
+            let glyph = id.with_scale_and_position(f.scale(), point(pen, baseline));
+            if let Some(outlined) = font().outline_glyph(glyph) {
+                let b = outlined.px_bounds();
+                let (bx, by) = (b.min.x as i64, b.min.y as i64);
+                outlined.draw(|gx, gy, cov| {
+                    let (ix, iy) = (bx + i64::from(gx), by + i64::from(gy));
+                    if ix < clip.x0 || ix >= clip.x1 || iy < clip.y0 || iy >= clip.y1 {
+                        return;
+                    }
+                    let a = cov.clamp(0.0, 1.0);
+                    let p = img.get_pixel_mut(ix as u32, iy as u32);
+                    for ch in 0..3 {
+                        let v = f32::from(p.0[ch]) * (1.0 - a) + f32::from(color.0[ch]) * a;
+                        p.0[ch] = v.round().clamp(0.0, 255.0) as u8;
+                    }
+                });
+            }
+            pen += f.h_advance(id);
+            prev = Some(id);
+        }
+    }
+}
+
+/// Truncates `s` (dropping characters from the end) so that `s + "…"` fits in
+/// `max_w`; returns `"…"` alone if nothing else fits, or `""` if not even that.
+fn ellipsize(s: &str, px: f32, max_w: u32) -> String {
+    let mut chars: Vec<char> = s.trim_end().chars().collect();
+    loop {
+        let cand: String = chars.iter().collect::<String>() + ELLIPSIS;
+        if text_width(&cand, px) <= max_w {
+            return cand;
+        }
+        if chars.pop().is_none() {
+            return String::new();
+        }
+        while chars.last().is_some_and(|c| c.is_whitespace()) {
+            chars.pop();
+        }
+    }
+}
+
+/// Breaks `text` into at most `max_lines` lines that each fit in `max_w` pixels at
+/// `px`: greedy word wrapping (explicit `'\n'` are honoured, overlong words are
+/// split between characters); if the text does not fit, the last kept line ends
+/// with "…".
+pub fn fit_text(text: &str, px: f32, max_w: u32, max_lines: usize) -> Vec<String> {
+    if max_lines == 0 || text.trim().is_empty() {
+        return Vec::new();
+    }
+    let fits = |s: &str| text_width(s, px) <= max_w;
+    let mut lines: Vec<String> = Vec::new();
+    for para in text.split('\n') {
+        let mut cur = String::new();
+        for word in para.split_whitespace() {
+            let joined = if cur.is_empty() {
+                word.to_string()
+            } else {
+                format!("{cur} {word}")
+            };
+            if fits(&joined) {
+                cur = joined;
+                continue;
+            }
+            if !cur.is_empty() {
+                lines.push(std::mem::take(&mut cur));
+            }
+            // Place `word` on fresh lines, splitting it if it is too long.
+            for c in word.chars() {
+                let mut next = cur.clone();
+                next.push(c);
+                if fits(&next) || cur.is_empty() {
+                    cur = next;
+                } else {
+                    lines.push(std::mem::replace(&mut cur, c.to_string()));
+                }
+            }
+        }
+        lines.push(cur);
+    }
+    // Drop trailing empty lines (from trailing newlines).
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    if lines.len() > max_lines {
+        lines.truncate(max_lines);
+        let last = lines.pop().unwrap_or_default();
+        lines.push(ellipsize(&last, px, max_w));
+    } else if let Some(last) = lines.last_mut() {
+        // A single character wider than max_w can only happen for a tiny width.
+        if !fits(last) {
+            *last = ellipsize(last, px, max_w);
+        }
+    }
+    lines
+}
+
+// ---------------------------------------------------------------------------
+// Strips
+// ---------------------------------------------------------------------------
+
+/// Places `images` left to right, top-aligned, separated by `gap` white pixels.
+/// Images may differ in size (the strip is as tall as the tallest); an empty
+/// slice gives a 0×0 image.
+pub fn strip(images: &[RgbImage], gap: u32) -> RgbImage {
+    strip_with_top(images, gap, 0)
+}
+
+fn strip_with_top(images: &[RgbImage], gap: u32, top: u32) -> RgbImage {
+    if images.is_empty() {
+        return RgbImage::new(0, 0);
+    }
+    let width = images.iter().map(|i| i.width()).sum::<u32>() + gap * (images.len() as u32 - 1);
+    let height = top + images.iter().map(|i| i.height()).max().unwrap_or(0);
+    let mut out = RgbImage::from_pixel(width, height, WHITE);
+    let mut x = 0u32;
+    for img in images {
+        image::imageops::replace(&mut out, img, i64::from(x), i64::from(top));
+        x += img.width() + gap;
+    }
+    out
+}
+
+/// Like [`strip`] with a 2 px gap, plus a small label above each image (e.g. the
+/// denoising step of an x0 preview). `labels[i]` belongs to `images[i]`; missing
+/// labels are left blank, extra ones ignored. Labels are centred and truncated
+/// with "…" to the image width; the font size follows the image height
+/// (10–16 px).
+pub fn labelled_strip(images: &[RgbImage], labels: &[String]) -> RgbImage {
+    const GAP: u32 = 2;
+    if images.is_empty() {
+        return RgbImage::new(0, 0);
+    }
+    if labels.iter().all(|l| l.trim().is_empty()) {
+        return strip(images, GAP);
+    }
+    let max_h = images.iter().map(|i| i.height()).max().unwrap_or(0);
+    let px = (max_h as f32 / 8.0).clamp(10.0, 16.0);
+    let pad = 2;
+    let top = line_height(px) + 2 * pad;
+    let mut out = strip_with_top(images, GAP, top);
+    let mut x = 0u32;
+    for (i, img) in images.iter().enumerate() {
+        if let Some(label) = labels.get(i) {
+            let line = fit_text(label, px, img.width(), 1)
+                .pop()
+                .unwrap_or_default();
+            let tw = text_width(&line, px);
+            let lx = x as i64 + (i64::from(img.width()) - i64::from(tw)) / 2;
+            let clip = Clip {
+                x0: i64::from(x),
+                y0: 0,
+                x1: i64::from(x + img.width()),
+                y1: i64::from(top),
+            };
+            draw_text_clipped(&mut out, lx as i32, pad as i32, &line, px, BLACK, clip);
+        }
+        x += img.width() + GAP;
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Grids
+// ---------------------------------------------------------------------------
+
+/// Layout options for [`grid`] / [`Grid`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct GridOptions {
+    /// Gap in pixels between cells (and between the label areas and the cells).
+    pub cell_gap: u32,
+    /// Label font size in pixels.
+    pub font_px: f32,
+    /// Height of the column-label band on top; `None` sizes it to the labels
+    /// (up to 2 wrapped lines). Ignored (0) when there are no column labels.
+    pub label_height: Option<u32>,
+    /// Width of the row-label column on the left; `None` sizes it to the widest
+    /// label (at most 200 px plus padding). Ignored (0) when there are no row labels.
+    pub row_label_width: Option<u32>,
+    /// Integer nearest-neighbour upscaling factor applied to every cell (≥ 1),
+    /// e.g. 4 for 32×32 samples.
+    pub scale: u32,
+    /// Background colour (gaps and label areas).
+    pub background: Rgb<u8>,
+    /// Label text colour.
+    pub text_color: Rgb<u8>,
+}
+
+impl Default for GridOptions {
+    fn default() -> Self {
+        GridOptions {
+            cell_gap: 4,
+            font_px: 14.0,
+            label_height: None,
+            row_label_width: None,
+            scale: 1,
+            background: WHITE,
+            text_color: BLACK,
+        }
+    }
+}
+
+/// Nearest-neighbour integer upscaling.
+fn upscale(img: &RgbImage, s: u32) -> RgbImage {
+    if s <= 1 {
+        return img.clone();
+    }
+    RgbImage::from_fn(img.width() * s, img.height() * s, |x, y| {
+        *img.get_pixel(x / s, y / s)
+    })
+}
+
+/// Renders a labelled grid: `cells[r][c]` is the image in row `r`, column `c`.
+///
+/// All cells must have the same size (the error names the offending row and
+/// column); rows may be shorter than the longest row, leaving background.
+/// `row_labels` / `col_labels` must be empty or have one entry per row / column.
+/// Column labels are centred above the columns, row labels left-aligned in a
+/// column on the left; both are word-wrapped to fit and truncated with "…".
+/// Layout (no outer margin): width = row label width + cols·(cell·scale) +
+/// (cols−1)·gap, height = column label height + rows·(cell·scale) + (rows−1)·gap,
+/// where each label area is followed by one gap.
+pub fn grid(
+    cells: &[Vec<RgbImage>],
+    row_labels: &[String],
+    col_labels: &[String],
+    opts: &GridOptions,
+) -> Result<RgbImage> {
+    let nrows = cells.len();
+    let ncols = cells.iter().map(Vec::len).max().unwrap_or(0);
+    ensure!(nrows > 0 && ncols > 0, "grid: no cells given");
+    ensure!(
+        opts.scale >= 1,
+        "grid: scale must be >= 1, got {}",
+        opts.scale
+    );
+    ensure!(
+        opts.font_px > 0.0,
+        "grid: font_px must be > 0, got {}",
+        opts.font_px
+    );
+    ensure!(
+        row_labels.is_empty() || row_labels.len() == nrows,
+        "grid: {} row labels for {nrows} rows",
+        row_labels.len()
+    );
+    ensure!(
+        col_labels.is_empty() || col_labels.len() == ncols,
+        "grid: {} column labels for {ncols} columns",
+        col_labels.len()
+    );
+    let first = cells
+        .iter()
+        .find_map(|r| r.first())
+        .context("grid: no cells given")?;
+    let (w0, h0) = first.dimensions();
+    ensure!(w0 > 0 && h0 > 0, "grid: cells must not be empty (0x0)");
+    for (r, row) in cells.iter().enumerate() {
+        for (c, img) in row.iter().enumerate() {
+            if img.dimensions() != (w0, h0) {
+                bail!(
+                    "grid: cell at row {r}, column {c} is {}x{}, expected {w0}x{h0} like the first cell",
+                    img.width(),
+                    img.height()
+                );
+            }
+        }
+    }
+
+    let s = opts.scale;
+    let (cw, ch) = (w0 * s, h0 * s);
+    let gap = opts.cell_gap;
+    let px = opts.font_px;
+    let lh = line_height(px).max(1);
+    let pad = ((px / 4.0).round() as u32).max(2);
+
+    let has_row_labels = row_labels.iter().any(|l| !l.trim().is_empty());
+    let has_col_labels = col_labels.iter().any(|l| !l.trim().is_empty());
+
+    let left = if !has_row_labels {
+        0
+    } else {
+        match opts.row_label_width {
+            Some(w) => w,
+            None => {
+                let widest = row_labels
+                    .iter()
+                    .map(|l| text_width(l.trim(), px))
+                    .max()
+                    .unwrap_or(0);
+                widest.min(MAX_AUTO_ROW_LABEL_WIDTH) + 2 * pad
+            }
+        }
+    };
+    let col_text_w = cw.saturating_sub(2 * pad).max(1);
+    let (top, col_lines) = if !has_col_labels {
+        (0, 0)
+    } else {
+        match opts.label_height {
+            Some(h) => (h, ((h.saturating_sub(2 * pad)) / lh).max(1) as usize),
+            None => {
+                let lines = col_labels
+                    .iter()
+                    .map(|l| fit_text(l, px, col_text_w, 2).len())
+                    .max()
+                    .unwrap_or(1)
+                    .max(1);
+                (lines as u32 * lh + 2 * pad, lines)
+            }
+        }
+    };
+    let x_origin = if left > 0 { left + gap } else { 0 };
+    let y_origin = if top > 0 { top + gap } else { 0 };
+    let width = x_origin + ncols as u32 * cw + (ncols as u32 - 1) * gap;
+    let height = y_origin + nrows as u32 * ch + (nrows as u32 - 1) * gap;
+    let mut out = RgbImage::from_pixel(width, height, opts.background);
+
+    let cell_x = |c: usize| x_origin + c as u32 * (cw + gap);
+    let cell_y = |r: usize| y_origin + r as u32 * (ch + gap);
+
+    for (r, row) in cells.iter().enumerate() {
+        for (c, img) in row.iter().enumerate() {
+            let big = upscale(img, s);
+            image::imageops::replace(&mut out, &big, i64::from(cell_x(c)), i64::from(cell_y(r)));
+        }
+    }
+
+    if has_col_labels {
+        for (c, label) in col_labels.iter().enumerate() {
+            let lines = fit_text(label, px, col_text_w, col_lines);
+            let block_h = lines.len() as i64 * i64::from(lh);
+            let y0 = (i64::from(top) - block_h) / 2;
+            let clip = Clip {
+                x0: i64::from(cell_x(c)),
+                y0: 0,
+                x1: i64::from(cell_x(c) + cw),
+                y1: i64::from(top),
+            };
+            for (i, line) in lines.iter().enumerate() {
+                let tw = i64::from(text_width(line, px));
+                let x = i64::from(cell_x(c)) + (i64::from(cw) - tw) / 2;
+                let y = y0 + i as i64 * i64::from(lh);
+                draw_text_clipped(
+                    &mut out,
+                    x as i32,
+                    y as i32,
+                    line,
+                    px,
+                    opts.text_color,
+                    clip,
+                );
+            }
+        }
+    }
+
+    if has_row_labels {
+        let text_w = left.saturating_sub(2 * pad).max(1);
+        let max_lines = (ch / lh).max(1) as usize;
+        for (r, label) in row_labels.iter().enumerate() {
+            let lines = fit_text(label, px, text_w, max_lines);
+            let block_h = lines.len() as i64 * i64::from(lh);
+            let y0 = i64::from(cell_y(r)) + (i64::from(ch) - block_h) / 2;
+            let clip = Clip {
+                x0: 0,
+                y0: i64::from(cell_y(r)),
+                x1: i64::from(left),
+                y1: i64::from(cell_y(r) + ch),
+            };
+            for (i, line) in lines.iter().enumerate() {
+                let y = y0 + i as i64 * i64::from(lh);
+                draw_text_clipped(
+                    &mut out,
+                    pad as i32,
+                    y as i32,
+                    line,
+                    px,
+                    opts.text_color,
+                    clip,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Incremental builder for [`grid`]: add rows one at a time, then [`Grid::render`].
+#[derive(Clone, Debug, Default)]
+pub struct Grid {
+    rows: Vec<Vec<RgbImage>>,
+    row_labels: Vec<String>,
+    col_labels: Vec<String>,
+    opts: GridOptions,
+}
+
+impl Grid {
+    /// An empty grid with the given options.
+    pub fn new(opts: GridOptions) -> Self {
+        Grid {
+            opts,
+            ..Default::default()
+        }
+    }
+
+    /// Sets the column labels (one per column, or none).
+    pub fn col_labels<S: Into<String>>(
+        &mut self,
+        labels: impl IntoIterator<Item = S>,
+    ) -> &mut Self {
+        self.col_labels = labels.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Appends a row of cells with its label (`""` for none).
+    pub fn row(&mut self, label: impl Into<String>, cells: Vec<RgbImage>) -> &mut Self {
+        self.row_labels.push(label.into());
+        self.rows.push(cells);
+        self
+    }
+
+    /// Mutable access to the layout options.
+    pub fn options_mut(&mut self) -> &mut GridOptions {
+        &mut self.opts
+    }
+
+    /// Number of rows added so far.
+    pub fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Renders the grid (see [`grid`] for layout and errors).
+    pub fn render(&self) -> Result<RgbImage> {
+        grid(&self.rows, &self.row_labels, &self.col_labels, &self.opts)
+    }
+}
