@@ -12,6 +12,7 @@ pub mod golden;
 pub mod models;
 pub mod loading;
 pub mod nn;
+pub mod pipeline;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod weights;

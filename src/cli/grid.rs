@@ -1,0 +1,132 @@
+//! `diffpref grid`: a labelled comparison grid. Rows are prompts; columns are every combination of the given
+//! models, guidance scales and seeds. Every image of a column uses the same initial noise (drawn from the
+//! column's seed), so rows and models compare on equal footing.
+
+use super::common::ComputeArgs;
+use super::generate::{load_model, parse_scheduler, progress};
+use crate::imaging;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
+use std::path::PathBuf;
+
+/// Arguments of `diffpref grid`.
+#[derive(Args, Debug)]
+pub struct GridArgs {
+    /// Model folder or hub id (repeat to compare models).
+    #[arg(long = "model", required = true)]
+    pub models: Vec<String>,
+    /// Prompt (one row each).
+    #[arg(long = "prompt", required = true)]
+    pub prompts: Vec<String>,
+    /// Negative prompt: one for all, or one per prompt.
+    #[arg(long = "negative-prompt")]
+    pub negative_prompts: Vec<String>,
+    /// Guidance scale (repeat to compare).
+    #[arg(long = "guidance", default_values_t = [7.5])]
+    pub guidance: Vec<f64>,
+    /// Seed (repeat to compare).
+    #[arg(long = "seed", default_values_t = [0u64])]
+    pub seeds: Vec<u64>,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Integer upscaling of each cell (nearest), for tiny models.
+    #[arg(long, default_value_t = 1)]
+    pub scale: u32,
+    #[arg(long)]
+    pub variant: Option<String>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn model_label(spec: &str) -> String {
+    std::path::Path::new(spec.trim_end_matches('/'))
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or(spec)
+        .to_string()
+}
+
+pub fn run(a: GridArgs) -> Result<()> {
+    let scheduler = parse_scheduler(&a.scheduler)?;
+    let prompts: Vec<&str> = a.prompts.iter().map(|s| s.as_str()).collect();
+    let negs: Vec<&str> = a.negative_prompts.iter().map(|s| s.as_str()).collect();
+    let mut columns: Vec<Vec<image::RgbImage>> = Vec::new();
+    let mut labels: Vec<String> = Vec::new();
+    let mut latent_shape: Option<Vec<usize>> = None;
+    let ncols = a.models.len() * a.guidance.len() * a.seeds.len();
+    let pb = progress(ncols, "grid");
+    for spec in &a.models {
+        let model = load_model(spec, a.variant.as_deref(), &a.compute)?;
+        let pipe = Pipeline::new(&model)?;
+        for &g in &a.guidance {
+            for &seed in &a.seeds {
+                let base = GenerateOptions {
+                    steps: a.steps,
+                    guidance_scale: g,
+                    eta: a.eta,
+                    width: a.width,
+                    height: a.height,
+                    seed,
+                    scheduler,
+                    init_latents: None,
+                    decode_steps: false,
+                };
+                let (lh, lw) = pipe.latent_size(&base)?;
+                let shape = vec![model.unet.config().in_channels, lh, lw];
+                match &latent_shape {
+                    None => latent_shape = Some(shape.clone()),
+                    Some(s) if *s != shape => bail!(
+                        "model {spec} has latents {shape:?}, the first model {s:?}: grid columns must share a latent shape"
+                    ),
+                    _ => {}
+                }
+                let noise = seeded_noise(seed, &[1, shape[0], lh, lw], &candle_core::Device::Cpu)?
+                    .repeat((prompts.len(), 1, 1, 1))?;
+                let opts = GenerateOptions {
+                    init_latents: Some(noise),
+                    ..base
+                };
+                let out = pipe
+                    .generate(&prompts, &negs, &opts, None)
+                    .with_context(|| format!("sampling {spec} (guidance {g}, seed {seed})"))?;
+                columns.push(imaging::tensor_to_images(&out.images)?);
+                let mut parts = Vec::new();
+                if a.models.len() > 1 {
+                    parts.push(model_label(spec));
+                }
+                if a.guidance.len() > 1 || (a.models.len() == 1 && a.seeds.len() == 1) {
+                    parts.push(format!("cfg {g}"));
+                }
+                if a.seeds.len() > 1 {
+                    parts.push(format!("seed {seed}"));
+                }
+                labels.push(parts.join(", "));
+                pb.inc(1);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let rows: Vec<Vec<image::RgbImage>> = (0..prompts.len())
+        .map(|r| columns.iter().map(|c| c[r].clone()).collect())
+        .collect();
+    let opts = imaging::GridOptions {
+        scale: a.scale.max(1),
+        ..Default::default()
+    };
+    let img = imaging::grid(&rows, &a.prompts, &labels, &opts)?;
+    imaging::save_png(&img, &a.out)?;
+    println!("{}", a.out.display());
+    Ok(())
+}

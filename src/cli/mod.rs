@@ -1,0 +1,38 @@
+//! The `diffpref` command line.
+
+pub mod bench;
+pub mod common;
+pub mod generate;
+pub mod grid;
+pub mod verify;
+
+use clap::{Parser, Subcommand};
+
+/// diffpref: align text-to-image diffusion models with human preferences.
+#[derive(Parser, Debug)]
+#[command(name = "diffpref", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Text-to-image: one PNG per prompt, optional per-step trace and x0 strips.
+    Generate(generate::GenerateArgs),
+    /// A labelled comparison grid: rows are prompts, columns models / guidance scales / seeds.
+    Grid(grid::GridArgs),
+    /// Check numerics against golden files on a device (exit status 1 on any failure).
+    Verify(verify::VerifyArgs),
+    /// Benchmarks (UNet forward/backward, pipeline seconds per step).
+    Bench(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Grid(a) => grid::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}
