@@ -10,7 +10,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn diffpref(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_diffpref")).args(args).output().expect("run diffpref")
+    Command::new(env!("CARGO_BIN_EXE_diffpref"))
+        .args(args)
+        .output()
+        .expect("run diffpref")
 }
 
 fn ok(out: &Output) {
@@ -37,15 +40,32 @@ fn generate_writes_pngs_trace_and_step_strips() {
     let trace = tmp.path().join("trace.safetensors");
     let steps_dir = tmp.path().join("steps");
     let o = diffpref(&[
-        "generate", "--model", &tiny(), "--prompt", "a red cube", "--prompt", "a blue sphere",
-        "--negative-prompt", "blurry", "--steps", "4", "--seed", "3",
-        "--trace", trace.to_str().unwrap(), "--every-step", steps_dir.to_str().unwrap(),
-        "--out", out_dir.to_str().unwrap(),
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue sphere",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--every-step",
+        steps_dir.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
     ]);
     ok(&o);
     let pngs: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
     assert_eq!(pngs.len(), 2);
-    let img = image::open(out_dir.join("000-a-red-cube.png")).unwrap().to_rgb8();
+    let img = image::open(out_dir.join("000-a-red-cube.png"))
+        .unwrap()
+        .to_rgb8();
     assert_eq!(img.dimensions(), (32, 32));
     let t = candle_core::safetensors::load(&trace, &Device::Cpu).unwrap();
     assert_eq!(t["timesteps"].dims(), &[4]);
@@ -53,22 +73,48 @@ fn generate_writes_pngs_trace_and_step_strips() {
     assert_eq!(t["final_latents"].dims(), &[2, 4, 16, 16]);
     assert_eq!(t["image"].dims(), &[2, 3, 32, 32]);
     let last = t["latents_per_step"].get(3).unwrap();
-    let d = (last - &t["final_latents"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (last - &t["final_latents"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d, 0.0);
     let im = &t["image"];
     assert!(im.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0);
     assert!(im.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1.0);
-    let strip = image::open(steps_dir.join("001-a-blue-sphere.png")).unwrap().to_rgb8();
+    let strip = image::open(steps_dir.join("001-a-blue-sphere.png"))
+        .unwrap()
+        .to_rgb8();
     assert!(strip.width() >= 4 * 32, "strip holds one frame per step");
 
     // The same seed gives the same images.
     let out2 = tmp.path().join("out2");
     ok(&diffpref(&[
-        "generate", "--model", &tiny(), "--prompt", "a red cube", "--prompt", "a blue sphere",
-        "--negative-prompt", "blurry", "--steps", "4", "--seed", "3", "--out", out2.to_str().unwrap(),
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue sphere",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+        "--out",
+        out2.to_str().unwrap(),
     ]));
-    let a = image::open(out_dir.join("000-a-red-cube.png")).unwrap().to_rgb8();
-    let b = image::open(out2.join("000-a-red-cube.png")).unwrap().to_rgb8();
+    let a = image::open(out_dir.join("000-a-red-cube.png"))
+        .unwrap()
+        .to_rgb8();
+    let b = image::open(out2.join("000-a-red-cube.png"))
+        .unwrap()
+        .to_rgb8();
     assert_eq!(a.as_raw(), b.as_raw());
 }
 
@@ -78,19 +124,41 @@ fn generate_with_init_latents_matches_the_diffusers_pipeline() {
     let tmp = tempfile::tempdir().unwrap();
     let lat = tmp.path().join("init.safetensors");
     candle_core::safetensors::save(
-        &std::collections::HashMap::from([("init_latents".to_string(), g.get("init_latents").unwrap().clone())]),
+        &std::collections::HashMap::from([(
+            "init_latents".to_string(),
+            g.get("init_latents").unwrap().clone(),
+        )]),
         &lat,
     )
     .unwrap();
     let trace = tmp.path().join("trace.safetensors");
     ok(&diffpref(&[
-        "generate", "--model", &tiny(), "--prompt", "a photograph of an astronaut riding a horse",
-        "--prompt", "a red cube on a blue sphere", "--steps", "8", "--scheduler", "ddim", "--guidance", "7.5",
-        "--init-latents", lat.to_str().unwrap(), "--trace", trace.to_str().unwrap(),
-        "--out", tmp.path().join("o").to_str().unwrap(),
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "a photograph of an astronaut riding a horse",
+        "--prompt",
+        "a red cube on a blue sphere",
+        "--steps",
+        "8",
+        "--scheduler",
+        "ddim",
+        "--guidance",
+        "7.5",
+        "--init-latents",
+        lat.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--out",
+        tmp.path().join("o").to_str().unwrap(),
     ]));
     let t = candle_core::safetensors::load(&trace, &Device::Cpu).unwrap();
-    for (name, golden) in [("latents_per_step", "latents_per_step"), ("final_latents", "final_latents"), ("image", "image")] {
+    for (name, golden) in [
+        ("latents_per_step", "latents_per_step"),
+        ("final_latents", "final_latents"),
+        ("image", "image"),
+    ] {
         let c = g.compare(golden, &t[name], 1.0).unwrap();
         println!("{c}");
         assert!(c.passed, "{c}");
@@ -102,7 +170,15 @@ fn generate_with_init_latents_matches_the_diffusers_pipeline() {
 #[test]
 fn bad_model_folder_and_bad_latents_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = diffpref(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt", "x", "--out", "unused"]);
+    let o = diffpref(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        "unused",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("model_index.json"), "{}", stderr(&o));
 
@@ -110,26 +186,88 @@ fn bad_model_folder_and_bad_latents_are_clear_errors() {
     let broken = tmp.path().join("broken");
     copy_dir(&fixtures().join("tiny-sd"), &broken);
     std::fs::remove_file(broken.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let o = diffpref(&["generate", "--model", broken.to_str().unwrap(), "--prompt", "x", "--out", "unused"]);
+    let o = diffpref(&[
+        "generate",
+        "--model",
+        broken.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        "unused",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("unet/diffusion_pytorch_model.safetensors"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unet/diffusion_pytorch_model.safetensors"),
+        "{}",
+        stderr(&o)
+    );
 
     // Latents file without `init_latents`, then with a wrong shape, then not safetensors at all.
     let lat = tmp.path().join("lat.safetensors");
     let z = Tensor::zeros((1, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("latents".to_string(), z)]), &lat).unwrap();
-    let o = diffpref(&["generate", "--model", &tiny(), "--prompt", "x", "--steps", "2", "--init-latents", lat.to_str().unwrap(), "--out", "unused"]);
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), z)]),
+        &lat,
+    )
+    .unwrap();
+    let o = diffpref(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--init-latents",
+        lat.to_str().unwrap(),
+        "--out",
+        "unused",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("init_latents") && stderr(&o).contains("lat.safetensors"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("init_latents") && stderr(&o).contains("lat.safetensors"),
+        "{}",
+        stderr(&o)
+    );
 
     let z = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("init_latents".to_string(), z)]), &lat).unwrap();
-    let o = diffpref(&["generate", "--model", &tiny(), "--prompt", "x", "--steps", "2", "--init-latents", lat.to_str().unwrap(), "--out", "unused"]);
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("init_latents".to_string(), z)]),
+        &lat,
+    )
+    .unwrap();
+    let o = diffpref(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--init-latents",
+        lat.to_str().unwrap(),
+        "--out",
+        "unused",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("[1, 4, 8, 8]") && stderr(&o).contains("[1, 4, 16, 16]"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("[1, 4, 8, 8]") && stderr(&o).contains("[1, 4, 16, 16]"),
+        "{}",
+        stderr(&o)
+    );
 
     std::fs::write(&lat, b"not a tensor file").unwrap();
-    let o = diffpref(&["generate", "--model", &tiny(), "--prompt", "x", "--init-latents", lat.to_str().unwrap(), "--out", "unused"]);
+    let o = diffpref(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "x",
+        "--init-latents",
+        lat.to_str().unwrap(),
+        "--out",
+        "unused",
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("lat.safetensors"), "{}", stderr(&o));
 }
@@ -139,22 +277,55 @@ fn grid_has_one_labelled_cell_per_prompt_and_column() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("grid.png");
     ok(&diffpref(&[
-        "grid", "--model", &tiny(), "--prompt", "a red cube", "--prompt", "a green ball",
-        "--guidance", "1", "--guidance", "7.5", "--seed", "1", "--seed", "2", "--steps", "3", "--scale", "2",
-        "--out", out.to_str().unwrap(),
+        "grid",
+        "--model",
+        &tiny(),
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a green ball",
+        "--guidance",
+        "1",
+        "--guidance",
+        "7.5",
+        "--seed",
+        "1",
+        "--seed",
+        "2",
+        "--steps",
+        "3",
+        "--scale",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
     ]));
     let img = image::open(&out).unwrap().to_rgb8();
     // 4 columns and 2 rows of 64x64 cells, plus the label margins.
-    assert!(img.width() > 4 * 64 && img.height() > 2 * 64, "{:?}", img.dimensions());
+    assert!(
+        img.width() > 4 * 64 && img.height() > 2 * 64,
+        "{:?}",
+        img.dimensions()
+    );
 }
 
 #[test]
 fn verify_passes_on_the_goldens_and_fails_on_wrong_weights() {
     let gold = fixtures().join("golden");
     let files: Vec<String> = [
-        "tokenizer", "text_encoder", "unet", "vae", "pipeline_sd15", "scheduler_common", "scheduler_ddim_eta0",
-        "scheduler_ddim_eta1", "scheduler_ddpm", "scheduler_euler", "scheduler_euler_ancestral",
-        "scheduler_dpmpp_2m", "scheduler_timesteps", "ddim_logprob",
+        "tokenizer",
+        "text_encoder",
+        "unet",
+        "vae",
+        "pipeline_sd15",
+        "scheduler_common",
+        "scheduler_ddim_eta0",
+        "scheduler_ddim_eta1",
+        "scheduler_ddpm",
+        "scheduler_euler",
+        "scheduler_euler_ancestral",
+        "scheduler_dpmpp_2m",
+        "scheduler_timesteps",
+        "ddim_logprob",
     ]
     .iter()
     .map(|f| gold.join(format!("{f}.safetensors")).display().to_string())
@@ -172,8 +343,17 @@ fn verify_passes_on_the_goldens_and_fails_on_wrong_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let other = tmp.path().join("other");
     copy_dir(&fixtures().join("tiny-sd"), &other);
-    std::fs::copy(gold.join("dpo_ref_unet.safetensors"), other.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    let o = diffpref(&["verify", "--model", other.to_str().unwrap(), gold.join("unet.safetensors").to_str().unwrap()]);
+    std::fs::copy(
+        gold.join("dpo_ref_unet.safetensors"),
+        other.join("unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let o = diffpref(&[
+        "verify",
+        "--model",
+        other.to_str().unwrap(),
+        gold.join("unet.safetensors").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
 }

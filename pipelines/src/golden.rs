@@ -37,7 +37,11 @@ impl std::fmt::Display for Comparison {
             self.name,
             self.max_abs_err,
             self.ratio,
-            if self.note.is_empty() { String::new() } else { format!("  ({})", self.note) }
+            if self.note.is_empty() {
+                String::new()
+            } else {
+                format!("  ({})", self.note)
+            }
         )
     }
 }
@@ -53,10 +57,11 @@ impl Golden {
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
         let mut tolerances = HashMap::new();
         if let Some(t) = metadata.get("tolerances") {
-            let v: HashMap<String, (f64, f64)> = serde_json::from_str(t).map_err(|e| Error::Invalid {
-                file: path.display().to_string(),
-                msg: format!("metadata `tolerances` is not {{name: [atol, rtol]}}: {e}"),
-            })?;
+            let v: HashMap<String, (f64, f64)> =
+                serde_json::from_str(t).map_err(|e| Error::Invalid {
+                    file: path.display().to_string(),
+                    msg: format!("metadata `tolerances` is not {{name: [atol, rtol]}}: {e}"),
+                })?;
             tolerances = v;
         }
         Ok(Golden {
@@ -73,10 +78,13 @@ impl Golden {
     }
 
     pub fn meta(&self, key: &str) -> Result<&str> {
-        self.metadata.get(key).map(|s| s.as_str()).ok_or_else(|| Error::Invalid {
-            file: self.path.display().to_string(),
-            msg: format!("metadata key `{key}` is missing"),
-        })
+        self.metadata
+            .get(key)
+            .map(|s| s.as_str())
+            .ok_or_else(|| Error::Invalid {
+                file: self.path.display().to_string(),
+                msg: format!("metadata key `{key}` is missing"),
+            })
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
@@ -114,14 +122,22 @@ impl Golden {
         }
         if expected.dtype() == DType::I64 || expected.dtype() == DType::U32 {
             let e: Vec<i64> = expected.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
-            let a: Vec<i64> = actual.to_device(&Device::Cpu)?.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+            let a: Vec<i64> = actual
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::I64)?
+                .flatten_all()?
+                .to_vec1()?;
             let wrong = e.iter().zip(&a).filter(|(x, y)| x != y).count();
             return Ok(Comparison {
                 name: name.into(),
                 max_abs_err: if wrong == 0 { 0.0 } else { f64::INFINITY },
                 ratio: if wrong == 0 { 0.0 } else { f64::INFINITY },
                 passed: wrong == 0,
-                note: if wrong == 0 { "exact".into() } else { format!("{wrong} of {} differ", e.len()) },
+                note: if wrong == 0 {
+                    "exact".into()
+                } else {
+                    format!("{wrong} of {} differ", e.len())
+                },
             });
         }
         let (atol, rtol) = self.tolerance(name).ok_or_else(|| Error::Invalid {
@@ -130,7 +146,11 @@ impl Golden {
         })?;
         let (atol, rtol) = (atol * scale, rtol * scale);
         let e: Vec<f64> = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        let a: Vec<f64> = actual.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let a: Vec<f64> = actual
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
         let mut max_abs: f64 = 0.0;
         let mut ratio: f64 = 0.0;
         let mut nonfinite = false;
@@ -151,7 +171,11 @@ impl Golden {
             max_abs_err: max_abs,
             ratio,
             passed: ratio <= 1.0,
-            note: if nonfinite { "non-finite values".into() } else { String::new() },
+            note: if nonfinite {
+                "non-finite values".into()
+            } else {
+                String::new()
+            },
         })
     }
 }
@@ -165,8 +189,8 @@ pub fn read_metadata(bytes: &[u8]) -> std::result::Result<HashMap<String, String
     if 8 + n > bytes.len() {
         return Err("not a safetensors file (header length past the end)".into());
     }
-    let header: serde_json::Value =
-        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| format!("bad safetensors header: {e}"))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
+        .map_err(|e| format!("bad safetensors header: {e}"))?;
     let mut out = HashMap::new();
     if let Some(m) = header.get("__metadata__").and_then(|m| m.as_object()) {
         for (k, v) in m {

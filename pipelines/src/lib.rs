@@ -9,8 +9,8 @@
 pub mod checks;
 pub mod error;
 pub mod golden;
-pub mod models;
 pub mod loading;
+pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod schedulers;

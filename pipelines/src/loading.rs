@@ -91,7 +91,8 @@ pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf> {
         }
         return Ok(p.to_path_buf());
     }
-    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
+    let looks_like_hub_id =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/');
     if !looks_like_hub_id {
         return Err(Error::MissingFile(p.to_path_buf()));
     }
@@ -105,28 +106,53 @@ fn fetch_from_hub(id: &str, variant: Option<&str>) -> Result<PathBuf> {
         .build()
         .map_err(|e| Error::msg(format!("hub {id}: {e}")))?;
     let repo = api.model(id.to_string());
-    let get = |f: &str| repo.get(f).map_err(|e| Error::msg(format!("hub {id}: cannot fetch {f}: {e}")));
+    let get = |f: &str| {
+        repo.get(f)
+            .map_err(|e| Error::msg(format!("hub {id}: cannot fetch {f}: {e}")))
+    };
     let index = get("model_index.json")?;
     let root = index.parent().unwrap().to_path_buf();
-    let info = repo.info().map_err(|e| Error::msg(format!("hub {id}: {e}")))?;
+    let info = repo
+        .info()
+        .map_err(|e| Error::msg(format!("hub {id}: {e}")))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let want_ext = [".json", ".txt"];
-    for comp in ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"] {
-        let in_comp: Vec<&String> = files.iter().filter(|f| f.starts_with(&format!("{comp}/"))).collect();
+    for comp in [
+        "unet",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ] {
+        let in_comp: Vec<&String> = files
+            .iter()
+            .filter(|f| f.starts_with(&format!("{comp}/")))
+            .collect();
         for f in &in_comp {
             if want_ext.iter().any(|e| f.ends_with(e)) {
                 get(f)?;
             }
         }
-        let weights: Vec<&&String> = in_comp.iter().filter(|f| f.ends_with(".safetensors")).collect();
+        let weights: Vec<&&String> = in_comp
+            .iter()
+            .filter(|f| f.ends_with(".safetensors"))
+            .collect();
         let pick = |v: Option<&str>| -> Vec<String> {
             weights
                 .iter()
                 .filter(|f| {
                     let name = f.rsplit('/').next().unwrap();
                     match v {
-                        Some(v) => name.contains(&format!(".{v}.")) || name.contains(&format!(".{v}-")),
-                        None => !name.contains(".fp16.") && !name.contains(".bf16.") && !name.contains(".fp16-"),
+                        Some(v) => {
+                            name.contains(&format!(".{v}.")) || name.contains(&format!(".{v}-"))
+                        }
+                        None => {
+                            !name.contains(".fp16.")
+                                && !name.contains(".bf16.")
+                                && !name.contains(".fp16-")
+                        }
                     }
                 })
                 .map(|s| s.to_string())
@@ -158,8 +184,16 @@ impl StableDiffusion {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let index_path = dir.join("model_index.json");
         let index: serde_json::Value = crate::error::read_json(&index_path)?;
-        let class = index.get("_class_name").and_then(|v| v.as_str()).unwrap_or("StableDiffusionPipeline");
-        let has = |k: &str| index.get(k).and_then(|v| v.as_array()).is_some_and(|a| a.first().is_some_and(|x| !x.is_null()));
+        let class = index
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("StableDiffusionPipeline");
+        let has = |k: &str| {
+            index
+                .get(k)
+                .and_then(|v| v.as_array())
+                .is_some_and(|a| a.first().is_some_and(|x| !x.is_null()))
+        };
         let family = if class.contains("XL") || has("text_encoder_2") {
             ModelFamily::Sdxl
         } else {
@@ -168,16 +202,16 @@ impl StableDiffusion {
         let v = opts.variant.as_deref();
         let (dt, dev) = (opts.dtype, &opts.device);
         let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
-        let text_encoder = ClipTextModel::load(dir.join("text_encoder"), dt, dev, v)?;
+        let text_encoder = ClipTextModel::load(dir.join("text_encoder"), v, dt, dev)?;
         let (tokenizer_2, text_encoder_2) = if has("text_encoder_2") {
             (
                 Some(ClipTokenizer::from_dir(dir.join("tokenizer_2"))?),
-                Some(ClipTextModel::load(dir.join("text_encoder_2"), dt, dev, v)?),
+                Some(ClipTextModel::load(dir.join("text_encoder_2"), v, dt, dev)?),
             )
         } else {
             (None, None)
         };
-        let unet = UNet2DConditionModel::load(&dir.join("unet"), v, dt, dev)?;
+        let unet = UNet2DConditionModel::load(dir.join("unet"), v, dt, dev)?;
         let vae = AutoencoderKL::load(dir.join("vae"), v, dt, dev)?;
         if family == ModelFamily::Sdxl && !unet.config().uses_text_time() {
             return Err(Error::Invalid {
@@ -230,19 +264,18 @@ impl StableDiffusion {
             (Some(tok2), Some(te2)) => {
                 let (ids2, _) = tok2.encode_batch_on(prompts, dev)?;
                 let out2 = te2.forward(&ids2)?;
-                let hs = Tensor::cat(&[&out.penultimate_hidden_state, &out2.penultimate_hidden_state], 2)?;
+                let hs = Tensor::cat(
+                    &[
+                        &out.penultimate_hidden_state,
+                        &out2.penultimate_hidden_state,
+                    ],
+                    2,
+                )?;
                 let pooled = out2.text_embeds.clone().unwrap_or(out2.pooled.clone());
-                let mut e = PromptEmbeds {
+                Ok(PromptEmbeds {
                     hidden_states: hs,
                     pooled: Some(pooled),
-                };
-                if self.force_zeros_for_empty_prompt && prompts.iter().all(|p| p.is_empty()) {
-                    e = PromptEmbeds {
-                        hidden_states: e.hidden_states.zeros_like()?,
-                        pooled: e.pooled.map(|p| p.zeros_like()).transpose()?,
-                    };
-                }
-                Ok(e)
+                })
             }
             _ => Ok(PromptEmbeds {
                 hidden_states: out.last_hidden_state,
@@ -252,7 +285,12 @@ impl StableDiffusion {
     }
 
     /// SDXL micro-conditioning for a batch: time ids `(orig_h, orig_w, 0, 0, h, w)` and the pooled embeds.
-    pub fn added_cond(&self, embeds: &PromptEmbeds, height: usize, width: usize) -> Result<Option<AddedCond>> {
+    pub fn added_cond(
+        &self,
+        embeds: &PromptEmbeds,
+        height: usize,
+        width: usize,
+    ) -> Result<Option<AddedCond>> {
         if !self.unet.config().uses_text_time() {
             return Ok(None);
         }
@@ -261,7 +299,14 @@ impl StableDiffusion {
             .clone()
             .ok_or_else(|| Error::msg("SDXL UNet needs pooled text embeddings (text_encoder_2)"))?;
         let b = pooled.dim(0)?;
-        let row = [height as f32, width as f32, 0., 0., height as f32, width as f32];
+        let row = [
+            height as f32,
+            width as f32,
+            0.,
+            0.,
+            height as f32,
+            width as f32,
+        ];
         let ids: Vec<f32> = (0..b).flat_map(|_| row).collect();
         let time_ids = Tensor::from_vec(ids, (b, 6), self.device())?.to_dtype(self.dtype())?;
         Ok(Some(AddedCond {

@@ -37,7 +37,11 @@ pub struct Linear {
 impl Linear {
     pub fn new(p: &Params, in_dim: usize, out_dim: usize, bias: bool) -> crate::Result<Self> {
         let weight = p.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(p.get(out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(p.get(out_dim, "bias")?)
+        } else {
+            None
+        };
         let l = Linear {
             weight,
             bias,
@@ -127,7 +131,11 @@ impl Conv2d {
         bias: bool,
     ) -> crate::Result<Self> {
         let weight = p.get((out_c, in_c, kernel, kernel), "weight")?;
-        let bias = if bias { Some(p.get(out_c, "bias")?) } else { None };
+        let bias = if bias {
+            Some(p.get(out_c, "bias")?)
+        } else {
+            None
+        };
         let c = Conv2d {
             weight,
             bias,
@@ -156,7 +164,10 @@ impl Conv2d {
             let o = self.weight.dim(0)?;
             let w2 = self.weight.reshape((o, c))?;
             let xs = x.contiguous()?.reshape((b, c, h * w))?;
-            w2.broadcast_left(b)?.contiguous()?.matmul(&xs)?.reshape((b, o, h, w))?
+            w2.broadcast_left(b)?
+                .contiguous()?
+                .matmul(&xs)?
+                .reshape((b, o, h, w))?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
@@ -231,7 +242,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(p: &Params, groups: usize, channels: usize, eps: f64) -> crate::Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::msg(format!(
                 "{}: {channels} channels cannot be split into {groups} groups (norm_num_groups)",
                 p.module_path()
@@ -311,7 +322,13 @@ impl Activation {
 
 /// Scaled dot-product attention on `[B, H, T, d]` tensors, softmax in f32 when `upcast` or the inputs are
 /// half precision. Optional additive mask broadcastable to `[B, H, Tq, Tk]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
     let dt = q.dtype();
     let d = q.dim(D::Minus1)?;
     let scale = 1.0 / (d as f64).sqrt();
@@ -331,7 +348,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, upca
 /// `[B, T, H·d] -> [B, H, T, d]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, c) = x.dims3()?;
-    x.reshape((b, t, heads, c / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, t, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `[B, H, T, d] -> [B, T, H·d]`.

@@ -48,6 +48,9 @@ impl Default for GenerateOptions {
     }
 }
 
+/// A per-step callback of [`Pipeline::generate`].
+pub type StepObserver<'o> = dyn FnMut(&StepView) -> Result<()> + 'o;
+
 /// What the observer sees after each step (whole batch).
 pub struct StepView<'a> {
     pub index: usize,
@@ -127,7 +130,10 @@ impl<'m> Pipeline<'m> {
             .and_then(|v| v.as_u64())
             .unwrap_or(64) as usize
             * f;
-        let (w, h) = (opts.width.unwrap_or(default), opts.height.unwrap_or(default));
+        let (w, h) = (
+            opts.width.unwrap_or(default),
+            opts.height.unwrap_or(default),
+        );
         let m = f * self.model.unet.config().downscale_factor();
         if w % m != 0 || h % m != 0 || w == 0 || h == 0 {
             return Err(Error::msg(format!(
@@ -144,7 +150,7 @@ impl<'m> Pipeline<'m> {
         prompts: &[&str],
         negative: &[&str],
         opts: &GenerateOptions,
-        observer: Option<&mut dyn FnMut(&StepView) -> Result<()>>,
+        observer: Option<&mut StepObserver>,
     ) -> Result<GenerateOutput> {
         let b = prompts.len();
         if b == 0 {
@@ -162,13 +168,16 @@ impl<'m> Pipeline<'m> {
         };
         let model = self.model;
         let cond = model.encode_prompts(prompts)?;
+        // As diffusers: with no negative prompt at all (None), SDXL-style models use zero embeddings.
         let uncond = if opts.guidance_scale > 1.0 {
             let e = model.encode_prompts(&neg)?;
-            Some(if model.force_zeros_for_empty_prompt && neg.iter().all(|n| n.is_empty()) {
-                e.zeros_like()?
-            } else {
-                e
-            })
+            Some(
+                if model.force_zeros_for_empty_prompt && negative.is_empty() {
+                    e.zeros_like()?
+                } else {
+                    e
+                },
+            )
         } else {
             None
         };
@@ -181,7 +190,7 @@ impl<'m> Pipeline<'m> {
         cond: &PromptEmbeds,
         uncond: Option<&PromptEmbeds>,
         opts: &GenerateOptions,
-        mut observer: Option<&mut dyn FnMut(&StepView) -> Result<()>>,
+        mut observer: Option<&mut StepObserver>,
     ) -> Result<GenerateOutput> {
         let model = self.model;
         let b = cond.hidden_states.dim(0)?;
@@ -190,7 +199,11 @@ impl<'m> Pipeline<'m> {
         let cfg_on = opts.guidance_scale > 1.0;
         let embeds = match (cfg_on, uncond) {
             (true, Some(u)) => PromptEmbeds::cat(&[u, cond])?,
-            (true, None) => return Err(Error::msg("classifier-free guidance needs negative embeddings")),
+            (true, None) => {
+                return Err(Error::msg(
+                    "classifier-free guidance needs negative embeddings",
+                ))
+            }
             (false, _) => cond.clone(),
         };
         let (lh, lw) = self.latent_size(opts)?;
@@ -217,10 +230,16 @@ impl<'m> Pipeline<'m> {
         };
         let mut latents = (x_t * sched.init_noise_sigma())?.to_dtype(dtype)?;
         for (k, &t) in timesteps.iter().enumerate() {
-            let input = if cfg_on { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = if cfg_on {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
             let input = sched.scale_model_input(&input, k)?;
             let tt = Tensor::full(t as f32, input.dim(0)?, &dev)?;
-            let pred = model.unet.forward(&input, &tt, &embeds.hidden_states, added.as_ref())?;
+            let pred = model
+                .unet
+                .forward(&input, &tt, &embeds.hidden_states, added.as_ref())?;
             let pred = if cfg_on {
                 let u = pred.narrow(0, 0, b)?;
                 let ct = pred.narrow(0, b, b)?;
@@ -255,7 +274,10 @@ impl<'m> Pipeline<'m> {
                 })?;
             }
         }
-        let image_raw = model.vae.decode(&model.vae.unscale_latents(&latents)?)?.to_dtype(DType::F32)?;
+        let image_raw = model
+            .vae
+            .decode(&model.vae.unscale_latents(&latents)?)?
+            .to_dtype(DType::F32)?;
         let images = ((&image_raw / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(GenerateOutput {
             timesteps,

@@ -20,7 +20,9 @@ enum Source {
     },
     Map(HashMap<String, Tensor>),
     /// Deterministic random init: N(0, 1/fan_in) for weights, zeros for biases, ones for norm scales.
-    Random { seed: u64 },
+    Random {
+        seed: u64,
+    },
 }
 
 struct Store {
@@ -65,7 +67,11 @@ impl Params {
         let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
             Error::msg(format!(
                 "cannot read safetensors {}: {e}",
-                files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })?;
         Ok(Self::new(
@@ -90,7 +96,8 @@ impl Params {
 
     /// Makes every parameter handed out from now on a [`Var`] (listed by [`Params::vars`]).
     pub fn trainable(mut self) -> Self {
-        let store = Arc::get_mut(&mut self.store).expect("trainable() must be called before sharing");
+        let store =
+            Arc::get_mut(&mut self.store).expect("trainable() must be called before sharing");
         store.trainable = true;
         self
     }
@@ -212,7 +219,12 @@ impl Params {
     }
 
     /// The tensor `name` with the given shape, in `dtype` (e.g. f32 for values kept in full precision).
-    pub fn get_with_dtype(&self, shape: impl Into<Shape>, name: &str, dtype: DType) -> Result<Tensor> {
+    pub fn get_with_dtype(
+        &self,
+        shape: impl Into<Shape>,
+        name: &str,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let full = self.path(name);
         let t = self.raw(&full, Some(&shape))?;
@@ -241,8 +253,16 @@ fn random_init(name: &str, shape: &Shape, seed: u64) -> Result<Tensor> {
     if leaf == "weight" && is_norm && dims.len() == 1 {
         return Ok(Tensor::ones(shape, DType::F32, &Device::Cpu)?);
     }
-    let fan_in: usize = if dims.len() >= 2 { dims[1..].iter().product() } else { 1 };
-    let std = if dims.len() >= 2 { 1.0 / (fan_in as f64).sqrt() } else { 0.02 };
+    let fan_in: usize = if dims.len() >= 2 {
+        dims[1..].iter().product()
+    } else {
+        1
+    };
+    let std = if dims.len() >= 2 {
+        1.0 / (fan_in as f64).sqrt()
+    } else {
+        0.02
+    };
     let mut h: u64 = seed ^ 0x9E37_79B9_7F4A_7C15;
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01B3);
@@ -275,7 +295,9 @@ pub fn find_weight_files(dir: &Path, base: &str, variant: Option<&str>) -> Resul
             return shard_files(&index);
         }
     }
-    Err(Error::MissingFile(dir.join(format!("{}.safetensors", stems[0]))))
+    Err(Error::MissingFile(
+        dir.join(format!("{}.safetensors", stems[0])),
+    ))
 }
 
 #[derive(serde::Deserialize)]

@@ -256,7 +256,7 @@ fn checkpoint_without_text_model_prefix_loads() -> R {
         .collect();
     let cfg = ClipTextConfig::from_file(tiny_te_dir().join("config.json"))?;
     let a = ClipTextModel::new(&Params::from_map(stripped, DType::F32, &Device::Cpu), cfg)?;
-    let b = ClipTextModel::load(tiny_te_dir(), DType::F32, &Device::Cpu, None)?;
+    let b = ClipTextModel::load(tiny_te_dir(), None, DType::F32, &Device::Cpu)?;
     let ids = Tensor::from_vec(vec![49406u32, 320, 49407, 49407], (1, 4), &Device::Cpu)?;
     let (oa, ob) = (a.forward(&ids)?, b.forward(&ids)?);
     let diff = (oa.last_hidden_state - ob.last_hidden_state)?
@@ -279,7 +279,7 @@ fn missing_tensor_and_bad_activation_are_named() -> R {
         tiny_te_dir().join("config.json"),
         tmp.path().join("config.json"),
     )?;
-    let err = ClipTextModel::load(tmp.path(), DType::F32, &Device::Cpu, None)
+    let err = ClipTextModel::load(tmp.path(), None, DType::F32, &Device::Cpu)
         .err()
         .expect("must fail")
         .to_string();
@@ -295,7 +295,7 @@ fn missing_tensor_and_bad_activation_are_named() -> R {
         tiny_te_dir().join("config.json"),
         empty.path().join("config.json"),
     )?;
-    let err = ClipTextModel::load(empty.path(), DType::F32, &Device::Cpu, None)
+    let err = ClipTextModel::load(empty.path(), None, DType::F32, &Device::Cpu)
         .err()
         .expect("must fail")
         .to_string();

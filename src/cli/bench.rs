@@ -70,11 +70,21 @@ fn sync(d: &Device) -> Result<()> {
 }
 
 /// Times UNet forward and forward+backward (all weights trainable) at latent size `hw`.
-pub fn unet_rows(name: &str, unet: &UNet2DConditionModel, batch: usize, hw: usize, iters: usize) -> Result<Vec<Row>> {
+pub fn unet_rows(
+    name: &str,
+    unet: &UNet2DConditionModel,
+    batch: usize,
+    hw: usize,
+    iters: usize,
+) -> Result<Vec<Row>> {
     let dev = unet.device().clone();
     let dt = unet.dtype();
     let c = unet.config().in_channels;
-    let ctx_dim = unet.config().per_block("cross_attention_dim", &unet.config().cross_attention_dim, unet.config().block_out_channels.len())?[0];
+    let ctx_dim = unet.config().per_block(
+        "cross_attention_dim",
+        &unet.config().cross_attention_dim,
+        unet.config().block_out_channels.len(),
+    )?[0];
     let x = Tensor::randn(0f32, 1., (batch, c, hw, hw), &dev)?.to_dtype(dt)?;
     let ehs = Tensor::randn(0f32, 1., (batch, 77, ctx_dim), &dev)?.to_dtype(dt)?;
     let t = Tensor::full(500f32, batch, &dev)?;
@@ -90,8 +100,16 @@ pub fn unet_rows(name: &str, unet: &UNet2DConditionModel, batch: usize, hw: usiz
         sync(&dev)
     })?;
     Ok(vec![
-        Row { model: name.into(), what: format!("unet forward b{batch} {hw}x{hw}"), seconds: fwd },
-        Row { model: name.into(), what: format!("unet forward+backward b{batch} {hw}x{hw}"), seconds: fb },
+        Row {
+            model: name.into(),
+            what: format!("unet forward b{batch} {hw}x{hw}"),
+            seconds: fwd,
+        },
+        Row {
+            model: name.into(),
+            what: format!("unet forward+backward b{batch} {hw}x{hw}"),
+            seconds: fb,
+        },
     ])
 }
 
@@ -100,24 +118,51 @@ pub fn foundation(a: &BenchArgs) -> Result<Vec<Row>> {
     let dtype = a.compute.dtype()?;
     let mut rows = Vec::new();
     let dir = resolve_model(&a.model, None).with_context(|| format!("--model {}", a.model))?;
-    let name = dir.file_name().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+    let name = dir
+        .file_name()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model")
+        .to_string();
     {
         let cfg = UNet2DConditionConfig::load(&dir.join("unet/config.json"))?;
-        let files = diffpref_pipelines::weights::find_weight_files(&dir.join("unet"), "diffusion_pytorch_model", None)?;
+        let files = diffpref_pipelines::weights::find_weight_files(
+            &dir.join("unet"),
+            "diffusion_pytorch_model",
+            None,
+        )?;
         let p = Params::from_files(&files, dtype, &device)?.trainable();
         let unet = UNet2DConditionModel::new(&p, cfg)?;
-        let hw = unet.config().sample_size.as_ref().and_then(|v| v.as_u64()).unwrap_or(32) as usize;
+        let hw = unet
+            .config()
+            .sample_size
+            .as_ref()
+            .and_then(|v| v.as_u64())
+            .unwrap_or(32) as usize;
         rows.extend(unet_rows(&name, &unet, a.batch, hw, a.iters)?);
     }
-    let model = StableDiffusion::load(&dir, &LoadOptions { dtype, device: device.clone(), variant: None })?;
+    let model = StableDiffusion::load(
+        &dir,
+        &LoadOptions {
+            dtype,
+            device: device.clone(),
+            variant: None,
+        },
+    )?;
     let pipe = Pipeline::new(&model)?;
     let steps = 10;
-    let opts = GenerateOptions { steps, ..Default::default() };
+    let opts = GenerateOptions {
+        steps,
+        ..Default::default()
+    };
     let s = time(a.iters, || {
         pipe.generate(&vec!["a red circle"; a.batch], &[], &opts, None)?;
         sync(&device)
     })?;
-    rows.push(Row { model: name, what: format!("pipeline s/step (b{}, cfg, ddim)", a.batch), seconds: s / steps as f64 });
+    rows.push(Row {
+        model: name,
+        what: format!("pipeline s/step (b{}, cfg, ddim)", a.batch),
+        seconds: s / steps as f64,
+    });
     if a.sd15 {
         let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
         let p = Params::random(0, dtype, &device).trainable();

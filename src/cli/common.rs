@@ -32,7 +32,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cuda" => Device::new_cuda(0).context("--device cuda"),
         _ => {
             if let Some(n) = s.strip_prefix("cuda:") {
-                let n: usize = n.parse().with_context(|| format!("--device {s}: bad GPU index"))?;
+                let n: usize = n
+                    .parse()
+                    .with_context(|| format!("--device {s}: bad GPU index"))?;
                 Device::new_cuda(n).with_context(|| format!("--device {s}"))
             } else {
                 bail!("--device {s}: expected cpu, cuda or cuda:N")
@@ -54,7 +56,13 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 pub fn slug(text: &str, max: usize) -> String {
     let mut s: String = text
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     while s.contains("--") {
         s = s.replace("--", "-");
@@ -70,7 +78,10 @@ pub fn slug(text: &str, max: usize) -> String {
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp: PathBuf = dir.join(format!(
         ".{}.tmp-{}",
@@ -78,7 +89,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -88,14 +100,19 @@ pub fn save_safetensors(path: &Path, tensors: &[(&str, candle_core::Tensor)]) ->
         .iter()
         .map(|(k, v)| Ok(((*k).to_string(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
         std::process::id()
     ));
-    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    candle_core::safetensors::save(&map, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

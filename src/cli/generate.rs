@@ -64,15 +64,28 @@ pub fn read_init_latents(path: &Path) -> Result<Tensor> {
     if !path.exists() {
         bail!("--init-latents {}: no such file", path.display());
     }
-    let map = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
-        .with_context(|| format!("--init-latents {}: not a readable safetensors file", path.display()))?;
+    let map =
+        candle_core::safetensors::load(path, &candle_core::Device::Cpu).with_context(|| {
+            format!(
+                "--init-latents {}: not a readable safetensors file",
+                path.display()
+            )
+        })?;
     let t = map.get("init_latents").with_context(|| {
         let mut keys: Vec<&String> = map.keys().collect();
         keys.sort();
-        format!("--init-latents {}: no tensor `init_latents` (found {:?})", path.display(), keys)
+        format!(
+            "--init-latents {}: no tensor `init_latents` (found {:?})",
+            path.display(),
+            keys
+        )
     })?;
     if t.rank() != 4 {
-        bail!("--init-latents {}: `init_latents` has shape {:?}, expected [B, C, h, w]", path.display(), t.dims());
+        bail!(
+            "--init-latents {}: `init_latents` has shape {:?}, expected [B, C, h, w]",
+            path.display(),
+            t.dims()
+        );
     }
     Ok(t.to_dtype(DType::F32)?)
 }
@@ -80,11 +93,17 @@ pub fn read_init_latents(path: &Path) -> Result<Tensor> {
 pub fn parse_scheduler(s: &Option<String>) -> Result<Option<SchedulerKind>> {
     match s {
         None => Ok(None),
-        Some(s) => Ok(Some(SchedulerKind::parse(s).with_context(|| format!("--scheduler {s}"))?)),
+        Some(s) => Ok(Some(
+            SchedulerKind::parse(s).with_context(|| format!("--scheduler {s}"))?,
+        )),
     }
 }
 
-pub fn load_model(spec: &str, variant: Option<&str>, compute: &ComputeArgs) -> Result<StableDiffusion> {
+pub fn load_model(
+    spec: &str,
+    variant: Option<&str>,
+    compute: &ComputeArgs,
+) -> Result<StableDiffusion> {
     let dir = resolve_model(spec, variant).with_context(|| format!("--model {spec}"))?;
     let opts = LoadOptions {
         dtype: compute.dtype()?,
@@ -155,17 +174,25 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let want_trace = a.trace.is_some();
     let mut obs = |v: &StepView| -> diffpref_pipelines::Result<()> {
         if want_trace {
-            per_step.push(v.latents.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?);
+            per_step.push(
+                v.latents
+                    .to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?,
+            );
         }
         if let Some(x0) = v.pred_x0_images {
-            x0_frames.push(x0.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?);
+            x0_frames.push(
+                x0.to_dtype(DType::F32)?
+                    .to_device(&candle_core::Device::Cpu)?,
+            );
         }
         pb.inc(1);
         Ok(())
     };
     let out = pipe.generate(&prompts, &negs, &opts, Some(&mut obs))?;
     pb.finish_and_clear();
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
     let images = imaging::tensor_to_images(&out.images)?;
     for (i, (img, p)) in images.iter().zip(&a.prompts).enumerate() {
         let path = a.out.join(format!("{i:03}-{}.png", slug(p, 48)));
@@ -178,7 +205,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 .iter()
                 .map(|f| Ok(imaging::tensor_to_images(&f.narrow(0, i, 1)?)?.remove(0)))
                 .collect::<Result<Vec<_>>>()?;
-            let labels: Vec<String> = out.timesteps.iter().map(|t| format!("t={}", t.round())).collect();
+            let labels: Vec<String> = out
+                .timesteps
+                .iter()
+                .map(|t| format!("t={}", t.round()))
+                .collect();
             let strip = imaging::labelled_strip(&frames, &labels);
             let path = dir.join(format!("{i:03}-{}.png", slug(p, 48)));
             imaging::save_png(&strip, &path)?;
@@ -188,9 +219,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.trace {
         let s = out.timesteps.len();
         let ts = if out.timesteps.iter().all(|t| t.fract() == 0.0) {
-            Tensor::from_vec(out.timesteps.iter().map(|t| *t as i64).collect::<Vec<_>>(), s, &candle_core::Device::Cpu)?
+            Tensor::from_vec(
+                out.timesteps.iter().map(|t| *t as i64).collect::<Vec<_>>(),
+                s,
+                &candle_core::Device::Cpu,
+            )?
         } else {
-            Tensor::from_vec(out.timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(), s, &candle_core::Device::Cpu)?
+            Tensor::from_vec(
+                out.timesteps.iter().map(|t| *t as f32).collect::<Vec<_>>(),
+                s,
+                &candle_core::Device::Cpu,
+            )?
         };
         save_safetensors(
             path,

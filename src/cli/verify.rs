@@ -40,9 +40,18 @@ pub fn run_one(g: &Golden, ctx: &CheckContext) -> Result<Vec<Comparison>> {
     match checks::run(g, ctx)? {
         Some(r) => Ok(r),
         None => match g.kind() {
-            Some("dpo_loss") => bail!("{}: kind `dpo_loss` is checked by the DPO trainer (not built yet)", g.path.display()),
-            Some(k) => bail!("{}: no check for kind `{k}` in this build", g.path.display()),
-            None => bail!("{}: no `kind` in the metadata (weights, not a check?)", g.path.display()),
+            Some("dpo_loss") => bail!(
+                "{}: kind `dpo_loss` is checked by the DPO trainer (not built yet)",
+                g.path.display()
+            ),
+            Some(k) => bail!(
+                "{}: no check for kind `{k}` in this build",
+                g.path.display()
+            ),
+            None => bail!(
+                "{}: no `kind` in the metadata (weights, not a check?)",
+                g.path.display()
+            ),
         },
     }
 }
@@ -58,7 +67,9 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         model_dir,
         device,
         dtype,
-        tolerance_scale: a.tolerance_scale.unwrap_or_else(|| default_tolerance_scale(dtype)),
+        tolerance_scale: a
+            .tolerance_scale
+            .unwrap_or_else(|| default_tolerance_scale(dtype)),
     };
     println!(
         "device {} dtype {:?} tolerance x{}",
@@ -75,7 +86,10 @@ pub fn run(a: VerifyArgs) -> Result<()> {
             }
         };
         if g.kind().is_none() {
-            println!("-- {}: skipped (no `kind` in its metadata: a weights file, not a check)", path.display());
+            println!(
+                "-- {}: skipped (no `kind` in its metadata: a weights file, not a check)",
+                path.display()
+            );
             continue;
         }
         println!("== {} ({})", path.display(), g.kind().unwrap_or("?"));
@@ -98,7 +112,9 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     }
     println!("{passed} passed, {failed} failed, {errors} errors");
     if failed + errors > 0 {
-        bail!("verification failed: {failed} tensors out of tolerance, {errors} checks could not run");
+        bail!(
+            "verification failed: {failed} tensors out of tolerance, {errors} checks could not run"
+        );
     }
     Ok(())
 }

@@ -22,7 +22,11 @@ pub fn check_unet(g: &Golden, c: &CheckContext) -> Result<Vec<Comparison>> {
         out.push(g.compare("out_frac", &run(&sample, &tf)?, c.tolerance_scale)?);
     }
     if g.has("out_small") {
-        out.push(g.compare("out_small", &run(&(&sample * 1e-3)?, &t)?, c.tolerance_scale)?);
+        out.push(g.compare(
+            "out_small",
+            &run(&(&sample * 1e-3)?, &t)?,
+            c.tolerance_scale,
+        )?);
     }
     Ok(out)
 }
@@ -46,7 +50,8 @@ pub fn check_pipeline(g: &Golden, c: &CheckContext) -> Result<Vec<Comparison>> {
     if let Some(cfg) = g.metadata.get("scheduler_config") {
         pipe.scheduler_config = SchedulerConfig::from_json_str(cfg, &g.path.display().to_string())?;
     }
-    let f32 = |t: &candle_core::Tensor| -> Result<candle_core::Tensor> { Ok(t.to_dtype(DType::F32)?) };
+    let f32 =
+        |t: &candle_core::Tensor| -> Result<candle_core::Tensor> { Ok(t.to_dtype(DType::F32)?) };
     let ids = g.get_on("input_ids", &c.device)?;
     let neg_ids = g.get_on("negative_input_ids", &c.device)?;
     let cond = model.text_encoder.forward(&ids)?.last_hidden_state;
@@ -58,14 +63,20 @@ pub fn check_pipeline(g: &Golden, c: &CheckContext) -> Result<Vec<Comparison>> {
     let timesteps = g.get("timesteps")?;
     let opts = GenerateOptions {
         steps: timesteps.dim(0)?,
-        guidance_scale: g.get("guidance_scale")?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        guidance_scale: g
+            .get("guidance_scale")?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?,
         eta: 0.0,
         init_latents: Some(g.get_on("init_latents", &c.device)?),
         ..Default::default()
     };
     let (h, w) = {
         let l = g.get("init_latents")?;
-        (l.dim(2)? * model.vae_scale_factor(), l.dim(3)? * model.vae_scale_factor())
+        (
+            l.dim(2)? * model.vae_scale_factor(),
+            l.dim(3)? * model.vae_scale_factor(),
+        )
     };
     let opts = GenerateOptions {
         width: Some(w),
@@ -88,8 +99,16 @@ pub fn check_pipeline(g: &Golden, c: &CheckContext) -> Result<Vec<Comparison>> {
     let res = pipe.generate_from_embeds(&cond, Some(&uncond), &opts, Some(&mut obs))?;
     let ts: Vec<i64> = res.timesteps.iter().map(|t| t.round() as i64).collect();
     let n = ts.len();
-    out.push(g.compare("timesteps", &candle_core::Tensor::from_vec(ts, n, &candle_core::Device::Cpu)?, 1.0)?);
-    out.push(g.compare("latents_per_step", &candle_core::Tensor::stack(&per_step, 0)?, c.tolerance_scale)?);
+    out.push(g.compare(
+        "timesteps",
+        &candle_core::Tensor::from_vec(ts, n, &candle_core::Device::Cpu)?,
+        1.0,
+    )?);
+    out.push(g.compare(
+        "latents_per_step",
+        &candle_core::Tensor::stack(&per_step, 0)?,
+        c.tolerance_scale,
+    )?);
     out.push(g.compare("final_latents", &f32(&res.latents)?, c.tolerance_scale)?);
     out.push(g.compare("image_raw", &res.image_raw, c.tolerance_scale)?);
     out.push(g.compare("image", &res.images, c.tolerance_scale)?);

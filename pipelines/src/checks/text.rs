@@ -48,7 +48,7 @@ pub fn check_text_encoder(g: &Golden, ctx: &CheckContext) -> Result<Vec<Comparis
         .map(|s| s.as_str())
         .unwrap_or("text_encoder");
     let dir = ctx.model_dir(g)?.join(component);
-    let model = ClipTextModel::load(&dir, ctx.dtype, &ctx.device, None)?;
+    let model = ClipTextModel::load(&dir, None, ctx.dtype, &ctx.device)?;
     let ids = g.get_on("input_ids", &ctx.device)?;
     let out = model.forward(&ids)?;
     let f32 = |t: &Tensor| t.to_dtype(DType::F32);

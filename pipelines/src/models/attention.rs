@@ -100,12 +100,23 @@ impl BasicTransformerBlock {
         only_cross_attention: bool,
         upcast: bool,
     ) -> Result<Self> {
-        let attn1_ctx = if only_cross_attention { Some(cross_dim) } else { None };
+        let attn1_ctx = if only_cross_attention {
+            Some(cross_dim)
+        } else {
+            None
+        };
         Ok(BasicTransformerBlock {
             norm1: LayerNorm::new(&p.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(&p.pp("attn1"), dim, attn1_ctx, heads, head_dim, upcast)?,
             norm2: LayerNorm::new(&p.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::new(&p.pp("attn2"), dim, Some(cross_dim), heads, head_dim, upcast)?,
+            attn2: Attention::new(
+                &p.pp("attn2"),
+                dim,
+                Some(cross_dim),
+                heads,
+                head_dim,
+                upcast,
+            )?,
             norm3: LayerNorm::new(&p.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(&p.pp("ff"), dim, 4)?,
             only_cross_attention,
@@ -120,7 +131,10 @@ impl BasicTransformerBlock {
             self.attn1.forward(&n, None)?
         };
         let x = (a + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + x)?;
         let x = (self.ff.forward(&self.norm3.forward(&x)?)? + x)?;
         Ok(x)
     }
@@ -156,7 +170,7 @@ pub struct TransformerOptions {
 
 impl Transformer2DModel {
     pub fn new(p: &Params, channels: usize, o: TransformerOptions) -> Result<Self> {
-        if o.heads == 0 || channels % o.heads != 0 {
+        if o.heads == 0 || !channels.is_multiple_of(o.heads) {
             return Err(crate::Error::msg(format!(
                 "{}: {channels} channels are not divisible by {} attention heads",
                 p.module_path(),
@@ -204,7 +218,9 @@ impl Transformer2DModel {
         let n = self.norm.forward(x)?;
         let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
             let ch = t.dim(1)?;
-            t.permute((0, 2, 3, 1))?.contiguous()?.reshape((b, h * w, ch))
+            t.permute((0, 2, 3, 1))?
+                .contiguous()?
+                .reshape((b, h * w, ch))
         };
         let mut t = match &self.proj_in {
             Proj::Conv(conv) => to_tokens(&conv.forward(&n)?)?,
@@ -215,7 +231,9 @@ impl Transformer2DModel {
         }
         let from_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
             let ch = t.dim(2)?;
-            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
         };
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&from_tokens(&t)?)?,

@@ -192,9 +192,9 @@ impl ClipTextModel {
     /// or a sharded index; see [`find_weight_files`]) in `dtype` on `device`.
     pub fn load(
         dir: impl AsRef<Path>,
+        variant: Option<&str>,
         dtype: DType,
         device: &Device,
-        variant: Option<&str>,
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let cfg = ClipTextConfig::from_file(dir.join("config.json"))?;

@@ -9,7 +9,12 @@ use candle_core::{DType, Module, Tensor, D};
 ///
 /// `freq_j = exp(-ln(10000) · j / (half - shift))`, `emb = [sin(t·freq), cos(t·freq)]`, swapped to
 /// `[cos, sin]` when `flip_sin_to_cos` (SD), zero-padded when `dim` is odd.
-pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
     let half = dim / 2;
     let dev = t.device();
     let t = t.to_dtype(DType::F32)?.flatten_all()?;
@@ -25,7 +30,11 @@ pub fn timestep_embedding(t: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_sh
     } else {
         Tensor::cat(&[sin, cos], D::Minus1)?
     };
-    Ok(if dim % 2 == 1 { emb.pad_with_zeros(D::Minus1, 0, 1)? } else { emb })
+    Ok(if dim % 2 == 1 {
+        emb.pad_with_zeros(D::Minus1, 0, 1)?
+    } else {
+        emb
+    })
 }
 
 /// `TimestepEmbedding`: `linear_2(act(linear_1(x)))`.
@@ -46,6 +55,8 @@ impl TimestepEmbedding {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.linear_2.forward(&self.act.apply(&self.linear_1.forward(x)?)?)?)
+        Ok(self
+            .linear_2
+            .forward(&self.act.apply(&self.linear_1.forward(x)?)?)?)
     }
 }

@@ -58,12 +58,16 @@ impl ResnetBlock2D {
 
     /// `temb` is the (already computed) time embedding `[B, T]`, or `None` in the VAE.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.act.apply(&self.norm1.forward(x)?)?)?;
+        let mut h = self
+            .conv1
+            .forward(&self.act.apply(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.apply(t)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.act.apply(&self.norm2.forward(&h)?)?)?;
+        let h = self
+            .conv2
+            .forward(&self.act.apply(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

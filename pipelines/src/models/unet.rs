@@ -173,7 +173,9 @@ impl UNet2DConditionConfig {
     pub fn per_block(&self, key: &str, v: &Value, n: usize) -> Result<Vec<usize>> {
         match v {
             Value::Number(x) => {
-                let x = x.as_u64().ok_or_else(|| Error::unsupported(FILE, key, x, "expected a positive integer"))?;
+                let x = x.as_u64().ok_or_else(|| {
+                    Error::unsupported(FILE, key, x, "expected a positive integer")
+                })?;
                 Ok(vec![x as usize; n])
             }
             Value::Array(a) if a.len() == n => a
@@ -199,14 +201,24 @@ impl UNet2DConditionConfig {
             Value::Bool(b) => Ok(vec![*b; n]),
             Value::Array(a) if a.len() == n => a
                 .iter()
-                .map(|e| e.as_bool().ok_or_else(|| Error::unsupported(FILE, key, e, "expected booleans")))
+                .map(|e| {
+                    e.as_bool()
+                        .ok_or_else(|| Error::unsupported(FILE, key, e, "expected booleans"))
+                })
                 .collect(),
-            other => Err(Error::unsupported(FILE, key, other, "expected a boolean or a list")),
+            other => Err(Error::unsupported(
+                FILE,
+                key,
+                other,
+                "expected a boolean or a list",
+            )),
         }
     }
 
     fn validate(&self, file: &str) -> Result<()> {
-        let un = |k: &str, v: &dyn std::fmt::Display, hint: &str| Err(Error::unsupported(file, k, v, hint));
+        let un = |k: &str, v: &dyn std::fmt::Display, hint: &str| {
+            Err(Error::unsupported(file, k, v, hint))
+        };
         let n = self.block_out_channels.len();
         if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
             return Err(Error::Invalid {
@@ -217,17 +229,31 @@ impl UNet2DConditionConfig {
         }
         for t in &self.down_block_types {
             if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
-                return un("down_block_types", t, "supported: DownBlock2D, CrossAttnDownBlock2D");
+                return un(
+                    "down_block_types",
+                    t,
+                    "supported: DownBlock2D, CrossAttnDownBlock2D",
+                );
             }
         }
         for t in &self.up_block_types {
             if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
-                return un("up_block_types", t, "supported: UpBlock2D, CrossAttnUpBlock2D");
+                return un(
+                    "up_block_types",
+                    t,
+                    "supported: UpBlock2D, CrossAttnUpBlock2D",
+                );
             }
         }
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") | Some("UNetMidBlock2D") | None => {}
-            Some(t) => return un("mid_block_type", &t, "supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D"),
+            Some(t) => {
+                return un(
+                    "mid_block_type",
+                    &t,
+                    "supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D",
+                )
+            }
         }
         if let Some(t) = &self.class_embed_type {
             return un("class_embed_type", t, "class embeddings are not supported");
@@ -237,22 +263,40 @@ impl UNet2DConditionConfig {
         }
         match self.addition_embed_type.as_deref() {
             None | Some("text_time") => {}
-            Some(t) => return un("addition_embed_type", &t, "supported: null, text_time (SDXL)"),
+            Some(t) => {
+                return un(
+                    "addition_embed_type",
+                    &t,
+                    "supported: null, text_time (SDXL)",
+                )
+            }
         }
         if let Some(x) = self.encoder_hid_dim {
             return un("encoder_hid_dim", &x, "encoder_hid_proj is not supported");
         }
         if let Some(x) = self.time_cond_proj_dim {
-            return un("time_cond_proj_dim", &x, "guidance-embedding (LCM) UNets are not supported");
+            return un(
+                "time_cond_proj_dim",
+                &x,
+                "guidance-embedding (LCM) UNets are not supported",
+            );
         }
         if self.dual_cross_attention {
             return un("dual_cross_attention", &true, "");
         }
         if self.resnet_time_scale_shift != "default" {
-            return un("resnet_time_scale_shift", &self.resnet_time_scale_shift, "supported: default");
+            return un(
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "supported: default",
+            );
         }
         if self.time_embedding_type != "positional" {
-            return un("time_embedding_type", &self.time_embedding_type, "supported: positional");
+            return un(
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "supported: positional",
+            );
         }
         if self.attention_type != "default" {
             return un("attention_type", &self.attention_type, "supported: default");
@@ -270,8 +314,12 @@ impl UNet2DConditionConfig {
                 "only null is supported",
             );
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
-            return un("conv_in_kernel/conv_out_kernel", &self.conv_in_kernel, "kernels must be odd");
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
+            return un(
+                "conv_in_kernel/conv_out_kernel",
+                &self.conv_in_kernel,
+                "kernels must be odd",
+            );
         }
         if Activation::parse(&self.act_fn).is_none() {
             return un("act_fn", &self.act_fn, "");
@@ -368,7 +416,13 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Loads `config.json` and the weights (`diffusion_pytorch_model[.variant].safetensors`, or shards) of a
     /// diffusers `unet/` folder.
-    pub fn load(dir: &Path, variant: Option<&str>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
         let cfg = UNet2DConditionConfig::load(&dir.join("config.json"))?;
         let files = crate::weights::find_weight_files(dir, "diffusion_pytorch_model", variant)?;
         let p = Params::from_files(&files, dtype, device)?;
@@ -389,27 +443,48 @@ impl UNet2DConditionModel {
         let tlayers = if cfg.transformer_layers_per_block.is_null() {
             vec![1; n]
         } else {
-            cfg.per_block("transformer_layers_per_block", &cfg.transformer_layers_per_block, n)?
+            cfg.per_block(
+                "transformer_layers_per_block",
+                &cfg.transformer_layers_per_block,
+                n,
+            )?
         };
-        let only_cross = cfg.per_block_bool("only_cross_attention", &cfg.only_cross_attention, n)?;
+        let only_cross =
+            cfg.per_block_bool("only_cross_attention", &cfg.only_cross_attention, n)?;
 
         let t_in = boc[0];
         let temb_dim = cfg.time_embedding_dim.unwrap_or(boc[0] * 4);
         let time_act = match &cfg.time_embedding_act_fn {
-            Some(a) => Some(Activation::parse(a).ok_or_else(|| Error::unsupported(FILE, "time_embedding_act_fn", a, ""))?),
+            Some(a) => Some(
+                Activation::parse(a)
+                    .ok_or_else(|| Error::unsupported(FILE, "time_embedding_act_fn", a, ""))?,
+            ),
             None => None,
         };
         if time_act.is_some() {
-            return Err(Error::unsupported(FILE, "time_embedding_act_fn", cfg.time_embedding_act_fn.as_ref().unwrap(), "only null is supported"));
+            return Err(Error::unsupported(
+                FILE,
+                "time_embedding_act_fn",
+                cfg.time_embedding_act_fn.as_ref().unwrap(),
+                "only null is supported",
+            ));
         }
         let time_embedding = TimestepEmbedding::new(&p.pp("time_embedding"), t_in, temb_dim, act)?;
         let timestep_post_act = match &cfg.timestep_post_act {
-            Some(a) => Some(Activation::parse(a).ok_or_else(|| Error::unsupported(FILE, "timestep_post_act", a, ""))?),
+            Some(a) => Some(
+                Activation::parse(a)
+                    .ok_or_else(|| Error::unsupported(FILE, "timestep_post_act", a, ""))?,
+            ),
             None => None,
         };
         let add_embedding = if cfg.uses_text_time() {
             let time_dim = cfg.addition_time_embed_dim.ok_or_else(|| {
-                Error::unsupported(FILE, "addition_time_embed_dim", "null", "text_time needs addition_time_embed_dim")
+                Error::unsupported(
+                    FILE,
+                    "addition_time_embed_dim",
+                    "null",
+                    "text_time needs addition_time_embed_dim",
+                )
             })?;
             let in_dim = cfg.projection_class_embeddings_input_dim.ok_or_else(|| {
                 Error::unsupported(
@@ -427,7 +502,14 @@ impl UNet2DConditionModel {
             None
         };
         let pad_in = (cfg.conv_in_kernel - 1) / 2;
-        let conv_in = Conv2d::new(&p.pp("conv_in"), cfg.in_channels, boc[0], cfg.conv_in_kernel, 1, pad_in)?;
+        let conv_in = Conv2d::new(
+            &p.pp("conv_in"),
+            cfg.in_channels,
+            boc[0],
+            cfg.conv_in_kernel,
+            1,
+            pad_in,
+        )?;
 
         let ropts = ResnetOptions {
             groups,
@@ -457,13 +539,27 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..layers_per_block[i] {
                 let c = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock2D::new(&bp.pp("resnets").pp(j), c, out_c, ropts)?);
+                resnets.push(ResnetBlock2D::new(
+                    &bp.pp("resnets").pp(j),
+                    c,
+                    out_c,
+                    ropts,
+                )?);
                 if cross {
-                    attentions.push(Transformer2DModel::new(&bp.pp("attentions").pp(j), out_c, topts(i))?);
+                    attentions.push(Transformer2DModel::new(
+                        &bp.pp("attentions").pp(j),
+                        out_c,
+                        topts(i),
+                    )?);
                 }
             }
             let downsampler = if i + 1 < n {
-                Some(Downsample2D::new(&bp.pp("downsamplers").pp(0), out_c, out_c, cfg.downsample_padding)?)
+                Some(Downsample2D::new(
+                    &bp.pp("downsamplers").pp(0),
+                    out_c,
+                    out_c,
+                    cfg.downsample_padding,
+                )?)
             } else {
                 None
             };
@@ -484,20 +580,35 @@ impl UNet2DConditionModel {
                     ..ropts
                 };
                 let cross = kind == "UNetMidBlock2DCrossAttn";
-                let mut resnets = vec![ResnetBlock2D::new(&mp.pp("resnets").pp(0), mid_c, mid_c, mopts)?];
+                let mut resnets = vec![ResnetBlock2D::new(
+                    &mp.pp("resnets").pp(0),
+                    mid_c,
+                    mid_c,
+                    mopts,
+                )?];
                 let mut attentions = Vec::new();
                 if cross {
                     attentions.push(Transformer2DModel::new(
                         &mp.pp("attentions").pp(0),
                         mid_c,
                         TransformerOptions {
-                            only_cross_attention: cfg.mid_block_only_cross_attention.unwrap_or(false),
+                            only_cross_attention: cfg
+                                .mid_block_only_cross_attention
+                                .unwrap_or(false),
                             ..topts(n - 1)
                         },
                     )?);
                 }
-                resnets.push(ResnetBlock2D::new(&mp.pp("resnets").pp(1), mid_c, mid_c, mopts)?);
-                Some(MidBlock { resnets, attentions })
+                resnets.push(ResnetBlock2D::new(
+                    &mp.pp("resnets").pp(1),
+                    mid_c,
+                    mid_c,
+                    mopts,
+                )?);
+                Some(MidBlock {
+                    resnets,
+                    attentions,
+                })
             }
         };
 
@@ -518,9 +629,18 @@ impl UNet2DConditionModel {
             for j in 0..num_layers {
                 let skip = if j == num_layers - 1 { in_c } else { out_c };
                 let res_in = if j == 0 { prev_out } else { out_c };
-                resnets.push(ResnetBlock2D::new(&bp.pp("resnets").pp(j), res_in + skip, out_c, ropts)?);
+                resnets.push(ResnetBlock2D::new(
+                    &bp.pp("resnets").pp(j),
+                    res_in + skip,
+                    out_c,
+                    ropts,
+                )?);
                 if cross {
-                    attentions.push(Transformer2DModel::new(&bp.pp("attentions").pp(j), out_c, topts(bi))?);
+                    attentions.push(Transformer2DModel::new(
+                        &bp.pp("attentions").pp(j),
+                        out_c,
+                        topts(bi),
+                    )?);
                 }
             }
             let upsampler = if i + 1 < n {
@@ -537,7 +657,14 @@ impl UNet2DConditionModel {
 
         let conv_norm_out = GroupNorm::new(&p.pp("conv_norm_out"), groups, boc[0], eps)?;
         let pad_out = (cfg.conv_out_kernel - 1) / 2;
-        let conv_out = Conv2d::new(&p.pp("conv_out"), boc[0], cfg.out_channels, cfg.conv_out_kernel, 1, pad_out)?;
+        let conv_out = Conv2d::new(
+            &p.pp("conv_out"),
+            boc[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            1,
+            pad_out,
+        )?;
         let layers = p.layers();
         Ok(UNet2DConditionModel {
             config: cfg,
@@ -581,7 +708,9 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedCond>,
     ) -> Result<Tensor> {
-        Ok(self.run(sample, timesteps, encoder_hidden_states, added, true)?.sample)
+        Ok(self
+            .run(sample, timesteps, encoder_hidden_states, added, true)?
+            .sample)
     }
 
     /// The prediction plus the down- and mid-block features.
@@ -607,7 +736,12 @@ impl UNet2DConditionModel {
         self.run(sample, timesteps, encoder_hidden_states, added, false)
     }
 
-    fn time_embed(&self, timesteps: &Tensor, b: usize, added: Option<&AddedCond>) -> Result<Tensor> {
+    fn time_embed(
+        &self,
+        timesteps: &Tensor,
+        b: usize,
+        added: Option<&AddedCond>,
+    ) -> Result<Tensor> {
         let dtype = self.dtype();
         let t = timesteps.flatten_all()?;
         let t = match t.dim(0)? {
@@ -621,7 +755,8 @@ impl UNet2DConditionModel {
         };
         let t = t.to_device(self.device())?;
         let c = self.config.block_out_channels[0];
-        let temb = timestep_embedding(&t, c, self.config.flip_sin_to_cos, self.config.freq_shift)?.to_dtype(dtype)?;
+        let temb = timestep_embedding(&t, c, self.config.flip_sin_to_cos, self.config.freq_shift)?
+            .to_dtype(dtype)?;
         let mut emb = self.time_embedding.forward(&temb)?;
         match (&self.add_embedding, added) {
             (Some(ae), Some(a)) => {
@@ -712,7 +847,9 @@ impl UNet2DConditionModel {
         }
         for blk in &self.up_blocks {
             for (j, r) in blk.resnets.iter().enumerate() {
-                let skip = skips.pop().ok_or_else(|| Error::msg("UNet: skip connections exhausted"))?;
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| Error::msg("UNet: skip connections exhausted"))?;
                 h = Tensor::cat(&[&h, &skip], 1)?;
                 h = r.forward(&h, Some(&emb))?;
                 if let Some(a) = blk.attentions.get(j) {
@@ -720,7 +857,9 @@ impl UNet2DConditionModel {
                 }
             }
             if let Some(u) = &blk.upsampler {
-                let size = skips.last().map(|s| (s.dim(2).unwrap_or(0), s.dim(3).unwrap_or(0)));
+                let size = skips
+                    .last()
+                    .map(|s| (s.dim(2).unwrap_or(0), s.dim(3).unwrap_or(0)));
                 h = u.forward(&h, size)?;
             }
         }

@@ -205,11 +205,13 @@ impl SchedulerKind {
             "dpmpp-2m" | "dpmpp_2m" | "dpm++2m" | "dpm++-2m" | "dpm-solver++" | "dpmsolver++" => {
                 SchedulerKind::DpmPp2m
             }
-            _ => return Self::from_class_name(name.trim()).map_err(|_| {
-                Error::msg(format!(
+            _ => {
+                return Self::from_class_name(name.trim()).map_err(|_| {
+                    Error::msg(format!(
                     "unknown scheduler `{name}` (expected ddim, ddpm, euler, euler-a or dpmpp-2m)"
                 ))
-            }),
+                })
+            }
         })
     }
 
