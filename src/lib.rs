@@ -9,4 +9,7 @@ pub use diffpref_pipelines as pipelines;
 pub use diffpref_rewards as rewards;
 
 pub mod cli;
+pub mod data;
 pub mod imaging;
+pub mod methods;
+pub mod train;

@@ -1,0 +1,3 @@
+//! Preference fine-tuning methods, one per file, each with its equations in the doc comment.
+
+pub mod dpo;
