@@ -40,10 +40,7 @@ pub fn run_one(g: &Golden, ctx: &CheckContext) -> Result<Vec<Comparison>> {
     match checks::run(g, ctx)? {
         Some(r) => Ok(r),
         None => match g.kind() {
-            Some("dpo_loss") => bail!(
-                "{}: kind `dpo_loss` is checked by the DPO trainer (not built yet)",
-                g.path.display()
-            ),
+            Some("dpo_loss") => crate::methods::dpo::check_golden(g, ctx),
             Some(k) => bail!(
                 "{}: no check for kind `{k}` in this build",
                 g.path.display()

@@ -1,0 +1,155 @@
+//! Diffusion-DPO loss: parity with the diffusers/official goldens (loss, accuracy, gradients) and the loss
+//! family's defining properties.
+
+use candle_core::{Device, Tensor};
+use diffpref::methods::dpo::{pair_loss, BetaConvention, DpoLossConfig, LossKind, PairErrors};
+use diffpref_pipelines::checks::CheckContext;
+use diffpref_pipelines::golden::Golden;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[test]
+fn dpo_golden_loss_and_gradients_match() {
+    let g = Golden::load(fixtures().join("golden/dpo.safetensors")).unwrap();
+    let res = diffpref::methods::dpo::check_golden(
+        &g,
+        &CheckContext::cpu(Some(fixtures().join("tiny-sd"))),
+    )
+    .unwrap();
+    for c in &res {
+        println!("{c}");
+    }
+    assert!(res.len() >= 16);
+    assert!(res.iter().all(|c| c.passed));
+}
+
+fn errors(mw: &[f32], ml: &[f32], rw: &[f32], rl: &[f32]) -> PairErrors {
+    let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+    PairErrors {
+        model_w: t(mw),
+        model_l: t(ml),
+        ref_w: Some(t(rw)),
+        ref_l: Some(t(rl)),
+        weight: Tensor::ones(mw.len(), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    }
+}
+
+#[test]
+fn loss_family_properties() {
+    // Policy equal to the reference: z = 0, DPO loss ln 2, accuracy ½ (ties).
+    let e = errors(&[0.1, 0.2], &[0.3, 0.1], &[0.1, 0.2], &[0.3, 0.1]);
+    let (l, s) = pair_loss(&DpoLossConfig::default(), &e, None).unwrap();
+    assert!((l.to_scalar::<f32>().unwrap() as f64 - std::f64::consts::LN_2).abs() < 1e-6);
+    assert_eq!(s.implicit_acc, 0.5);
+    // Policy better on the winner by 1e-4: z = (5000/2)·1e-4 = 0.25 in the official convention.
+    let e = errors(&[0.0999], &[0.3], &[0.1], &[0.3]);
+    let (l, s) = pair_loss(&DpoLossConfig::default(), &e, None).unwrap();
+    let z: f64 = 2500.0 * 1e-4;
+    assert!((s.margin - z).abs() < 1e-3, "{}", s.margin);
+    assert!((l.to_scalar::<f32>().unwrap() as f64 - (1.0 + (-z).exp()).ln()).abs() < 1e-3);
+    assert_eq!(s.implicit_acc, 1.0);
+    // The diffusers convention doubles z at the same β.
+    let cfg = DpoLossConfig {
+        beta_convention: BetaConvention::Diffusers,
+        ..Default::default()
+    };
+    let (_, s2) = pair_loss(&cfg, &e, None).unwrap();
+    assert!((s2.margin - 2.0 * s.margin).abs() < 1e-3);
+    // Hinge is zero beyond margin 1; IPO is zero at h = 1/β.
+    let e_big = errors(&[0.09], &[0.3], &[0.1], &[0.3]);
+    let hinge = DpoLossConfig {
+        kind: LossKind::Hinge,
+        ..Default::default()
+    };
+    assert_eq!(
+        pair_loss(&hinge, &e_big, None)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let ipo = DpoLossConfig {
+        kind: LossKind::Ipo,
+        beta: 1e4,
+        ..Default::default()
+    };
+    let e_ipo = errors(&[0.0999], &[0.3], &[0.1], &[0.3]);
+    assert!(
+        pair_loss(&ipo, &e_ipo, None)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap()
+            < 1e-10
+    );
+    // cDPO: a tie label (p = ½) is minimised at z = 0; robust with ε = 0 equals plain DPO.
+    let tie = Tensor::new(&[0.5f32], &Device::Cpu).unwrap();
+    let at0 = pair_loss(
+        &DpoLossConfig::default(),
+        &errors(&[0.1], &[0.3], &[0.1], &[0.3]),
+        Some(&tie),
+    )
+    .unwrap()
+    .0;
+    let off = pair_loss(&DpoLossConfig::default(), &e, Some(&tie))
+        .unwrap()
+        .0;
+    assert!(at0.to_scalar::<f32>().unwrap() < off.to_scalar::<f32>().unwrap());
+    let robust = DpoLossConfig {
+        kind: LossKind::Robust,
+        ..Default::default()
+    };
+    let a = pair_loss(&robust, &e, None)
+        .unwrap()
+        .0
+        .to_scalar::<f32>()
+        .unwrap();
+    let b = pair_loss(&DpoLossConfig::default(), &e, None)
+        .unwrap()
+        .0
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((a - b).abs() < 1e-6);
+    // Reference-free losses run without reference errors; SFT is the winner MSE.
+    let mut e_free = e.clone();
+    e_free.ref_w = None;
+    e_free.ref_l = None;
+    for kind in [LossKind::Simpo, LossKind::Mapo, LossKind::Sft] {
+        let (l, _) = pair_loss(
+            &DpoLossConfig {
+                kind,
+                ..Default::default()
+            },
+            &e_free,
+            None,
+        )
+        .unwrap();
+        assert!(l.to_scalar::<f32>().unwrap().is_finite());
+    }
+    let sft = pair_loss(
+        &DpoLossConfig {
+            kind: LossKind::Sft,
+            ..Default::default()
+        },
+        &e_free,
+        None,
+    )
+    .unwrap()
+    .0;
+    assert!((sft.to_scalar::<f32>().unwrap() - 0.0999).abs() < 1e-7);
+    assert!(pair_loss(&DpoLossConfig::default(), &e_free, None).is_err());
+    // KTO at the reference point gives ½ per image.
+    let kto = DpoLossConfig {
+        kind: LossKind::Kto,
+        beta: 1000.0,
+        ..Default::default()
+    };
+    let l = pair_loss(&kto, &errors(&[0.1], &[0.3], &[0.1], &[0.3]), None)
+        .unwrap()
+        .0;
+    assert!((l.to_scalar::<f32>().unwrap() - 0.5).abs() < 1e-6);
+}
