@@ -12,9 +12,11 @@
 //! pixel gradient reaches the input.
 
 use crate::{Error, Result};
-use diffpref_pipelines::nn::{attention, merge_heads, split_heads, Activation, Conv2d, LayerNorm, Linear};
-use diffpref_pipelines::Params;
 use candle_core::{DType, Device, Module, Tensor};
+use diffpref_pipelines::nn::{
+    attention, merge_heads, split_heads, Activation, Conv2d, LayerNorm, Linear,
+};
+use diffpref_pipelines::Params;
 
 fn default_image_size() -> usize {
     224
@@ -114,8 +116,13 @@ impl BlipVisionConfig {
 
     /// Checks the sizes; `file` names the config in errors.
     pub fn validate(&self, file: &str) -> Result<()> {
-        let bad = |msg: String| -> Result<()> { Err(Error::msg(format!("{file}: vision config: {msg}"))) };
-        if self.patch_size == 0 || self.img_size == 0 || !self.img_size.is_multiple_of(self.patch_size) {
+        let bad = |msg: String| -> Result<()> {
+            Err(Error::msg(format!("{file}: vision config: {msg}")))
+        };
+        if self.patch_size == 0
+            || self.img_size == 0
+            || !self.img_size.is_multiple_of(self.patch_size)
+        {
             return bad(format!(
                 "img_size {} is not a positive multiple of patch_size {}",
                 self.img_size, self.patch_size
@@ -255,7 +262,9 @@ impl BlipVisionModel {
         }
         let b = dims[0];
         let w = cfg.embed_dim;
-        let x = pixel_values.to_dtype(self.dtype())?;
+        let x = pixel_values
+            .to_device(self.device())?
+            .to_dtype(self.dtype())?;
         // [B, W, g, g] → [B, g·g, W] (row-major patch order, as timm's flatten(2).transpose(1, 2)).
         let x = self.patch_embed.forward(&x)?;
         let x = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;

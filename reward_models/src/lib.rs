@@ -3,7 +3,10 @@
 //! Reward models that score images against prompts: `[B, 3, H, W]` images in [0, 1] plus B prompts → `[B]`
 //! scores, differentiable with respect to the images (preprocessing included), on any candle device.
 
+pub mod bert;
+pub mod blip;
 pub mod error;
+pub mod imagereward;
 
 pub use error::{Error, Result};
 
