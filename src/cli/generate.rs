@@ -52,6 +52,12 @@ pub struct GenerateArgs {
     /// Weight variant to prefer (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+    /// LoRA file (PEFT/diffusers or kohya safetensors) applied to the UNet; repeat to stack several.
+    #[arg(long = "lora")]
+    pub loras: Vec<PathBuf>,
+    /// LoRA strength: one for all --lora files, or one per file in order (default 1).
+    #[arg(long = "lora-scale", allow_negative_numbers = true)]
+    pub lora_scales: Vec<f64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// Output folder.
@@ -126,6 +132,7 @@ pub fn progress(n: usize, msg: &str) -> ProgressBar {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let scheduler = parse_scheduler(&a.scheduler)?;
+    let lora_specs = crate::train::lora::lora_specs(&a.loras, &a.lora_scales)?;
     let init = match &a.init_latents {
         Some(p) => {
             let t = read_init_latents(p)?;
@@ -142,6 +149,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None => None,
     };
     let model = load_model(&a.model, a.variant.as_deref(), &a.compute)?;
+    let _loras = crate::train::lora::attach_lora_files(&model.unet, &lora_specs)?;
     let pipe = Pipeline::new(&model)?;
     let opts = GenerateOptions {
         steps: a.steps,
@@ -238,6 +246,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 ("latents_per_step", Tensor::stack(&per_step, 0)?),
                 ("final_latents", out.latents.to_dtype(DType::F32)?),
                 ("image", out.images.clone()),
+                ("image_raw", out.image_raw.clone()),
             ],
         )?;
         println!("{}", path.display());
