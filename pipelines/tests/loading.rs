@@ -27,7 +27,12 @@ fn unet_out(dir: &Path, variant: Option<&str>) -> Tensor {
     let unet = UNet2DConditionModel::load(dir, variant, DType::F32, &Device::Cpu).unwrap();
     let c = Tensor::ones((2, 5, 32), DType::F32, &Device::Cpu).unwrap();
     let t = Tensor::new(&[10f32, 500.], &Device::Cpu).unwrap();
-    let x = Tensor::arange(0f32, 512., &Device::Cpu).unwrap().reshape((2, 4, 8, 8)).unwrap().sin().unwrap();
+    let x = Tensor::arange(0f32, 512., &Device::Cpu)
+        .unwrap()
+        .reshape((2, 4, 8, 8))
+        .unwrap()
+        .sin()
+        .unwrap();
     unet.forward(&x, &t, &c, None).unwrap()
 }
 
