@@ -1,0 +1,504 @@
+//! CLIP score, PickScore, HPSv2 and the LAION aesthetic predictor: golden parity (every tensor of the
+//! `clip_hf`, `open_clip` and `aesthetic` goldens), finite-difference gradients, batching, and loader errors.
+
+use candle_core::{DType, Device, Tensor};
+use diffpref_pipelines::checks::CheckContext;
+use diffpref_pipelines::golden::Golden;
+use diffpref_rewards::clip::{ClipLoadOptions, ClipModel, Layout};
+use diffpref_rewards::preprocess::ResizeMode;
+use diffpref_rewards::{
+    checks, input_gradient, Aesthetic, ClipConfig, ClipReward, ClipScoring, Reward,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn golden(name: &str) -> Golden {
+    Golden::load(fixtures().join("golden").join(name)).unwrap()
+}
+
+/// Runs the golden check and asserts every tensor passes and every toleranced tensor was compared.
+fn check_all(name: &str) {
+    let g = golden(name);
+    let res = checks::run(&g, &CheckContext::cpu(None))
+        .unwrap()
+        .expect("kind handled by diffpref-rewards");
+    let mut worst = 0f64;
+    for c in &res {
+        println!("{name}: {c}");
+        worst = worst.max(c.ratio);
+    }
+    println!("{name}: worst ratio {worst:.3}");
+    let failed: Vec<String> = res
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.to_string())
+        .collect();
+    assert!(failed.is_empty(), "{name}: failed:\n{}", failed.join("\n"));
+    let compared: Vec<&str> = res.iter().map(|c| c.name.as_str()).collect();
+    for t in g.tensors.keys() {
+        if g.tolerance(t).is_some() {
+            assert!(
+                compared.contains(&t.as_str()),
+                "{name}: `{t}` was not compared"
+            );
+        }
+    }
+}
+
+#[test]
+fn golden_clip_hf_all_tensors() {
+    check_all("clip_hf.safetensors");
+}
+
+#[test]
+fn golden_open_clip_all_tensors() {
+    check_all("open_clip.safetensors");
+}
+
+#[test]
+fn golden_aesthetic_all_tensors() {
+    check_all("aesthetic.safetensors");
+}
+
+#[test]
+fn golden_tokenization_is_compared_exactly() {
+    // tiny-clip-hf has its own tokenizer (pads with <|endoftext|>); tiny-open-clip takes the fixtures' CLIP
+    // tokenizer and pads with 0 — both must reproduce the golden ids.
+    for name in ["clip_hf.safetensors", "open_clip.safetensors"] {
+        let res = checks::run(&golden(name), &CheckContext::cpu(None))
+            .unwrap()
+            .unwrap();
+        let ids = res
+            .iter()
+            .find(|c| c.name == "input_ids")
+            .expect("input_ids compared");
+        assert!(ids.passed && ids.ratio == 0.0, "{name}: {ids}");
+    }
+}
+
+fn hf_dir() -> PathBuf {
+    fixtures().join("tiny-clip-hf")
+}
+fn oc_dir() -> PathBuf {
+    fixtures().join("tiny-open-clip")
+}
+
+fn prompts3(g: &Golden) -> Vec<String> {
+    serde_json::from_str(&g.metadata["prompts"]).unwrap()
+}
+
+/// Directional derivative of `f` along `v` by central differences vs the autograd gradient.
+fn assert_fd_gradient(name: &str, reward: &dyn Reward, images: &Tensor, prompts: &[&str]) {
+    let images = &images.to_dtype(DType::F64).unwrap();
+    let g = input_gradient(images, |x| reward.score(x, prompts)).unwrap();
+    assert_eq!(g.dims(), images.dims());
+    // A fixed pseudo-random direction in [-1, 1] (deterministic test).
+    let n = images.elem_count();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let dir: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    let v = Tensor::from_vec(dir, images.dims(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let analytic: f64 = (&g * &v)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    // Central differences at eps and eps/2, Richardson-extrapolated (truncation error O(eps⁴)); the
+    // models compute LayerNorm and attention scores in f32, so eps must stay well above f32 noise.
+    let eps = 1e-2;
+    let f = |x: &Tensor| -> f64 {
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        reward
+            .score(&x64, prompts)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let central = |e: f64| {
+        let plus = f(&(images + (&v * e).unwrap()).unwrap());
+        let minus = f(&(images - (&v * e).unwrap()).unwrap());
+        (plus - minus) / (2.0 * e)
+    };
+    let numeric = (4.0 * central(eps / 2.0) - central(eps)) / 3.0;
+    let rel = (analytic - numeric).abs() / numeric.abs().max(1e-12);
+    println!("{name}: analytic {analytic:.6e} numeric {numeric:.6e} rel {rel:.2e}");
+    assert!(analytic.abs() > 1e-6, "{name}: zero gradient");
+    assert!(
+        rel < 2e-3,
+        "{name}: gradient {analytic} vs finite differences {numeric}"
+    );
+}
+
+#[test]
+fn image_gradients_match_finite_differences() {
+    let g = golden("clip_hf.safetensors");
+    let prompts = prompts3(&g);
+    let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let images = g.get("images").unwrap().clone();
+    let dev = Device::Cpu;
+    let dt = DType::F64;
+    let pick = ClipReward::load_pickscore(hf_dir(), dt, &dev).unwrap();
+    assert_fd_gradient("pickscore", &pick, &images, &refs);
+    // CLIP score: 100 max(cos, 0) — use the pairs with a positive cosine so the gradient is not zero.
+    let clip = ClipReward::load_clip_score(hf_dir(), dt, &dev).unwrap();
+    let s = clip
+        .score(&images, &refs)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let pos: Vec<usize> = (0..3).filter(|&i| s[i] > 1.0).collect();
+    assert!(!pos.is_empty(), "no positive CLIP score among {s:?}");
+    let idx = Tensor::new(pos.iter().map(|&i| i as u32).collect::<Vec<_>>(), &dev).unwrap();
+    let sub = images.index_select(&idx, 0).unwrap();
+    let sub_p: Vec<&str> = pos.iter().map(|&i| refs[i]).collect();
+    assert_fd_gradient("clip score", &clip, &sub, &sub_p);
+    let hps = ClipReward::load_hps(oc_dir(), dt, &dev).unwrap();
+    let mut hps = hps;
+    let mut m = ClipModel::load(oc_dir(), dt, &dev).unwrap();
+    m.set_tokenizer(
+        diffpref_pipelines::tokenizer::ClipTokenizer::from_dir(fixtures().join("clip-tokenizer"))
+            .unwrap(),
+    );
+    m.config.preprocess.mode = ResizeMode::LongestSidePad;
+    hps.model = std::sync::Arc::new(m);
+    assert_fd_gradient("hps", &hps, &images, &refs);
+    let aes = Aesthetic::load(fixtures().join("tiny-aesthetic"), hf_dir(), dt, &dev).unwrap();
+    let portrait = golden("aesthetic.safetensors")
+        .get("images")
+        .unwrap()
+        .clone();
+    assert_fd_gradient("aesthetic", &aes, &portrait, &[]);
+}
+
+#[test]
+fn batched_scores_and_gradients_equal_one_shot() {
+    let g = golden("clip_hf.safetensors");
+    let prompts = prompts3(&g);
+    let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let images = g.get("images").unwrap();
+    let pick = ClipReward::load_pickscore(hf_dir(), DType::F32, &Device::Cpu).unwrap();
+    let all = pick.score(images, &refs).unwrap();
+    let chunked = pick.score_batched(images, &refs, 2).unwrap();
+    let diff: f32 = (&all - &chunked)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-4, "batched scores differ by {diff}");
+    // The golden's PickScore (image i with prompt i), through the tokenizer and the text cache.
+    let c = g.compare("pickscore", &all, 1.0).unwrap();
+    assert!(c.passed, "{c}");
+    let (s, gr) = pick.score_and_grad(images, &refs, 1).unwrap();
+    let c = g.compare("grad_images", &gr, 1.0).unwrap();
+    assert!(c.passed, "{c}");
+    let c = g.compare("pickscore", &s, 1.0).unwrap();
+    assert!(c.passed, "{c}");
+    // Prompt count must match the images.
+    let err = pick.score(images, &refs[..2]).unwrap_err().to_string();
+    assert!(err.contains("3 images but 2 prompts"), "{err}");
+}
+
+#[test]
+fn text_side_is_constant_and_scores_use_the_checkpoint_logit_scale() {
+    let m = ClipModel::load(hf_dir(), DType::F32, &Device::Cpu).unwrap();
+    let ls: f32 = m.logit_scale().unwrap().to_scalar().unwrap();
+    assert!((ls - 4.1).abs() < 1e-6, "logit_scale {ls}");
+    let t = m.text_embeds(&["a red cube", "a red cube"]).unwrap();
+    assert!(!t.is_variable() && t.dims() == [2, 16]);
+    let n: Vec<f32> = t.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+    assert!(n.iter().all(|v| (v - 1.0).abs() < 1e-5), "{n:?}");
+}
+
+/// A writable copy of a fixture model folder whose weights are edited by `edit`.
+fn edited_copy(
+    src: &Path,
+    weights: &str,
+    edit: impl FnOnce(&mut HashMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != weights {
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut map = candle_core::safetensors::load(src.join(weights), &Device::Cpu).unwrap();
+    edit(&mut map);
+    candle_core::safetensors::save(&map, tmp.path().join(weights)).unwrap();
+    tmp
+}
+
+#[test]
+fn missing_logit_scale_is_an_error_not_a_default() {
+    for (src, weights) in [
+        (hf_dir(), "model.safetensors"),
+        (oc_dir(), "open_clip_model.safetensors"),
+    ] {
+        let tmp = edited_copy(&src, weights, |m| {
+            m.remove("logit_scale");
+        });
+        let err = match ClipModel::load(tmp.path(), DType::F32, &Device::Cpu) {
+            Ok(_) => panic!("{}: loaded without logit_scale", src.display()),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("`logit_scale`") && err.contains(weights),
+            "{err}"
+        );
+        let err = ClipReward::load_pickscore(tmp.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("logit_scale"), "{err}");
+    }
+    // The aesthetic predictor only needs the image tower: no logit_scale required there.
+    let tmp = edited_copy(&hf_dir(), "model.safetensors", |m| {
+        m.remove("logit_scale");
+    });
+    let aes = Aesthetic::load(
+        fixtures().join("tiny-aesthetic"),
+        tmp.path(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let g = golden("aesthetic.safetensors");
+    let s = aes.score(g.get("images").unwrap(), &[]).unwrap();
+    assert!(g.compare("score", &s, 1.0).unwrap().passed);
+}
+
+#[test]
+fn missing_class_embedding_is_an_error() {
+    for (src, weights, key) in [
+        (
+            hf_dir(),
+            "model.safetensors",
+            "vision_model.embeddings.class_embedding",
+        ),
+        (
+            oc_dir(),
+            "open_clip_model.safetensors",
+            "visual.class_embedding",
+        ),
+    ] {
+        let tmp = edited_copy(&src, weights, |m| {
+            m.remove(key);
+        });
+        let err = ClipModel::load(tmp.path(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(weights),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn misshaped_key_error_names_key_and_both_shapes() {
+    let tmp = edited_copy(&hf_dir(), "model.safetensors", |m| {
+        m.insert(
+            "visual_projection.weight".into(),
+            Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let err = ClipModel::load(tmp.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("visual_projection.weight")
+            && err.contains("[8, 32]")
+            && err.contains("[16, 32]"),
+        "{err}"
+    );
+    // open_clip's visual.proj is [W, E] (x @ proj): a Linear-style [E, W] tensor is rejected.
+    let tmp = edited_copy(&oc_dir(), "open_clip_model.safetensors", |m| {
+        m.insert(
+            "visual.proj".into(),
+            Tensor::zeros((16, 32), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let err = ClipModel::load(tmp.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("visual.proj") && err.contains("[16, 32]") && err.contains("[32, 16]"),
+        "{err}"
+    );
+    // A head whose input size disagrees with the backbone's projection.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-aesthetic/model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("config.json"), r#"{"input_size": 768}"#).unwrap();
+    let err = Aesthetic::load(tmp.path(), hf_dir(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("layers.0.weight")
+            && err.contains("[1024, 768]")
+            && err.contains("[1024, 16]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn configs_follow_the_files_and_presets() {
+    let hf = ClipConfig::from_hf_files(
+        &hf_dir().join("config.json"),
+        Some(&hf_dir().join("preprocessor_config.json")),
+    )
+    .unwrap();
+    assert_eq!(hf.layout, Layout::HuggingFace);
+    assert_eq!(
+        (
+            hf.vision.tower.width,
+            hf.vision.tower.layers,
+            hf.vision.tower.heads,
+            hf.vision.tower.mlp_dim
+        ),
+        (32, 3, 4, 48)
+    );
+    assert_eq!(
+        (hf.text.tower.mlp_dim, hf.embed_dim, hf.vision.patch_size),
+        (37, 16, 8)
+    );
+    assert_eq!(hf.vision.tower.hidden_act, "quick_gelu");
+    assert_eq!(hf.preprocess.mode, ResizeMode::ShortestSideCrop);
+    let oc = ClipConfig::from_open_clip_file(&oc_dir().join("open_clip_config.json")).unwrap();
+    assert_eq!(oc.layout, Layout::OpenClip);
+    assert_eq!(
+        (
+            oc.vision.tower.heads,
+            oc.vision.tower.mlp_dim,
+            oc.text.tower.heads,
+            oc.text.tower.mlp_dim
+        ),
+        (4, 128, 2, 64)
+    );
+    assert_eq!(oc.vision.tower.hidden_act, "gelu");
+    assert_eq!(oc.text.pad_id, Some(0));
+    assert_eq!(oc.preprocess.mode, ResizeMode::LongestSidePad);
+    let h = ClipConfig::open_clip_vit_h_14();
+    assert_eq!(
+        (
+            h.vision.tower.width,
+            h.vision.tower.layers,
+            h.vision.tower.heads,
+            h.vision.tower.mlp_dim
+        ),
+        (1280, 32, 16, 5120)
+    );
+    assert_eq!(
+        (
+            h.text.tower.width,
+            h.text.tower.layers,
+            h.embed_dim,
+            h.vision.num_positions()
+        ),
+        (1024, 24, 1024, 257)
+    );
+    let l = ClipConfig::hf_vit_l_14();
+    assert_eq!(
+        (
+            l.vision.tower.width,
+            l.vision.tower.layers,
+            l.embed_dim,
+            l.vision.patch_size
+        ),
+        (1024, 24, 768, 14)
+    );
+    // Unsupported open_clip features are refused by name.
+    let err = ClipConfig::from_open_clip_json(
+        r#"{"model_cfg": {"embed_dim": 16, "vision_cfg": {"timm_model_name": "convnext"}, "text_cfg": {}}}"#,
+        "x.json",
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("x.json") && err.contains("timm_model_name"),
+        "{err}"
+    );
+    // A folder without any config is an error naming it.
+    let tmp = tempfile::tempdir().unwrap();
+    let err = ClipModel::load_with(
+        tmp.path(),
+        &ClipLoadOptions::default(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("open_clip_config.json") && err.contains("config.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hps_without_a_tokenizer_says_what_is_missing() {
+    let hps = ClipReward::load_hps(oc_dir(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(hps.scoring, ClipScoring::Hps);
+    let images = golden("open_clip.safetensors")
+        .get("images")
+        .unwrap()
+        .clone();
+    let err = hps
+        .score(&images, &["a", "b", "c"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no tokenizer") && err.contains("open_clip_model.safetensors"),
+        "{err}"
+    );
+    // With the CLIP tokenizer the score is the golden's HPS score.
+    let hps = ClipReward::load(
+        oc_dir(),
+        ClipScoring::Hps,
+        &ClipLoadOptions {
+            tokenizer: Some(fixtures().join("clip-tokenizer")),
+            ..Default::default()
+        },
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let g = golden("open_clip.safetensors");
+    let prompts = prompts3(&g);
+    let refs: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let s = hps.score(&images, &refs).unwrap();
+    let c = g.compare("hps_score", &s, 1.0).unwrap();
+    assert!(c.passed, "{c}");
+}
