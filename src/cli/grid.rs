@@ -1,6 +1,8 @@
 //! `diffpref grid`: a labelled comparison grid. Rows are prompts; columns are every combination of the given
 //! models, guidance scales and seeds. Every image of a column uses the same initial noise (drawn from the
-//! column's seed), so rows and models compare on equal footing.
+//! column's seed), so rows and models compare on equal footing. With `--lora FILE` (repeatable) every
+//! column is drawn once without LoRA and once with each LoRA file alone, side by side (labelled with the
+//! file stem), from the same noise.
 
 use super::common::ComputeArgs;
 use super::generate::{load_model, parse_scheduler, progress};
@@ -43,6 +45,12 @@ pub struct GridArgs {
     pub scale: u32,
     #[arg(long)]
     pub variant: Option<String>,
+    /// LoRA file (PEFT/diffusers or kohya); each adds a column next to every column without LoRA.
+    #[arg(long = "lora")]
+    pub loras: Vec<PathBuf>,
+    /// LoRA strength: one for all --lora files, or one per file in order (default 1).
+    #[arg(long = "lora-scale", allow_negative_numbers = true)]
+    pub lora_scales: Vec<f64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
     /// Output PNG.
@@ -60,18 +68,44 @@ fn model_label(spec: &str) -> String {
 
 pub fn run(a: GridArgs) -> Result<()> {
     let scheduler = parse_scheduler(&a.scheduler)?;
+    let lora_specs = crate::train::lora::lora_specs(&a.loras, &a.lora_scales)?;
+    // Per seed: no LoRA, then each LoRA file alone (None = no LoRA).
+    let seed_variants: Vec<(u64, Option<usize>)> = a
+        .seeds
+        .iter()
+        .flat_map(|&s| {
+            std::iter::once((s, None)).chain((0..lora_specs.len()).map(move |i| (s, Some(i))))
+        })
+        .collect();
+    let lora_label = |i: Option<usize>| -> Option<String> {
+        let (f, scale) = &lora_specs[i?];
+        let stem = f
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("lora")
+            .to_string();
+        Some(if *scale == 1.0 {
+            stem
+        } else {
+            format!("{stem} x{scale}")
+        })
+    };
     let prompts: Vec<&str> = a.prompts.iter().map(|s| s.as_str()).collect();
     let negs: Vec<&str> = a.negative_prompts.iter().map(|s| s.as_str()).collect();
     let mut columns: Vec<Vec<image::RgbImage>> = Vec::new();
     let mut labels: Vec<String> = Vec::new();
     let mut latent_shape: Option<Vec<usize>> = None;
-    let ncols = a.models.len() * a.guidance.len() * a.seeds.len();
+    let ncols = a.models.len() * a.guidance.len() * seed_variants.len();
     let pb = progress(ncols, "grid");
     for spec in &a.models {
         let model = load_model(spec, a.variant.as_deref(), &a.compute)?;
+        let loras = crate::train::lora::attach_lora_files(&model.unet, &lora_specs)?;
         let pipe = Pipeline::new(&model)?;
         for &g in &a.guidance {
-            for &seed in &a.seeds {
+            for &(seed, lora) in &seed_variants {
+                for (i, set) in loras.iter().enumerate() {
+                    set.set_enabled(lora == Some(i));
+                }
                 let base = GenerateOptions {
                     steps: a.steps,
                     guidance_scale: g,
@@ -100,13 +134,24 @@ pub fn run(a: GridArgs) -> Result<()> {
                 };
                 let out = pipe
                     .generate(&prompts, &negs, &opts, None)
-                    .with_context(|| format!("sampling {spec} (guidance {g}, seed {seed})"))?;
+                    .with_context(|| {
+                        let l = lora.map(|i| format!(", LoRA {}", lora_specs[i].0.display()));
+                        format!(
+                            "sampling {spec} (guidance {g}, seed {seed}{})",
+                            l.unwrap_or_default()
+                        )
+                    })?;
                 columns.push(imaging::tensor_to_images(&out.images)?);
                 let mut parts = Vec::new();
                 if a.models.len() > 1 {
                     parts.push(model_label(spec));
                 }
-                if a.guidance.len() > 1 || (a.models.len() == 1 && a.seeds.len() == 1) {
+                if !lora_specs.is_empty() {
+                    parts.push(lora_label(lora).unwrap_or_else(|| "no LoRA".into()));
+                }
+                if a.guidance.len() > 1
+                    || (a.models.len() == 1 && a.seeds.len() == 1 && lora_specs.is_empty())
+                {
                     parts.push(format!("cfg {g}"));
                 }
                 if a.seeds.len() > 1 {

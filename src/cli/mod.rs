@@ -4,6 +4,7 @@ pub mod bench;
 pub mod common;
 pub mod generate;
 pub mod grid;
+pub mod lora;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Benchmarks (UNet forward/backward, pipeline seconds per step).
     Bench(bench::BenchArgs),
+    /// LoRA tools: `lora merge` bakes LoRA files into a copy of a model.
+    Lora(lora::LoraArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -34,5 +37,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grid(a) => grid::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Lora(a) => lora::run(a),
     }
 }

@@ -1,0 +1,162 @@
+//! `diffpref lora`: LoRA file tools. `lora merge` writes a full model folder whose UNet has the LoRAs merged
+//! into its weights, loadable by `diffpref generate` and by diffusers.
+
+use crate::train::lora::{lora_specs, merge_into_unet_weights_variant};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use diffpref_pipelines::loading::resolve_model;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `diffpref lora`.
+#[derive(Args, Debug)]
+pub struct LoraArgs {
+    #[command(subcommand)]
+    pub command: LoraCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LoraCommand {
+    /// Merge LoRA files into a copy of a model: unet weights W + scale·B·A, other components linked or copied.
+    Merge(MergeArgs),
+}
+
+/// Arguments of `diffpref lora merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Model folder (diffusers layout) or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// LoRA file (PEFT/diffusers or kohya safetensors); repeat to merge several.
+    #[arg(long = "lora", required = true)]
+    pub loras: Vec<PathBuf>,
+    /// LoRA strength: one for all files, or one per --lora in order (default 1).
+    #[arg(long = "lora-scale", allow_negative_numbers = true)]
+    pub lora_scales: Vec<f64>,
+    /// Weight variant of the unet to read (e.g. fp16); the merged unet is written as the plain file.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Output model folder (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: LoraArgs) -> Result<()> {
+    match a.command {
+        LoraCommand::Merge(m) => merge(m),
+    }
+}
+
+/// Hard-links `src` (symlinks resolved) to `dst`, or copies it when linking is not possible.
+fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
+    let real = src
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", src.display()))?;
+    if std::fs::hard_link(&real, dst).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(&real, dst)
+        .with_context(|| format!("cannot copy {} to {}", real.display(), dst.display()))?;
+    Ok(())
+}
+
+fn link_or_copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for entry in std::fs::read_dir(src).with_context(|| format!("cannot read {}", src.display()))? {
+        let entry = entry.with_context(|| format!("cannot read {}", src.display()))?;
+        let from = entry.path();
+        let to = dst.join(entry.file_name());
+        if from.is_dir() {
+            link_or_copy_tree(&from, &to)?;
+        } else {
+            link_or_copy(&from, &to)?;
+        }
+    }
+    Ok(())
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let specs = lora_specs(&a.loras, &a.lora_scales)?;
+    let model = resolve_model(&a.model, a.variant.as_deref())
+        .with_context(|| format!("--model {}", a.model))?;
+    if !model.join("unet").is_dir() {
+        bail!(
+            "--model {}: no unet/ folder in {}",
+            a.model,
+            model.display()
+        );
+    }
+    if a.out.exists() {
+        let non_empty = std::fs::read_dir(&a.out)
+            .with_context(|| format!("--out {}", a.out.display()))?
+            .next()
+            .is_some();
+        if non_empty {
+            bail!(
+                "--out {}: exists and is not empty (choose a new folder)",
+                a.out.display()
+            );
+        }
+    }
+    let parent = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = a
+        .out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("merged");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("cannot remove {}", tmp.display()))?;
+    }
+    let result = (|| -> Result<usize> {
+        for entry in
+            std::fs::read_dir(&model).with_context(|| format!("cannot read {}", model.display()))?
+        {
+            let entry = entry.with_context(|| format!("cannot read {}", model.display()))?;
+            if entry.file_name() == "unet" {
+                continue;
+            }
+            let from = entry.path();
+            let to = tmp.join(entry.file_name());
+            if from.is_dir() {
+                link_or_copy_tree(&from, &to)?;
+            } else {
+                std::fs::create_dir_all(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?;
+                link_or_copy(&from, &to)?;
+            }
+        }
+        let summary = merge_into_unet_weights_variant(
+            &model.join("unet"),
+            a.variant.as_deref(),
+            &specs,
+            &tmp.join("unet"),
+        )?;
+        Ok(summary.merged_layers.len())
+    })();
+    let merged = match result {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if a.out.exists() {
+        std::fs::remove_dir(&a.out)
+            .with_context(|| format!("cannot replace {}", a.out.display()))?;
+    }
+    std::fs::rename(&tmp, &a.out)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), a.out.display()))?;
+    eprintln!(
+        "merged {} LoRA file(s) into {merged} unet layers",
+        specs.len()
+    );
+    println!("{}", a.out.display());
+    Ok(())
+}
