@@ -149,23 +149,34 @@ impl Grads {
     /// Global L2 norm over all gradients: `sqrt(Σ_params Σ g²)` (each parameter's sum of squares is reduced in
     /// f32 on its device, the total in f64). NaN or infinite when a gradient is.
     pub fn global_norm(&self) -> Result<f64> {
-        let mut total = 0f64;
-        for g in self.map.values() {
-            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        }
-        Ok(total.sqrt())
+        let sums = self.per_param(|g| Ok(g.sqr()?.sum_all()?))?;
+        Ok(sums.iter().map(|&s| s as f64).sum::<f64>().sqrt())
     }
 
     /// The first parameter (by name) whose gradient holds a NaN or an infinity, if any.
     pub fn first_non_finite(&self) -> Result<Option<String>> {
-        for (name, g) in &self.map {
-            // x − x is 0 for finite x and NaN for NaN/±inf, so the sum is finite iff every entry is.
-            let s = g.sub(g)?.sum_all()?.to_scalar::<f32>()?;
-            if !s.is_finite() {
-                return Ok(Some(name.clone()));
-            }
-        }
-        Ok(None)
+        // x − x is 0 for finite x and NaN for NaN/±inf, so the sum is finite iff every entry is.
+        let sums = self.per_param(|g| Ok(g.sub(g)?.sum_all()?))?;
+        Ok(self
+            .map
+            .keys()
+            .zip(sums)
+            .find(|(_, s)| !s.is_finite())
+            .map(|(name, _)| name.clone()))
+    }
+
+    /// One f32 scalar per gradient (in name order), read back with a single device-to-host copy.
+    fn per_param(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Vec<f32>> {
+        let Some(first) = self.map.values().next() else {
+            return Ok(Vec::new());
+        };
+        let dev = first.device().clone();
+        let scalars = self
+            .map
+            .values()
+            .map(|g| Ok(f(g)?.to_device(&dev)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&scalars, 0)?.to_vec1::<f32>()?)
     }
 
     /// Errors naming the first parameter with a non-finite gradient.
