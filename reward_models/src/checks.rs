@@ -1,5 +1,5 @@
-//! Parity checks of the reward models against golden files (`kind` = `clip`, `open_clip`, `aesthetic`),
-//! shared by the tests and `diffpref verify`.
+//! Parity checks of the reward models against golden files (`kind` = `clip`, `open_clip`, `aesthetic`, and
+//! `imagereward` via [`crate::imagereward::check_imagereward`]), shared by the tests and `diffpref verify`.
 //!
 //! Every file runs the whole differentiable chain: images → preprocessing (resize matrices, resized,
 //! pixel values) → towers (hidden states, pooled outputs, embeddings) → scores → gradients of the summed
@@ -27,6 +27,10 @@ pub fn run(golden: &Golden, ctx: &CheckContext) -> Result<Option<Vec<Comparison>
     Ok(Some(match golden.kind().unwrap_or("") {
         "clip" | "open_clip" => check_clip(golden, ctx)?,
         "aesthetic" => check_aesthetic(golden, ctx)?,
+        "imagereward" => {
+            let dir = resolve_folder(golden, ctx, "model")?;
+            crate::imagereward::check_imagereward(golden, &dir, ctx)?
+        }
         _ => return Ok(None),
     }))
 }

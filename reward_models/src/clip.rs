@@ -1109,6 +1109,9 @@ pub struct ClipLoadOptions {
     pub tokenizer: Option<PathBuf>,
     /// A config file to use instead of the model folder's (`config.json` or `open_clip_config.json`).
     pub config: Option<PathBuf>,
+    /// The config to use when the folder has no config file at all (e.g. [`ClipConfig::open_clip_vit_h_14`]
+    /// for a bare HPSv2 checkpoint); without it a folder without a config is an error.
+    pub fallback_config: Option<ClipConfig>,
 }
 
 /// A CLIP model: image tower, optional text tower, logit scale, preprocessing and tokenizer.
@@ -1128,6 +1131,17 @@ fn find_tokenizer_dir(dir: &Path) -> Option<PathBuf> {
     [dir.to_path_buf(), dir.join("tokenizer")]
         .into_iter()
         .find(|d| d.join("tokenizer.json").exists() || d.join("vocab.json").exists())
+}
+
+/// Whether the model at `path` (a folder, or a weights file in one) has its own config file
+/// (`open_clip_config.json` or `config.json`).
+pub fn has_own_config(path: &Path) -> bool {
+    let dir = if path.is_file() {
+        path.parent().unwrap_or(Path::new("."))
+    } else {
+        path
+    };
+    dir.join("open_clip_config.json").exists() || dir.join("config.json").exists()
 }
 
 impl ClipModel {
@@ -1172,6 +1186,7 @@ impl ClipModel {
                 &hf_cfg,
                 Some(&dir.join("preprocessor_config.json")),
             )?,
+            None if opts.fallback_config.is_some() => opts.fallback_config.clone().unwrap(),
             None => {
                 return Err(Error::msg(format!(
                     "{}: no config.json (transformers CLIPModel) or open_clip_config.json (open_clip) — \

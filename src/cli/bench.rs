@@ -25,6 +25,9 @@ pub const SD15_UNET_CONFIG: &str = r#"{
 pub enum Suite {
     /// UNet forward / forward+backward and pipeline s/step.
     Foundation,
+    /// Reward models: images scored per second (score, and score + gradient to the pixels) on the tiny
+    /// fixtures next to --model and, with --large, on real-sized random ViT-L/14 and ViT-H/14 models.
+    Rewards,
 }
 
 /// Arguments of `diffpref bench`.
@@ -38,6 +41,10 @@ pub struct BenchArgs {
     /// Also run the SD1.5-sized random UNet (about 3.5 GB of weights, ~11 GB peak for the backward at 32x32).
     #[arg(long)]
     pub sd15: bool,
+    /// rewards: also the real-sized random-weight models (CLIP ViT-L/14: CLIP score and aesthetic;
+    /// open_clip ViT-H/14: HPSv2; ~6 GB of f32 weights).
+    #[arg(long)]
+    pub large: bool,
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
@@ -172,6 +179,124 @@ pub fn foundation(a: &BenchArgs) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Times `reward` on `images` (score alone, then score + gradient with respect to the pixels).
+pub fn reward_rows(
+    model: &str,
+    reward: &dyn diffpref_rewards::Reward,
+    images: &Tensor,
+    prompts: &[&str],
+    iters: usize,
+) -> Result<Vec<Row>> {
+    let dev = images.device().clone();
+    let (b, _, h, w) = images.dims4()?;
+    let fwd = time(iters, || {
+        reward.score(images, prompts)?;
+        sync(&dev)
+    })?;
+    let fb = time(iters, || {
+        reward.score_and_grad(images, prompts, b)?;
+        sync(&dev)
+    })?;
+    let name = reward.name();
+    Ok(vec![
+        Row {
+            model: model.into(),
+            what: format!("{name} score b{b} {h}x{w}: {:.2} img/s", b as f64 / fwd),
+            seconds: fwd,
+        },
+        Row {
+            model: model.into(),
+            what: format!("{name} score+grad b{b} {h}x{w}: {:.2} img/s", b as f64 / fb),
+            seconds: fb,
+        },
+    ])
+}
+
+/// `diffpref bench rewards`: every CLIP-family reward on the tiny fixtures (`tiny-clip-hf`,
+/// `tiny-open-clip`, `tiny-aesthetic`, `clip-tokenizer`, looked up next to --model) and, with --large, on
+/// real-sized random weights, scoring 512x512 images (the resize to the model's size included).
+pub fn rewards(a: &BenchArgs) -> Result<Vec<Row>> {
+    use diffpref_rewards::aesthetic::{Aesthetic, AestheticHead};
+    use diffpref_rewards::clip::{ClipConfig, ClipLoadOptions, ClipModel};
+    use diffpref_rewards::{ClipReward, ClipScoring};
+    use std::sync::Arc;
+    let device = a.compute.device()?;
+    let dtype = a.compute.dtype()?;
+    let fixtures = std::path::Path::new(&a.model)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
+    let tok_dir = fixtures.join("clip-tokenizer");
+    let tokenizer =
+        diffpref_pipelines::tokenizer::ClipTokenizer::from_dir(&tok_dir).with_context(|| {
+            format!(
+                "the CLIP tokenizer of the reward benchmark ({})",
+                tok_dir.display()
+            )
+        })?;
+    let b = a.batch.max(1);
+    let images = Tensor::rand(0f32, 1f32, (b, 3, 512, 512), &device)?;
+    let prompts = vec!["a photograph of an astronaut riding a horse"; b];
+    let mut rows = Vec::new();
+    let opts = ClipLoadOptions {
+        tokenizer: Some(tok_dir.clone()),
+        ..Default::default()
+    };
+    let hf = fixtures.join("tiny-clip-hf");
+    for scoring in [ClipScoring::ClipScore, ClipScoring::PickScore] {
+        let r = ClipReward::load(&hf, scoring, &opts, dtype, &device)?;
+        rows.extend(reward_rows("tiny-clip-hf", &r, &images, &prompts, a.iters)?);
+    }
+    let hps = ClipReward::load(
+        fixtures.join("tiny-open-clip"),
+        ClipScoring::Hps,
+        &opts,
+        dtype,
+        &device,
+    )?;
+    rows.extend(reward_rows(
+        "tiny-open-clip",
+        &hps,
+        &images,
+        &prompts,
+        a.iters,
+    )?);
+    let aes = Aesthetic::load(fixtures.join("tiny-aesthetic"), &hf, dtype, &device)?;
+    rows.extend(reward_rows("tiny-aesthetic", &aes, &images, &[], a.iters)?);
+    if a.large {
+        let p = Params::random(0, dtype, &device);
+        let mut l14 = ClipModel::from_params(&p, ClipConfig::hf_vit_l_14(), true)?;
+        l14.set_tokenizer(tokenizer.clone());
+        let l14 = Arc::new(l14);
+        let clip = ClipReward::new(l14.clone(), ClipScoring::ClipScore)?;
+        rows.extend(reward_rows(
+            "vit-l14-random",
+            &clip,
+            &images,
+            &prompts,
+            a.iters,
+        )?);
+        let head = AestheticHead::from_params(&Params::random(1, DType::F32, &device), 768)?;
+        let aes = Aesthetic::new(l14, head)?;
+        rows.extend(reward_rows("vit-l14-random", &aes, &images, &[], a.iters)?);
+        drop(clip);
+        drop(aes);
+        let p = Params::random(2, dtype, &device);
+        let mut h14 = ClipModel::from_params(&p, ClipConfig::open_clip_vit_h_14(), true)?;
+        h14.set_tokenizer(tokenizer);
+        let hps = ClipReward::new(Arc::new(h14), ClipScoring::Hps)?;
+        rows.extend(reward_rows(
+            "vit-h14-random",
+            &hps,
+            &images,
+            &prompts,
+            a.iters,
+        )?);
+    }
+    Ok(rows)
+}
+
 pub fn print(rows: &[Row]) {
     println!("{:<16} {:<44} {:>12}", "model", "measure", "seconds");
     for r in rows {
@@ -182,6 +307,7 @@ pub fn print(rows: &[Row]) {
 pub fn run(a: BenchArgs) -> Result<()> {
     let rows = match a.suite {
         Suite::Foundation => foundation(&a)?,
+        Suite::Rewards => rewards(&a)?,
     };
     print(&rows);
     Ok(())

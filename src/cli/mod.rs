@@ -5,6 +5,7 @@ pub mod common;
 pub mod generate;
 pub mod grid;
 pub mod lora;
+pub mod score;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Benchmarks (UNet forward/backward, pipeline seconds per step).
     Bench(bench::BenchArgs),
+    /// Score images with a reward model (CLIP score, aesthetic, PickScore, HPS, ImageReward), or measure
+    /// a reward's agreement with preference pairs (--pairs).
+    Score(score::ScoreArgs),
     /// LoRA tools: `lora merge` bakes LoRA files into a copy of a model.
     Lora(lora::LoraArgs),
 }
@@ -37,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Grid(a) => grid::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Score(a) => score::run(a),
         Command::Lora(a) => lora::run(a),
     }
 }

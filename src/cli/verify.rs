@@ -37,7 +37,10 @@ pub fn default_tolerance_scale(dtype: DType) -> f64 {
 
 /// Runs one golden; `Err` when its kind is unknown or the check cannot run.
 pub fn run_one(g: &Golden, ctx: &CheckContext) -> Result<Vec<Comparison>> {
-    match checks::run(g, ctx)? {
+    if let Some(r) = checks::run(g, ctx)? {
+        return Ok(r);
+    }
+    match diffpref_rewards::checks::run(g, ctx)? {
         Some(r) => Ok(r),
         None => match g.kind() {
             Some("dpo_loss") => crate::methods::dpo::check_golden(g, ctx),

@@ -1,0 +1,456 @@
+//! `diffpref score`: scores images with a reward model, or measures how often a reward agrees with human
+//! preference pairs.
+//!
+//! ```text
+//! diffpref score --reward clip|aesthetic|pickscore|hps|imagereward|shapes --weights PATH
+//!     (--images FILE|DIR ... (--prompt P | --prompts FILE) | --manifest FILE | --pairs FILE)
+//!     [--clip PATH] [--tokenizer DIR] [--batch-size N] [--json] [--device cpu|cuda[:N]] [--dtype f32|bf16|f16]
+//! ```
+//!
+//! * `--weights`: the model folder (or weights file, or hub id). `clip` / `pickscore`: a transformers
+//!   `CLIPModel` folder (`config.json` + `model.safetensors`; open_clip folders work too). `hps`: an open_clip
+//!   folder (`open_clip_config.json` + `open_clip_model.safetensors`), or an HPSv2 checkpoint (`.pt`, its
+//!   `state_dict` is read) without a config, which then gets open_clip's ViT-H-14 config. `aesthetic`: the
+//!   head folder (`model.safetensors` or the original `.pth`, plus `config.json` with `input_size`), with
+//!   `--clip PATH` naming the CLIP ViT-L/14 backbone folder. `imagereward`: the ImageReward folder.
+//! * `--tokenizer DIR`: a CLIP tokenizer folder, for models that ship none (open_clip / HPSv2 checkpoints).
+//! * `--images` takes files and folders (a folder contributes its PNG / JPEG files, sorted by name);
+//!   `--prompt` applies to every image, `--prompts FILE` has one prompt per line (one per image).
+//!   `--manifest FILE` is JSONL: `{"image": PATH, "prompt": P}` per line, paths relative to the manifest.
+//! * `--pairs FILE` is JSONL: `{"prompt": P, "chosen": PATH, "rejected": PATH[, "label": L]}`, paths relative
+//!   to the file; `label` is the probability that `chosen` is preferred (default 1; 0 = `rejected` is
+//!   preferred; 0.5 = a tie, left out). Reports the accuracy (the reward ranks the preferred image higher;
+//!   equal scores count as wrong) with its 95% Wilson interval.
+//! * Images of different sizes are scored in separate batches (each model resizes them itself).
+
+use super::common::ComputeArgs;
+use crate::imaging::{images_to_tensor, load_image};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use diffpref_rewards::clip::{has_own_config, ClipConfig, ClipLoadOptions};
+use diffpref_rewards::metrics::{pair_accuracy, PairAccuracy};
+use diffpref_rewards::{source, Aesthetic, ClipReward, ClipScoring, Reward};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The reward models `diffpref score` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RewardKind {
+    /// CLIP score: 100 · max(cos, 0).
+    Clip,
+    /// LAION aesthetic predictor v2 (needs --clip).
+    Aesthetic,
+    /// PickScore: exp(logit_scale) · cos.
+    Pickscore,
+    /// HPSv2 / HPSv2.1: cos.
+    Hps,
+    /// ImageReward.
+    Imagereward,
+    /// Shape rewards (a later issue).
+    Shapes,
+}
+
+/// Arguments of `diffpref score`.
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Reward model.
+    #[arg(long, value_enum)]
+    pub reward: RewardKind,
+    /// Model folder, weights file or hub id (for `aesthetic`: the head folder; see --clip).
+    #[arg(long)]
+    pub weights: String,
+    /// `aesthetic` only: the CLIP backbone (a ViT-L/14 transformers CLIPModel folder for the LAION head).
+    #[arg(long)]
+    pub clip: Option<String>,
+    /// CLIP tokenizer folder (tokenizer.json, or vocab.json + merges.txt) for models that ship none.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Image files and/or folders.
+    #[arg(long, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// One prompt for every image.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A text file with one prompt per line (one per image, in order).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// JSONL with {"image": PATH, "prompt": P} per line (paths relative to the file).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// JSONL preference pairs {"prompt", "chosen", "rejected"[, "label"]}: report the reward's accuracy.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Loads the reward named by `kind`.
+pub fn load_reward(
+    kind: RewardKind,
+    weights: &str,
+    clip: Option<&str>,
+    tokenizer: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn Reward>> {
+    let scoring = match kind {
+        RewardKind::Clip => ClipScoring::ClipScore,
+        RewardKind::Pickscore => ClipScoring::PickScore,
+        RewardKind::Hps => ClipScoring::Hps,
+        RewardKind::Aesthetic => {
+            let clip = clip.context(
+                "--reward aesthetic needs --clip PATH: the CLIP backbone folder (ViT-L/14 CLIPModel for the \
+                 LAION head); --weights names the head folder (model.safetensors + config.json)",
+            )?;
+            let head = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
+            let backbone = source::resolve(clip).with_context(|| format!("--clip {clip}"))?;
+            return Ok(Box::new(Aesthetic::load(&head, &backbone, dtype, device)?));
+        }
+        RewardKind::Imagereward => {
+            let dir = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
+            return Ok(Box::new(
+                diffpref_rewards::imagereward::ImageReward::load(&dir, dtype, device)
+                    .with_context(|| format!("loading ImageReward from {}", dir.display()))?,
+            ));
+        }
+        RewardKind::Shapes => {
+            bail!("--reward shapes is not available yet: the shape rewards come with a later issue")
+        }
+    };
+    let path = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
+    let mut opts = ClipLoadOptions {
+        tokenizer: tokenizer.map(|t| t.to_path_buf()),
+        ..Default::default()
+    };
+    if scoring == ClipScoring::Hps && !has_own_config(&path) {
+        eprintln!(
+            "note: {} has no open_clip_config.json: using open_clip's ViT-H-14 config (HPSv2's architecture)",
+            path.display()
+        );
+        opts.fallback_config = Some(ClipConfig::open_clip_vit_h_14());
+    }
+    Ok(Box::new(ClipReward::load(
+        &path, scoring, &opts, dtype, device,
+    )?))
+}
+
+fn is_image_file(p: &Path) -> bool {
+    matches!(
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
+        Some("png" | "jpg" | "jpeg")
+    )
+}
+
+/// The image files named by `--images` (folders expanded to their PNG / JPEG files, sorted).
+pub fn expand_images(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(a)
+                .with_context(|| format!("reading folder {}", a.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_image_file(p))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!(
+                    "--images {}: no PNG or JPEG files in this folder",
+                    a.display()
+                );
+            }
+            out.extend(files);
+        } else if a.is_file() {
+            out.push(a.clone());
+        } else {
+            bail!("--images {}: no such file or folder", a.display());
+        }
+    }
+    Ok(out)
+}
+
+fn relative_to(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Non-empty lines of a JSONL file, parsed; errors name the file and line.
+fn read_jsonl(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+        out.push((i + 1, v));
+    }
+    if out.is_empty() {
+        bail!("{}: no entries", path.display());
+    }
+    Ok(out)
+}
+
+fn str_field(path: &Path, line: usize, v: &serde_json::Value, key: &str) -> Result<String> {
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .map(|s| s.to_string())
+        .with_context(|| format!("{} line {line}: no string `{key}`", path.display()))
+}
+
+/// Scores `(image, prompt)` items, batching images of equal size; returns one score per item.
+pub fn score_items(
+    reward: &dyn Reward,
+    items: &[(PathBuf, String)],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let mut sizes: Vec<(u32, u32)> = Vec::new();
+    let mut groups: HashMap<(u32, u32), Vec<usize>> = HashMap::new();
+    for (i, (path, _)) in items.iter().enumerate() {
+        let dims = image::image_dimensions(path)
+            .with_context(|| format!("reading image {}", path.display()))?;
+        if !groups.contains_key(&dims) {
+            sizes.push(dims);
+        }
+        groups.entry(dims).or_default().push(i);
+    }
+    let mut scores = vec![0f64; items.len()];
+    for dims in sizes {
+        for chunk in groups[&dims].chunks(batch_size.max(1)) {
+            let imgs = chunk
+                .iter()
+                .map(|&i| load_image(&items[i].0))
+                .collect::<Result<Vec<_>>>()?;
+            let x = images_to_tensor(&imgs, device)?;
+            let prompts: Vec<&str> = chunk.iter().map(|&i| items[i].1.as_str()).collect();
+            let s = reward
+                .score(&x, &prompts)
+                .with_context(|| format!("scoring {}", items[chunk[0]].0.display()))?;
+            let s: Vec<f64> = s.to_dtype(DType::F64)?.to_vec1()?;
+            for (&i, v) in chunk.iter().zip(s) {
+                scores[i] = v;
+            }
+        }
+    }
+    Ok(scores)
+}
+
+/// The `(image, prompt)` items of a scoring run.
+fn items(a: &ScoreArgs) -> Result<Vec<(PathBuf, String)>> {
+    if let Some(m) = &a.manifest {
+        if !a.images.is_empty() || a.prompt.is_some() || a.prompts.is_some() {
+            bail!("--manifest names the images and prompts: do not combine it with --images / --prompt / --prompts");
+        }
+        return read_jsonl(m)?
+            .into_iter()
+            .map(|(line, v)| {
+                let image = str_field(m, line, &v, "image")?;
+                let prompt = match v.get("prompt") {
+                    None | Some(serde_json::Value::Null) => String::new(),
+                    Some(p) => p
+                        .as_str()
+                        .with_context(|| {
+                            format!("{} line {line}: `prompt` is not a string", m.display())
+                        })?
+                        .to_string(),
+                };
+                Ok((relative_to(m, &image), prompt))
+            })
+            .collect();
+    }
+    if a.images.is_empty() {
+        bail!("give the images: --images FILES|DIRS, --manifest FILE, or --pairs FILE");
+    }
+    let files = expand_images(&a.images)?;
+    let prompts: Vec<String> = match (&a.prompt, &a.prompts) {
+        (Some(_), Some(_)) => bail!("give --prompt or --prompts, not both"),
+        (Some(p), None) => vec![p.clone(); files.len()],
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading --prompts {}", f.display()))?;
+            let lines: Vec<String> = text.lines().map(|l| l.to_string()).collect();
+            if lines.len() != files.len() {
+                bail!(
+                    "--prompts {}: {} prompts for {} images (one line per image, in order)",
+                    f.display(),
+                    lines.len(),
+                    files.len()
+                );
+            }
+            lines
+        }
+        (None, None) => {
+            if a.reward != RewardKind::Aesthetic {
+                bail!("--reward {:?} scores images against prompts: give --prompt, --prompts or --manifest", a.reward);
+            }
+            vec![String::new(); files.len()]
+        }
+    };
+    Ok(files.into_iter().zip(prompts).collect())
+}
+
+#[derive(serde::Serialize)]
+struct PairResult {
+    prompt: String,
+    chosen: String,
+    rejected: String,
+    label: f64,
+    score_chosen: f64,
+    score_rejected: f64,
+}
+
+fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -> Result<()> {
+    if !a.images.is_empty() || a.prompt.is_some() || a.prompts.is_some() || a.manifest.is_some() {
+        bail!("--pairs names the images and prompts: do not combine it with --images / --prompt / --prompts / --manifest");
+    }
+    let mut pairs = Vec::new();
+    for (line, v) in read_jsonl(file)? {
+        let prompt = str_field(file, line, &v, "prompt")?;
+        let chosen = relative_to(file, &str_field(file, line, &v, "chosen")?);
+        let rejected = relative_to(file, &str_field(file, line, &v, "rejected")?);
+        let label = match v.get("label") {
+            None | Some(serde_json::Value::Null) => 1.0,
+            Some(serde_json::Value::Bool(b)) => {
+                if *b {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Some(l) => l.as_f64().filter(|x| (0.0..=1.0).contains(x)).with_context(|| {
+                format!(
+                    "{} line {line}: `label` must be a number in [0, 1] (1: chosen preferred, 0: rejected, 0.5: tie)",
+                    file.display()
+                )
+            })?,
+        };
+        pairs.push((prompt, chosen, rejected, label));
+    }
+    // Score each distinct (image, prompt) once.
+    let mut index: HashMap<(PathBuf, String), usize> = HashMap::new();
+    let mut items: Vec<(PathBuf, String)> = Vec::new();
+    let mut slot = |p: &PathBuf, prompt: &String| -> usize {
+        let key = (p.clone(), prompt.clone());
+        *index.entry(key.clone()).or_insert_with(|| {
+            items.push(key);
+            items.len() - 1
+        })
+    };
+    let slots: Vec<(usize, usize)> = pairs
+        .iter()
+        .map(|(prompt, c, r, _)| (slot(c, prompt), slot(r, prompt)))
+        .collect();
+    let scores = score_items(reward, &items, a.batch_size, device)?;
+    let results: Vec<PairResult> = pairs
+        .iter()
+        .zip(&slots)
+        .map(|((prompt, c, r, label), &(ic, ir))| PairResult {
+            prompt: prompt.clone(),
+            chosen: c.display().to_string(),
+            rejected: r.display().to_string(),
+            label: *label,
+            score_chosen: scores[ic],
+            score_rejected: scores[ir],
+        })
+        .collect();
+    let triples: Vec<(f64, f64, f64)> = results
+        .iter()
+        .map(|r| (r.score_chosen, r.score_rejected, r.label))
+        .collect();
+    let acc: PairAccuracy = pair_accuracy(&triples);
+    if a.json {
+        let out = serde_json::json!({
+            "reward": reward.name(),
+            "weights": a.weights,
+            "pairs": acc.pairs,
+            "correct": acc.correct,
+            "accuracy": acc.accuracy,
+            "ci95": [acc.ci95.0, acc.ci95.1],
+            "ci_method": "wilson",
+            "score_ties": acc.score_ties,
+            "label_ties": acc.label_ties,
+            "items": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for r in &results {
+            println!(
+                "{:>12.6} {:>12.6}  label {:.2}  {}  {}  {}",
+                r.score_chosen, r.score_rejected, r.label, r.chosen, r.rejected, r.prompt
+            );
+        }
+        println!(
+            "{}: {} of {} pairs agree with the labels: accuracy {:.4}, 95% CI [{:.4}, {:.4}] (Wilson); {} score ties, {} label ties left out",
+            reward.name(),
+            acc.correct,
+            acc.pairs,
+            acc.accuracy,
+            acc.ci95.0,
+            acc.ci95.1,
+            acc.score_ties,
+            acc.label_ties
+        );
+    }
+    Ok(())
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    let device = a.compute.device()?;
+    let dtype = a.compute.dtype()?;
+    let reward = load_reward(
+        a.reward,
+        &a.weights,
+        a.clip.as_deref(),
+        a.tokenizer.as_deref(),
+        dtype,
+        &device,
+    )?;
+    if let Some(p) = &a.pairs {
+        return run_pairs(&a, reward.as_ref(), &device, p);
+    }
+    let items = items(&a)?;
+    let scores = score_items(reward.as_ref(), &items, a.batch_size, &device)?;
+    let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+    if a.json {
+        let results: Vec<serde_json::Value> = items
+            .iter()
+            .zip(&scores)
+            .map(|((p, prompt), s)| {
+                serde_json::json!({"image": p.display().to_string(), "prompt": prompt, "score": s})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "reward": reward.name(),
+            "weights": a.weights,
+            "mean": mean,
+            "results": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for ((p, prompt), s) in items.iter().zip(&scores) {
+            println!("{s:>12.6}  {}  {prompt}", p.display());
+        }
+        println!(
+            "{}: mean {mean:.6} over {} images",
+            reward.name(),
+            scores.len()
+        );
+    }
+    Ok(())
+}

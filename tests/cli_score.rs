@@ -1,0 +1,335 @@
+//! `diffpref score` (images, manifests, preference pairs) and `diffpref verify` on the reward goldens.
+
+use candle_core::{DType, Device};
+use diffpref::imaging::images_to_tensor;
+use diffpref_rewards::metrics::{wilson_interval, Z95};
+use diffpref_rewards::{ClipReward, Reward};
+use image::{Rgb, RgbImage};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn fx(name: &str) -> String {
+    fixtures().join(name).display().to_string()
+}
+
+fn diffpref(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffpref"))
+        .args(args)
+        .output()
+        .expect("run diffpref")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "diffpref failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn fails(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected a failure, got:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// A w x h test image with a seed-dependent pattern.
+fn pattern(w: u32, h: u32, seed: u32) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        Rgb([
+            ((x * 7 + y * 3 + seed * 50) % 256) as u8,
+            ((x * y + seed * 20) % 256) as u8,
+            ((y * 5 + seed * 90) % 256) as u8,
+        ])
+    })
+}
+
+/// Writes `n` 64x48 PNGs (and one 40x40) into `dir`; returns their paths in name order.
+fn write_pngs(dir: &Path, n: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let p = dir.join(format!("img{i}.png"));
+        pattern(64, 48, i).save(&p).unwrap();
+        out.push(p);
+    }
+    let p = dir.join(format!("img{n}.png"));
+    pattern(40, 40, n).save(&p).unwrap();
+    out.push(p);
+    out
+}
+
+/// Library PickScore of one PNG with one prompt.
+fn pickscore(path: &Path, prompt: &str) -> f64 {
+    let r = ClipReward::load_pickscore(fixtures().join("tiny-clip-hf"), DType::F32, &Device::Cpu)
+        .unwrap();
+    let img = image::open(path).unwrap().to_rgb8();
+    let x = images_to_tensor(&[img], &Device::Cpu).unwrap();
+    r.score(&x, &[prompt]).unwrap().to_vec1::<f32>().unwrap()[0] as f64
+}
+
+#[test]
+fn score_json_matches_the_library_for_files_and_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = write_pngs(&tmp.path().join("imgs"), 3);
+    let prompt = "a red cube on a blue sphere";
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "pickscore",
+        "--weights",
+        &fx("tiny-clip-hf"),
+        "--images",
+        tmp.path().join("imgs").to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--batch-size",
+        "2",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reward"], "pickscore");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "3 landscape PNGs and one square one");
+    let mut sum = 0.0;
+    for (r, f) in results.iter().zip(&files) {
+        assert_eq!(r["image"].as_str().unwrap(), f.display().to_string());
+        assert_eq!(r["prompt"], prompt);
+        let s = r["score"].as_f64().unwrap();
+        let expected = pickscore(f, prompt);
+        assert!(
+            (s - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+            "{}: {s} vs {expected}",
+            f.display()
+        );
+        sum += s;
+    }
+    assert!((v["mean"].as_f64().unwrap() - sum / 4.0).abs() < 1e-9);
+    // Distinct images score differently (the reward looks at the pixels).
+    let s0 = results[0]["score"].as_f64().unwrap();
+    assert!(results[1..]
+        .iter()
+        .all(|r| r["score"].as_f64().unwrap() != s0));
+
+    // --prompts FILE (one per image) and plain-text output.
+    let pf = tmp.path().join("prompts.txt");
+    std::fs::write(&pf, "a\nb\n").unwrap();
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "clip",
+        "--weights",
+        &fx("tiny-clip-hf"),
+        "--images",
+        files[0].to_str().unwrap(),
+        files[1].to_str().unwrap(),
+        "--prompts",
+        pf.to_str().unwrap(),
+    ]));
+    assert!(
+        out.contains("img0.png  a") && out.contains("img1.png  b") && out.contains("clip: mean"),
+        "{out}"
+    );
+    // Mismatched prompt count is an error naming the file.
+    std::fs::write(&pf, "only one\n").unwrap();
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "clip",
+        "--weights",
+        &fx("tiny-clip-hf"),
+        "--images",
+        files[0].to_str().unwrap(),
+        files[1].to_str().unwrap(),
+        "--prompts",
+        pf.to_str().unwrap(),
+    ]));
+    assert!(
+        err.contains("prompts.txt") && err.contains("1 prompts for 2 images"),
+        "{err}"
+    );
+}
+
+#[test]
+fn score_manifest_hps_and_aesthetic() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_pngs(&tmp.path().join("imgs"), 2);
+    let manifest = tmp.path().join("m.jsonl");
+    std::fs::write(
+        &manifest,
+        "{\"image\": \"imgs/img0.png\", \"prompt\": \"a horse\"}\n\n{\"image\": \"imgs/img2.png\", \"prompt\": \"a lighthouse\"}\n",
+    )
+    .unwrap();
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "hps",
+        "--weights",
+        &fx("tiny-open-clip"),
+        "--tokenizer",
+        &fx("clip-tokenizer"),
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 2);
+    assert_eq!(r[1]["prompt"], "a lighthouse");
+    for x in r {
+        let s = x["score"].as_f64().unwrap();
+        assert!(s.abs() <= 1.0 + 1e-6, "HPS is a cosine: {s}");
+    }
+    // The aesthetic predictor needs no prompt but its backbone.
+    let imgs = tmp.path().join("imgs");
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "aesthetic",
+        "--weights",
+        &fx("tiny-aesthetic"),
+        "--images",
+        imgs.to_str().unwrap(),
+    ]));
+    assert!(err.contains("--clip"), "{err}");
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "aesthetic",
+        "--weights",
+        &fx("tiny-aesthetic"),
+        "--clip",
+        &fx("tiny-clip-hf"),
+        "--images",
+        imgs.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), 3);
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "shapes",
+        "--weights",
+        "x",
+        "--images",
+        imgs.to_str().unwrap(),
+    ]));
+    assert!(
+        err.contains("shapes") && err.contains("not available"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pairs_report_accuracy_with_wilson_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = write_pngs(&tmp.path().join("imgs"), 3);
+    let prompt = "a photograph of an astronaut riding a horse";
+    let s: Vec<f64> = files.iter().map(|f| pickscore(f, prompt)).collect();
+    let name = |i: usize| format!("imgs/img{i}.png");
+    // (hi, lo): the image with the higher score first.
+    let order = |i: usize, j: usize| if s[i] > s[j] { (i, j) } else { (j, i) };
+    let (a, b) = order(0, 1);
+    let (c, d) = order(2, 3);
+    let (e, f) = order(0, 3);
+    let lines = [
+        // The reward agrees: the higher-scored image is chosen (default label 1).
+        format!("{{\"prompt\": \"{prompt}\", \"chosen\": \"{}\", \"rejected\": \"{}\"}}", name(a), name(b)),
+        // Agrees: label 0 says `rejected` is preferred, and it scores higher.
+        format!("{{\"prompt\": \"{prompt}\", \"chosen\": \"{}\", \"rejected\": \"{}\", \"label\": 0}}", name(d), name(c)),
+        // Disagrees: the lower-scored image is chosen.
+        format!("{{\"prompt\": \"{prompt}\", \"chosen\": \"{}\", \"rejected\": \"{}\", \"label\": 1.0}}", name(f), name(e)),
+        // A tie label: left out.
+        format!("{{\"prompt\": \"{prompt}\", \"chosen\": \"{}\", \"rejected\": \"{}\", \"label\": 0.5}}", name(0), name(1)),
+    ];
+    let pairs = tmp.path().join("pairs.jsonl");
+    std::fs::write(&pairs, lines.join("\n")).unwrap();
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "pickscore",
+        "--weights",
+        &fx("tiny-clip-hf"),
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pairs"], 3);
+    assert_eq!(v["correct"], 2);
+    assert_eq!(v["label_ties"], 1);
+    assert_eq!(v["ci_method"], "wilson");
+    assert!((v["accuracy"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    let (lo, hi) = wilson_interval(2.0, 3.0, Z95);
+    assert!(
+        (v["ci95"][0].as_f64().unwrap() - lo).abs() < 1e-12
+            && (v["ci95"][1].as_f64().unwrap() - hi).abs() < 1e-12
+    );
+    assert!(
+        (lo - 0.2077).abs() < 1e-3 && (hi - 0.9385).abs() < 1e-3,
+        "({lo}, {hi})"
+    );
+    let items = v["items"].as_array().unwrap();
+    assert!((items[0]["score_chosen"].as_f64().unwrap() - s[a]).abs() < 1e-4 * (1.0 + s[a].abs()));
+    // Text output carries the same summary.
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "pickscore",
+        "--weights",
+        &fx("tiny-clip-hf"),
+        "--pairs",
+        pairs.to_str().unwrap(),
+    ]));
+    assert!(
+        out.contains("2 of 3 pairs") && out.contains("accuracy 0.6667") && out.contains("Wilson"),
+        "{out}"
+    );
+    // A bad label names the file and line.
+    std::fs::write(&pairs, format!("{}\n{{\"prompt\": \"p\", \"chosen\": \"imgs/img0.png\", \"rejected\": \"imgs/img1.png\", \"label\": 3}}\n", lines[0])).unwrap();
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "pickscore",
+        "--weights",
+        &fx("tiny-clip-hf"),
+        "--pairs",
+        pairs.to_str().unwrap(),
+    ]));
+    assert!(
+        err.contains("pairs.jsonl line 2") && err.contains("label"),
+        "{err}"
+    );
+}
+
+#[test]
+fn verify_runs_the_reward_goldens() {
+    let g = |n: &str| fixtures().join("golden").join(n).display().to_string();
+    let out = ok(&diffpref(&[
+        "verify",
+        &g("clip_hf.safetensors"),
+        &g("open_clip.safetensors"),
+        &g("aesthetic.safetensors"),
+    ]));
+    assert!(out.contains(" 0 failed, 0 errors"), "{out}");
+    for t in [
+        "grad_images",
+        "pickscore",
+        "hps_score",
+        "head_collapsed_w",
+        "resize_weight_h",
+        "text_pooled",
+    ] {
+        assert!(out.contains(t), "`{t}` not reported:\n{out}");
+    }
+}
