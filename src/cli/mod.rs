@@ -6,6 +6,7 @@ pub mod generate;
 pub mod grid;
 pub mod lora;
 pub mod score;
+pub mod train;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// LoRA tools: `lora merge` bakes LoRA files into a copy of a model.
     Lora(lora::LoraArgs),
+    /// Preference fine-tuning: `train dpo --config FILE.toml [--set key=value ...]`.
+    Train(train::TrainArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Score(a) => score::run(a),
         Command::Lora(a) => lora::run(a),
+        Command::Train(a) => train::run(a),
     }
 }

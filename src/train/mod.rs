@@ -6,5 +6,6 @@ pub mod ema;
 pub mod lora;
 pub mod metrics;
 pub mod optim;
+pub mod pairwise;
 pub mod rng;
 pub mod schedule;

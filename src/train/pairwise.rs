@@ -1,0 +1,1006 @@
+//! The offline pairwise trainer behind `diffpref train dpo`: Diffusion-DPO and the rest of its loss family
+//! ([`crate::methods::dpo`]) on preference pairs (JSONL manifests or Pick-a-Pic parquet shards), with LoRA or
+//! full fine-tuning, AdamW, LR schedules, clipping, accumulation, EMA, resumable checkpoints, metrics and
+//! validation grids.
+//!
+//! One optimizer step: for each of `grad_accum` micro-batches of `batch_size` pairs, the pair images get one
+//! shared crop/flip, are encoded by the VAE (a fresh posterior sample each time, as the official code), each
+//! pair draws one timestep `t ~ U{0..T-1}` and one noise `ε` shared by winner and loser, the policy (with graph)
+//! and the reference (adapters off, or the frozen copy) predict on `[winners; losers]`, and the loss of
+//! [`crate::methods::dpo::pair_loss`] is backpropagated into the trainable parameters only. Gradients are
+//! averaged over micro-batches, clipped by global norm, and AdamW updates the f32 master weights.
+//!
+//! Every random draw comes from two serialisable streams (`noise`: timesteps and noise; `data`: crops, flips,
+//! caption dropout, VAE posterior samples) and the dataset position is saved with each checkpoint, so a resumed
+//! CPU run ends with weights identical to an uninterrupted one.
+
+use crate::data::cache::{encode_posteriors, ImageId};
+use crate::data::{
+    load_manifest, maybe_drop_caption, preprocess_pair, CachedLatent, DatasetPosition, LatentCache,
+    ManifestOptions, PairDataset, PairSource, PickapicIndex, PickapicOptions, PreprocessConfig,
+    TextEmbedCache,
+};
+use crate::methods::dpo::{pair_errors, pair_loss, DpoLossConfig, DpoStats, PairBatch, Reference};
+use crate::train::checkpoint::{self, Checkpointer, StopFlag};
+use crate::train::ema::{Ema, EmaConfig};
+use crate::train::lora::{LoadMode, LoraConfig, LoraFormat, LoraSet};
+use crate::train::metrics::{plot_curves, read_metrics, series, MetricsWriter, TrainProgress};
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
+use crate::train::rng::Rng;
+use crate::train::schedule::{LrSchedule, ScheduleKind};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use diffpref_pipelines::loading::{resolve_model, LoadOptions, PromptEmbeds, StableDiffusion};
+use diffpref_pipelines::models::unet::{AddedCond, UNet2DConditionModel};
+use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
+use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
+use diffpref_pipelines::weights::{find_weight_files, Params};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMode {
+    /// LoRA adapters on the UNet (the reference is the base model with adapters off). Default.
+    #[default]
+    Lora,
+    /// Every UNet weight (the reference is a frozen copy; f32 only).
+    Full,
+}
+
+/// `[data]`: where the pairs come from and how images are prepared.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// JSONL manifest `{"prompt", "chosen", "rejected"[, "label"]}` (paths relative to it). Default: none.
+    pub manifest: Option<PathBuf>,
+    /// Pick-a-Pic v2 parquet shards (used when no manifest is given). Default: none.
+    pub parquet: Vec<PathBuf>,
+    /// Training resolution in pixels (shorter side resized, then cropped square). Default 512.
+    pub resolution: u32,
+    /// Centre crop (else a random crop). Default true.
+    pub center_crop: bool,
+    /// Random horizontal flip, the same for both images of a pair. Default false.
+    pub random_flip: bool,
+    /// Probability of training a pair on the empty prompt (the official code uses 0.2). Default 0.
+    pub caption_dropout: f64,
+    /// Drop tie pairs (label 0.5), as the original. Default true; keep them for cDPO-style training.
+    pub drop_ties: bool,
+    /// Skip bad rows or images (counted in the log) instead of stopping. Default false.
+    pub skip_bad: bool,
+    /// Folder for cached VAE posteriors and text embeddings. Default: none (no caching).
+    pub cache_dir: Option<PathBuf>,
+    /// Shuffle the pairs every epoch. Default true.
+    pub shuffle: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            manifest: None,
+            parquet: Vec::new(),
+            resolution: 512,
+            center_crop: true,
+            random_flip: false,
+            caption_dropout: 0.0,
+            drop_ties: true,
+            skip_bad: false,
+            cache_dir: None,
+            shuffle: true,
+        }
+    }
+}
+
+/// `[optim]`: optimizer, schedule and batch shape.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Base learning rate. Default 1e-5 (diffusers' DPO LoRA recipe).
+    pub lr: f64,
+    /// Multiply `lr` by the pairs per optimizer step (`batch_size · grad_accum`), as the official launchers
+    /// (1e-8 per pair there). Default false.
+    pub scale_lr: bool,
+    /// AdamW betas, eps and decoupled weight decay. Defaults 0.9, 0.999, 1e-8, 1e-2.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping (0 = off). Default 1.0.
+    pub max_grad_norm: f64,
+    /// constant | constant_with_warmup | cosine | linear. Default constant_with_warmup.
+    pub schedule: ScheduleKind,
+    /// Warmup steps (optimizer steps). Default 0.
+    pub warmup_steps: u64,
+    /// Pairs per micro-batch. Default 1.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: usize,
+    /// Optimizer steps of the run. Default 100.
+    pub max_steps: u64,
+    /// Keep an EMA of the trained weights with this decay (diffusers' EMAModel warmup); 0 = off. Default 0.
+    pub ema_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-5,
+            scale_lr: false,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+            max_grad_norm: 1.0,
+            schedule: ScheduleKind::ConstantWithWarmup,
+            warmup_steps: 0,
+            batch_size: 1,
+            grad_accum: 1,
+            max_steps: 100,
+            ema_decay: 0.0,
+        }
+    }
+}
+
+/// `[log]`: metrics, checkpoints.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Save a checkpoint every N optimizer steps (and at the end). Default 100.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (older ones are deleted once a newer one is complete). Default 3.
+    pub keep_last: usize,
+    /// Layout of the saved LoRA: peft (diffusers `load_lora_weights`) | kohya. Default peft.
+    pub lora_format: LoraFormat,
+    /// Show a progress bar. Default true.
+    pub progress: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            checkpoint_every: 100,
+            keep_last: 3,
+            lora_format: LoraFormat::Peft,
+            progress: true,
+        }
+    }
+}
+
+/// `[validation]`: a grid of fixed prompts with fixed noise, base vs current, every N steps.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Every N optimizer steps (0 = never). Default 0.
+    pub every: u64,
+    /// Prompts (rows of the grid). Default: none.
+    pub prompts: Vec<String>,
+    /// Sampling steps. Default 20.
+    pub steps: usize,
+    /// Guidance scale. Default 7.5.
+    pub guidance: f64,
+    /// Seed of the shared initial noise. Default 0.
+    pub seed: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            every: 0,
+            prompts: Vec::new(),
+            steps: 20,
+            guidance: 7.5,
+            seed: 0,
+        }
+    }
+}
+
+/// A whole training run (`diffpref train dpo --config FILE.toml`). See `examples/dpo.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model folder (diffusers layout) or hub id. Required.
+    pub model: String,
+    /// Weight variant to prefer (e.g. fp16). Default: none.
+    pub variant: Option<String>,
+    /// Run folder: checkpoints, metrics.jsonl, the final weights, plots, validation grids. Default runs/dpo.
+    pub output_dir: PathBuf,
+    /// Seed of every random stream. Default 0.
+    pub seed: u64,
+    /// cpu | cuda | cuda:N. Default cpu.
+    pub device: String,
+    /// Compute dtype of the model: f32 | bf16 | f16 (LoRA weights and losses stay f32). Default f32.
+    pub dtype: String,
+    /// Continue from the latest checkpoint in `output_dir` when there is one. Default true.
+    pub resume: bool,
+    /// lora | full. Default lora.
+    pub mode: TrainMode,
+    pub lora: LoraConfig,
+    pub loss: DpoLossConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub log: LogConfig,
+    pub validation: ValidationConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: String::new(),
+            variant: None,
+            output_dir: PathBuf::from("runs/dpo"),
+            seed: 0,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            resume: true,
+            mode: TrainMode::Lora,
+            lora: LoraConfig::default(),
+            loss: DpoLossConfig::default(),
+            data: DataConfig::default(),
+            optim: OptimConfig::default(),
+            log: LogConfig::default(),
+            validation: ValidationConfig::default(),
+        }
+    }
+}
+
+/// Sets `key.path = value` in a TOML document; `value` is parsed as a TOML value, else taken as a string.
+pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, value) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment}: expected key=value"))?;
+    let (key, value) = (key.trim(), value.trim());
+    let parsed: toml::Value = match format!("v = {value}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap(),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut table = doc;
+    for p in &parts[..parts.len() - 1] {
+        table = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {assignment}: `{p}` is not a table"))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Reads a TOML config (or starts from the defaults) and applies `--set key=value` overrides. Unknown keys
+    /// are errors naming the key.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
+        let mut doc: toml::Table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config {}", p.display()))?;
+                text.parse()
+                    .with_context(|| format!("{}: invalid TOML", p.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let what = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the configuration".into());
+        let cfg: TrainConfig = toml::Value::Table(doc)
+            .try_into()
+            .with_context(|| format!("{what}: invalid training configuration"))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.model.is_empty(),
+            "`model` is required (a model folder or hub id)"
+        );
+        ensure!(
+            self.data.manifest.is_some() || !self.data.parquet.is_empty(),
+            "[data] needs `manifest` (JSONL) or `parquet` (Pick-a-Pic shards)"
+        );
+        ensure!(
+            self.optim.batch_size > 0 && self.optim.grad_accum > 0,
+            "[optim] batch_size and grad_accum must be positive"
+        );
+        ensure!(self.optim.lr > 0.0, "[optim] lr must be positive");
+        ensure!(
+            self.data.resolution >= 8,
+            "[data] resolution must be at least 8"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.data.caption_dropout),
+            "[data] caption_dropout must be in [0, 1]"
+        );
+        self.loss.validate()?;
+        Ok(())
+    }
+
+    /// The learning rate AdamW starts from (after `scale_lr`).
+    pub fn base_lr(&self) -> f64 {
+        if self.optim.scale_lr {
+            self.optim.lr * (self.optim.batch_size * self.optim.grad_accum) as f64
+        } else {
+            self.optim.lr
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Clone, Debug)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub output_dir: PathBuf,
+    /// The trained LoRA (`pytorch_lora_weights.safetensors`) or the fine-tuned model folder.
+    pub weights: PathBuf,
+    pub metrics: PathBuf,
+    /// Mean statistics of the last optimizer step.
+    pub last: Option<DpoStats>,
+    /// True when stopped early by Ctrl-C (a checkpoint was saved).
+    pub interrupted: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RunState {
+    step: u64,
+    noise_rng: Rng,
+    data_rng: Rng,
+    position: DatasetPosition,
+    config: serde_json::Value,
+}
+
+struct Trainable {
+    params: Vec<(String, Var)>,
+    lora: Option<LoraSet>,
+    reference: Option<UNet2DConditionModel>,
+}
+
+fn save_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
+    let map: std::collections::HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn load_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    for (n, v) in params {
+        let t = map
+            .get(n)
+            .with_context(|| format!("{}: missing trainable tensor `{n}`", path.display()))?;
+        ensure!(
+            t.dims() == v.dims(),
+            "{}: `{n}` has shape {:?}, expected {:?}",
+            path.display(),
+            t.dims(),
+            v.dims()
+        );
+        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+    }
+    Ok(())
+}
+
+/// Runs (or resumes) a training run. `stop` (e.g. from Ctrl-C) makes it save a checkpoint and return early.
+pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let device = crate::cli::common::parse_device(&cfg.device)?;
+    let dtype = crate::cli::common::parse_dtype(&cfg.dtype)?;
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let model_dir = resolve_model(&cfg.model, cfg.variant.as_deref())
+        .with_context(|| format!("model {}", cfg.model))?;
+    let mut model = StableDiffusion::load(
+        &model_dir,
+        &LoadOptions {
+            dtype,
+            device: device.clone(),
+            variant: cfg.variant.clone(),
+        },
+    )
+    .with_context(|| format!("loading {}", model_dir.display()))?;
+    let sched_cfg = SchedulerConfig::from_file(&model.scheduler_config_path)?;
+    let schedule = NoiseSchedule::new(&sched_cfg)?;
+    let num_train_t = sched_cfg.num_train_timesteps as u64;
+
+    // Trainable parameters.
+    let trainable = match cfg.mode {
+        TrainMode::Lora => {
+            let mut lcfg = cfg.lora.clone();
+            if lcfg.init_seed == 0 {
+                lcfg.init_seed = cfg.seed;
+            }
+            let set = LoraSet::attach(&model.unet, &lcfg, &device)?;
+            Trainable {
+                params: set.vars(),
+                lora: Some(set),
+                reference: None,
+            }
+        }
+        TrainMode::Full => {
+            ensure!(
+                dtype == DType::F32,
+                "mode = \"full\" keeps f32 weights: set dtype = \"f32\" (got {})",
+                cfg.dtype
+            );
+            let unet_dir = model_dir.join("unet");
+            let files =
+                find_weight_files(&unet_dir, "diffusion_pytorch_model", cfg.variant.as_deref())?;
+            let p = Params::from_files(&files, DType::F32, &device)?.trainable();
+            let policy = UNet2DConditionModel::new(&p, model.unet.config().clone())?;
+            let reference = std::mem::replace(&mut model.unet, policy);
+            Trainable {
+                params: p.vars(),
+                lora: None,
+                reference: Some(reference),
+            }
+        }
+    };
+    let params = &trainable.params;
+    ensure!(!params.is_empty(), "nothing to train");
+
+    // Data.
+    let (mut dataset, report) = if let Some(m) = &cfg.data.manifest {
+        let opts = ManifestOptions {
+            drop_ties: cfg.data.drop_ties,
+            check_images: true,
+            skip_bad: cfg.data.skip_bad,
+        };
+        let (pairs, report) = load_manifest(m, &opts)?;
+        (
+            PairDataset::new(PairSource::Manifest(pairs), cfg.seed, cfg.data.shuffle),
+            report,
+        )
+    } else {
+        let opts = PickapicOptions {
+            drop_ties: cfg.data.drop_ties,
+            skip_bad: cfg.data.skip_bad,
+            ..Default::default()
+        };
+        let (index, report) = PickapicIndex::open(&cfg.data.parquet, &opts)?;
+        (
+            PairDataset::new(PairSource::Pickapic(index), cfg.seed, cfg.data.shuffle),
+            report,
+        )
+    };
+    ensure!(
+        !dataset.is_empty(),
+        "no training pairs (after dropping ties and bad rows)"
+    );
+    let pcfg = PreprocessConfig {
+        center_crop: cfg.data.center_crop,
+        random_flip: cfg.data.random_flip,
+        ..PreprocessConfig::new(cfg.data.resolution)
+    };
+    let model_id = model_dir.display().to_string();
+    let latent_cache = match &cfg.data.cache_dir {
+        Some(d) => Some(LatentCache::new(d.join("latents"), &model_id)?),
+        None => None,
+    };
+    let text_cache = match &cfg.data.cache_dir {
+        Some(d) => Some(TextEmbedCache::new(d.join("text"), &model_id)?),
+        None => None,
+    };
+
+    // Optimizer and friends.
+    let base_lr = cfg.base_lr();
+    let mut opt = AdamW::new(AdamWConfig {
+        lr: base_lr,
+        beta1: cfg.optim.beta1,
+        beta2: cfg.optim.beta2,
+        eps: cfg.optim.eps,
+        weight_decay: cfg.optim.weight_decay,
+    });
+    let lr_schedule = LrSchedule::new(
+        cfg.optim.schedule,
+        cfg.optim.warmup_steps,
+        cfg.optim.max_steps,
+    );
+    lr_schedule.validate()?;
+    let mut ema = if cfg.optim.ema_decay > 0.0 {
+        Some(Ema::new(
+            params,
+            EmaConfig {
+                decay: cfg.optim.ema_decay,
+                ..Default::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let mut noise_rng = Rng::derive(cfg.seed, "noise");
+    let mut data_rng = Rng::derive(cfg.seed, "data");
+    let checkpointer = Checkpointer::new(out.clone(), cfg.log.keep_last.max(1));
+    let config_json = serde_json::to_value(cfg)?;
+
+    // Resume.
+    let mut start = 0u64;
+    if cfg.resume {
+        if let Some(dir) = checkpoint::latest(out)? {
+            let state: RunState = serde_json::from_value(checkpoint::load_state(&dir)?)
+                .with_context(|| format!("{}: unreadable state.json", dir.display()))?;
+            load_vars(&dir.join("trainable.safetensors"), params)?;
+            opt.load_state(dir.join("optimizer.safetensors"), params)?;
+            if let Some(e) = ema.as_mut() {
+                e.load(dir.join("ema.safetensors"), params)?;
+            }
+            noise_rng = state.noise_rng;
+            data_rng = state.data_rng;
+            dataset.seek(state.position)?;
+            start = state.step;
+            eprintln!("resuming from {} (step {start})", dir.display());
+        }
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics =
+        MetricsWriter::open(&metrics_path, if start > 0 { Some(start) } else { None })?;
+    if report.count > 0 {
+        eprintln!("skipped {} bad rows", report.count);
+        metrics.write(&serde_json::json!({"step": start, "skipped_rows": report.count}))?;
+    }
+    let progress = if cfg.log.progress {
+        TrainProgress::new(cfg.optim.max_steps, start)
+    } else {
+        TrainProgress::hidden(cfg.optim.max_steps, start)
+    };
+    let stop = stop.unwrap_or_default();
+
+    let set_enabled = |e: bool| {
+        if let Some(l) = &trainable.lora {
+            l.set_enabled(e)
+        }
+    };
+    let reference = match (&trainable.lora, &trainable.reference) {
+        _ if !cfg.loss.kind.needs_reference() => Reference::None,
+        (Some(_), _) => Reference::Adapters {
+            set_enabled: &set_enabled,
+        },
+        (None, Some(r)) => Reference::Frozen(r),
+        (None, None) => unreachable!("full fine-tuning keeps a reference"),
+    };
+
+    let save_checkpoint = |step: u64,
+                           opt: &AdamW,
+                           ema: &Option<Ema>,
+                           noise_rng: &Rng,
+                           data_rng: &Rng,
+                           pos: DatasetPosition|
+     -> Result<PathBuf> {
+        let state = RunState {
+            step,
+            noise_rng: noise_rng.clone(),
+            data_rng: data_rng.clone(),
+            position: pos,
+            config: config_json.clone(),
+        };
+        checkpointer.save(step, &serde_json::to_value(&state)?, |dir| {
+            save_vars(&dir.join("trainable.safetensors"), params)?;
+            opt.save_state(dir.join("optimizer.safetensors"))?;
+            if let Some(e) = ema {
+                e.save(dir.join("ema.safetensors"))?;
+            }
+            if let Some(l) = &trainable.lora {
+                l.save(
+                    &dir.join("pytorch_lora_weights.safetensors"),
+                    cfg.log.lora_format,
+                )?;
+            }
+            Ok(())
+        })
+    };
+
+    let mut last = None;
+    let mut interrupted = false;
+    let bs = cfg.optim.batch_size;
+    for step in start..cfg.optim.max_steps {
+        if stop.is_set() {
+            let dir = save_checkpoint(step, &opt, &ema, &noise_rng, &data_rng, dataset.position())?;
+            progress.println(format!(
+                "interrupted: checkpoint saved to {}",
+                dir.display()
+            ));
+            interrupted = true;
+            break;
+        }
+        let step_start = std::time::Instant::now();
+        let lr = lr_schedule.lr_at(step, base_lr);
+        opt.set_lr(lr);
+        let mut acc = GradAccumulator::new();
+        let mut step_stats: Vec<DpoStats> = Vec::new();
+        for _ in 0..cfg.optim.grad_accum {
+            let pairs = dataset.next_batch(bs)?;
+            let mut pre = Vec::with_capacity(pairs.len());
+            for p in &pairs {
+                pre.push(
+                    preprocess_pair(&p.chosen, &p.rejected, &pcfg, &mut data_rng)
+                        .with_context(|| format!("pair {}", p.source))?,
+                );
+            }
+            let images: Vec<&Tensor> = pre
+                .iter()
+                .map(|p| &p.chosen)
+                .chain(pre.iter().map(|p| &p.rejected))
+                .collect();
+            let images = Tensor::stack(&images, 0)?
+                .to_device(&device)?
+                .to_dtype(dtype)?;
+            let posteriors = match &latent_cache {
+                Some(cache) => {
+                    let mut keys = Vec::with_capacity(2 * pairs.len());
+                    for (x, pp) in pairs.iter().zip(&pre) {
+                        keys.push(cache.key(ImageId::Bytes(x.chosen.as_raw()), &pp.transform)?);
+                    }
+                    for (x, pp) in pairs.iter().zip(&pre) {
+                        keys.push(cache.key(ImageId::Bytes(x.rejected.as_raw()), &pp.transform)?);
+                    }
+                    let got = cache.get_or_compute_many(&keys, &device, |missing| {
+                        let idx: Vec<u32> = missing.iter().map(|&i| i as u32).collect();
+                        let idx = Tensor::new(idx.as_slice(), &device)?;
+                        encode_posteriors(&model.vae, &images.index_select(&idx, 0)?)
+                    })?;
+                    CachedLatent::stack(&got, &device)?
+                }
+                None => model.vae.encode(&images)?,
+            };
+            let vae_noise = data_rng.normal_tensor(posteriors.mean.dims(), &device)?;
+            let latents = model
+                .vae
+                .scale_latents(
+                    &posteriors.sample(Some(&vae_noise.to_dtype(posteriors.mean.dtype())?))?,
+                )?
+                .detach();
+            let p = pairs.len();
+            let (lw, ll) = (latents.narrow(0, 0, p)?, latents.narrow(0, p, p)?);
+            let prompts: Vec<&str> = pairs
+                .iter()
+                .map(|x| maybe_drop_caption(&x.prompt, cfg.data.caption_dropout, &mut data_rng))
+                .collect();
+            let embeds: PromptEmbeds = match &text_cache {
+                Some(c) => c.get_or_compute_many(&prompts, &device, |missing| {
+                    Ok(model.encode_prompts(missing)?)
+                })?,
+                None => model.encode_prompts(&prompts)?,
+            };
+            let added = if model.unet.config().uses_text_time() {
+                let ids: Vec<f32> = pre
+                    .iter()
+                    .flat_map(|x| x.transform.sdxl_time_ids().map(|v| v as f32))
+                    .collect();
+                Some(AddedCond {
+                    text_embeds: embeds
+                        .pooled
+                        .clone()
+                        .context("SDXL training needs pooled text embeddings")?,
+                    time_ids: Tensor::from_vec(ids, (p, 6), &device)?.to_dtype(dtype)?,
+                })
+            } else {
+                None
+            };
+            let t: Vec<i64> = (0..p)
+                .map(|_| noise_rng.below(num_train_t) as i64)
+                .collect();
+            let t = Tensor::from_vec(t, p, &device)?;
+            let noise = noise_rng.normal_tensor(lw.dims(), &device)?;
+            let labels = Tensor::from_vec(
+                pairs.iter().map(|x| x.label).collect::<Vec<f32>>(),
+                p,
+                &device,
+            )?;
+            let batch = PairBatch {
+                latents_w: &lw,
+                latents_l: &ll,
+                noise: &noise,
+                timesteps: &t,
+                encoder_hidden_states: &embeds.hidden_states.detach(),
+                added: added.as_ref(),
+            };
+            let errors = pair_errors(
+                &model.unet,
+                &reference,
+                &schedule,
+                cfg.loss.timestep_weighting,
+                &batch,
+            )?;
+            let (loss, stats) = pair_loss(&cfg.loss, &errors, Some(&labels))?;
+            if !stats.loss.is_finite() {
+                let good = checkpoint::latest(out)?
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|| "none yet".into());
+                bail!("the loss became {} at step {} (pairs {}); stopping. Last good checkpoint: {good}", stats.loss, step + 1,
+                    pairs.iter().map(|x| x.source.as_str()).collect::<Vec<_>>().join(", "));
+            }
+            let grads = (loss / cfg.optim.grad_accum as f64)?.backward()?;
+            acc.add_store(params, grads)?;
+            step_stats.push(stats);
+        }
+        let mut grads = acc.into_grads()?;
+        if let Some(bad) = grads.first_non_finite()? {
+            let good = checkpoint::latest(out)?
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "none yet".into());
+            bail!("non-finite gradient for `{bad}` at step {}; stopping. Last good checkpoint: {good}", step + 1);
+        }
+        let grad_norm = if cfg.optim.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, cfg.optim.max_grad_norm)?
+        } else {
+            grads.global_norm()?
+        };
+        opt.step(params, &grads)?;
+        if let Some(e) = ema.as_mut() {
+            e.update(params)?;
+        }
+        let s = mean_stats(&step_stats);
+        let pairs_per_s =
+            (bs * cfg.optim.grad_accum) as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+        metrics.log(
+            step + 1,
+            &[
+                ("loss", s.loss),
+                ("implicit_acc", s.implicit_acc),
+                ("reward_margin", s.margin),
+                ("reward_chosen", s.reward_chosen),
+                ("reward_rejected", s.reward_rejected),
+                ("model_mse_w", s.model_mse_w),
+                ("model_mse_l", s.model_mse_l),
+                ("ref_mse_w", s.ref_mse_w),
+                ("ref_mse_l", s.ref_mse_l),
+                ("grad_norm", grad_norm),
+                ("lr", lr),
+                ("pairs_per_s", pairs_per_s),
+            ],
+        )?;
+        progress.update(step + 1, s.loss, Some(s.implicit_acc), lr);
+        last = Some(s);
+        let done = step + 1 == cfg.optim.max_steps;
+        if (cfg.log.checkpoint_every > 0 && (step + 1) % cfg.log.checkpoint_every == 0) || done {
+            save_checkpoint(
+                step + 1,
+                &opt,
+                &ema,
+                &noise_rng,
+                &data_rng,
+                dataset.position(),
+            )?;
+        }
+        if cfg.validation.every > 0
+            && !cfg.validation.prompts.is_empty()
+            && ((step + 1) % cfg.validation.every == 0 || done)
+        {
+            let path = out
+                .join("validation")
+                .join(format!("step-{:06}.png", step + 1));
+            validation_grid(&mut model, &trainable, &cfg.validation, step + 1, &path)?;
+        }
+    }
+    progress.finish();
+
+    // Final weights (EMA weights when kept) and plots.
+    if let Some(e) = ema.as_mut() {
+        e.copy_to(params)?;
+    }
+    let weights = match (&trainable.lora, cfg.mode) {
+        (Some(l), _) => {
+            let p = out.join("pytorch_lora_weights.safetensors");
+            l.save(&p, cfg.log.lora_format)?;
+            p
+        }
+        _ => {
+            let dir = out.join("unet");
+            std::fs::create_dir_all(&dir)?;
+            save_vars(&dir.join("diffusion_pytorch_model.safetensors"), params)?;
+            std::fs::copy(model_dir.join("unet/config.json"), dir.join("config.json"))?;
+            dir
+        }
+    };
+    let records = read_metrics(&metrics_path)?;
+    let curves = [
+        ("loss", series(&records, "loss")),
+        ("implicit_acc", series(&records, "implicit_acc")),
+    ];
+    if curves[0].1.len() > 1 {
+        plot_curves(out.join("curves.png"), &curves)?;
+    }
+    Ok(TrainSummary {
+        steps: cfg.optim.max_steps,
+        output_dir: out.clone(),
+        weights,
+        metrics: metrics_path,
+        last,
+        interrupted,
+    })
+}
+
+fn mean_stats(v: &[DpoStats]) -> DpoStats {
+    let n = v.len().max(1) as f64;
+    let m = |f: fn(&DpoStats) -> f64| v.iter().map(f).sum::<f64>() / n;
+    DpoStats {
+        loss: m(|s| s.loss),
+        implicit_acc: m(|s| s.implicit_acc),
+        reward_chosen: m(|s| s.reward_chosen),
+        reward_rejected: m(|s| s.reward_rejected),
+        margin: m(|s| s.margin),
+        model_mse_w: m(|s| s.model_mse_w),
+        model_mse_l: m(|s| s.model_mse_l),
+        ref_mse_w: m(|s| s.ref_mse_w),
+        ref_mse_l: m(|s| s.ref_mse_l),
+        pairs: v.iter().map(|s| s.pairs).sum(),
+    }
+}
+
+/// Base vs current on fixed prompts and fixed noise.
+fn validation_grid(
+    model: &mut StableDiffusion,
+    t: &Trainable,
+    v: &ValidationConfig,
+    step: u64,
+    path: &Path,
+) -> Result<()> {
+    let prompts: Vec<&str> = v.prompts.iter().map(|s| s.as_str()).collect();
+    let run = |model: &StableDiffusion| -> Result<Vec<image::RgbImage>> {
+        let pipe = Pipeline::new(model)?;
+        let opts0 = GenerateOptions {
+            steps: v.steps,
+            guidance_scale: v.guidance,
+            seed: v.seed,
+            ..Default::default()
+        };
+        let (lh, lw) = pipe.latent_size(&opts0)?;
+        let c = model.unet.config().in_channels;
+        let noise = seeded_noise(v.seed, &[1, c, lh, lw], &Device::Cpu)?.repeat((
+            prompts.len(),
+            1,
+            1,
+            1,
+        ))?;
+        let out = pipe.generate(
+            &prompts,
+            &[],
+            &GenerateOptions {
+                init_latents: Some(noise),
+                ..opts0
+            },
+            None,
+        )?;
+        crate::imaging::tensor_to_images(&out.images)
+    };
+    let (base, current) = match (&t.lora, &t.reference) {
+        (Some(l), _) => {
+            l.set_enabled(false);
+            let b = run(model);
+            l.set_enabled(true);
+            (b?, run(model)?)
+        }
+        (None, Some(r)) => {
+            let policy = std::mem::replace(&mut model.unet, r.clone());
+            let b = run(model);
+            model.unet = policy;
+            (b?, run(model)?)
+        }
+        _ => unreachable!(),
+    };
+    let rows: Vec<Vec<image::RgbImage>> = base
+        .into_iter()
+        .zip(current)
+        .map(|(a, b)| vec![a, b])
+        .collect();
+    let labels = vec!["base".to_string(), format!("step {step}")];
+    let scale = (256 / rows[0][0].width().max(1)).clamp(1, 8);
+    let img = crate::imaging::grid(
+        &rows,
+        &v.prompts,
+        &labels,
+        &crate::imaging::GridOptions {
+            scale,
+            ..Default::default()
+        },
+    )?;
+    crate::imaging::save_png(&img, path)
+}
+
+/// Loads a trained LoRA back onto a model for evaluation (frozen, with `scale`).
+pub fn load_trained_lora(model: &StableDiffusion, path: &Path, scale: f64) -> Result<LoraSet> {
+    LoraSet::load(&model.unet, path, LoadMode::Frozen { scale })
+}
+
+/// Mean DPO statistics of a model (optionally with a trained LoRA, at scale 1) on every pair of `cfg`'s data,
+/// `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws for any weights, so a trained LoRA and
+/// the base model are compared on equal terms. The reference is the base model.
+pub fn evaluate_pairs(cfg: &TrainConfig, lora: Option<&Path>, seed: u64, draws: usize) -> Result<DpoStats> {
+    let device = crate::cli::common::parse_device(&cfg.device)?;
+    let dtype = crate::cli::common::parse_dtype(&cfg.dtype)?;
+    let model_dir = resolve_model(&cfg.model, cfg.variant.as_deref())?;
+    let model = StableDiffusion::load(
+        &model_dir,
+        &LoadOptions {
+            dtype,
+            device: device.clone(),
+            variant: cfg.variant.clone(),
+        },
+    )?;
+    let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(&model.scheduler_config_path)?)?;
+    let num_t = schedule.alphas_cumprod().len() as u64;
+    let set = match lora {
+        Some(p) => Some(LoraSet::load(
+            &model.unet,
+            p,
+            LoadMode::Frozen { scale: 1.0 },
+        )?),
+        None => None,
+    };
+    let set_enabled = |e: bool| {
+        if let Some(l) = &set {
+            l.set_enabled(e)
+        }
+    };
+    let manifest = cfg
+        .data
+        .manifest
+        .as_ref()
+        .context("evaluate_pairs needs a manifest")?;
+    let opts = ManifestOptions {
+        drop_ties: cfg.data.drop_ties,
+        check_images: true,
+        skip_bad: cfg.data.skip_bad,
+    };
+    let (pairs, _) = load_manifest(manifest, &opts)?;
+    let mut dataset = PairDataset::new(PairSource::Manifest(pairs), seed, false);
+    let pcfg = PreprocessConfig {
+        center_crop: true,
+        random_flip: false,
+        ..PreprocessConfig::new(cfg.data.resolution)
+    };
+    let mut rng = Rng::derive(seed, "evaluate");
+    let mut all = Vec::new();
+    for _ in 0..dataset.len() * draws.max(1) {
+        let pair = dataset.next_batch(1)?.remove(0);
+        let pre = preprocess_pair(&pair.chosen, &pair.rejected, &pcfg, &mut rng)?;
+        let images = Tensor::stack(&[&pre.chosen, &pre.rejected], 0)?
+            .to_device(&device)?
+            .to_dtype(dtype)?;
+        let latents = model
+            .vae
+            .scale_latents(&model.vae.encode(&images)?.mode())?;
+        let embeds = model.encode_prompts(&[pair.prompt.as_str()])?;
+        let added = model.added_cond(
+            &embeds,
+            cfg.data.resolution as usize,
+            cfg.data.resolution as usize,
+        )?;
+        let t = Tensor::new(&[rng.below(num_t) as i64], &device)?;
+        let noise = rng.normal_tensor(
+            &latents.dims()[1..].iter().fold(vec![1], |mut v, d| {
+                v.push(*d);
+                v
+            }),
+            &device,
+        )?;
+        let batch = PairBatch {
+            latents_w: &latents.narrow(0, 0, 1)?,
+            latents_l: &latents.narrow(0, 1, 1)?,
+            noise: &noise,
+            timesteps: &t,
+            encoder_hidden_states: &embeds.hidden_states,
+            added: added.as_ref(),
+        };
+        let reference = if set.is_some() {
+            Reference::Adapters {
+                set_enabled: &set_enabled,
+            }
+        } else {
+            Reference::Frozen(&model.unet)
+        };
+        let errors = pair_errors(
+            &model.unet,
+            &reference,
+            &schedule,
+            cfg.loss.timestep_weighting,
+            &batch,
+        )?;
+        all.push(pair_loss(&cfg.loss, &errors, None)?.1);
+    }
+    Ok(mean_stats(&all))
+}

@@ -1,0 +1,211 @@
+//! `train dpo` end to end on the tiny model: ln 2 at step 0, learning, exact resume, bad data, the CLI.
+
+use diffpref::train::pairwise::{evaluate_pairs, train, TrainConfig};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Pairs whose chosen image has a red square and whose rejected image has a blue one.
+fn make_pairs(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..n {
+        let (x0, y0) = ((i * 5) % 16, (i * 3) % 16);
+        let draw = |c: [u8; 3]| {
+            image::RgbImage::from_fn(32, 32, |x, y| {
+                let inside = (x0 as u32..x0 as u32 + 14).contains(&x)
+                    && (y0 as u32..y0 as u32 + 14).contains(&y);
+                image::Rgb(if inside { c } else { [235, 235, 235] })
+            })
+        };
+        draw([220, 30, 30])
+            .save(dir.join(format!("img/{i}-w.png")))
+            .unwrap();
+        draw([30, 30, 220])
+            .save(dir.join(format!("img/{i}-l.png")))
+            .unwrap();
+        lines.push(format!(r#"{{"prompt": "a red square", "chosen": "img/{i}-w.png", "rejected": "img/{i}-l.png"}}"#));
+    }
+    let m = dir.join("pairs.jsonl");
+    std::fs::write(&m, lines.join("\n") + "\n").unwrap();
+    m
+}
+
+fn config(dir: &Path, manifest: &Path, steps: u64) -> TrainConfig {
+    let sets = vec![
+        format!("model = \"{}\"", fixtures().join("tiny-sd").display()),
+        format!("output_dir = \"{}\"", dir.join("run").display()),
+        format!("data.manifest = \"{}\"", manifest.display()),
+        "data.resolution = 32".into(),
+        "optim.lr = 1e-3".into(),
+        "optim.batch_size = 2".into(),
+        format!("optim.max_steps = {steps}"),
+        "optim.warmup_steps = 0".into(),
+        "log.checkpoint_every = 3".into(),
+        "log.progress = false".into(),
+        "lora.rank = 4".into(),
+    ];
+    TrainConfig::load(None, &sets).unwrap()
+}
+
+#[test]
+fn zero_initialised_lora_starts_at_ln2_and_training_raises_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 2);
+    let mut cfg = config(tmp.path(), &m, 40);
+    cfg.optim.lr = 3e-3;
+    cfg.optim.batch_size = 2;
+    let before = evaluate_pairs(&cfg, None, 11, 8).unwrap();
+    assert!(
+        (before.loss - std::f64::consts::LN_2).abs() < 1e-6,
+        "{before:?}"
+    );
+    let s = train(&cfg, None).unwrap();
+    let records = diffpref::train::metrics::read_metrics(&s.metrics).unwrap();
+    let first = records[0]["loss"].as_f64().unwrap();
+    assert!(
+        (first - std::f64::consts::LN_2).abs() < 1e-6,
+        "step-0 loss {first}"
+    );
+    assert_eq!(records.last().unwrap()["step"].as_u64(), Some(40));
+    let after = evaluate_pairs(&cfg, Some(&s.weights), 11, 8).unwrap();
+    println!("before {before:?}\nafter {after:?}");
+    assert!(
+        after.loss < before.loss - 0.01,
+        "loss did not drop: {} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(after.implicit_acc > 0.5, "accuracy {}", after.implicit_acc);
+    assert!(s.output_dir.join("curves.png").exists());
+    assert!(s.output_dir.join("checkpoint-40/state.json").exists());
+}
+
+#[test]
+fn a_resumed_run_ends_with_identical_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 5);
+    let straight = tmp.path().join("a");
+    let resumed = tmp.path().join("b");
+    std::fs::create_dir_all(&straight).unwrap();
+    std::fs::create_dir_all(&resumed).unwrap();
+    let mut cfg = config(&straight, &m, 6);
+    cfg.data.random_flip = true;
+    cfg.data.caption_dropout = 0.3;
+    train(&cfg, None).unwrap();
+    let mut part = config(&resumed, &m, 3);
+    part.data.random_flip = true;
+    part.data.caption_dropout = 0.3;
+    train(&part, None).unwrap();
+    part.optim.max_steps = 6;
+    train(&part, None).unwrap();
+    let a = candle_core::safetensors::load(
+        straight.join("run/checkpoint-6/trainable.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let b = candle_core::safetensors::load(
+        resumed.join("run/checkpoint-6/trainable.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(a.len(), b.len());
+    for (k, ta) in &a {
+        let d = (ta - &b[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{k} differs after resume");
+    }
+    let la = std::fs::read_to_string(straight.join("run/metrics.jsonl")).unwrap();
+    let lb = std::fs::read_to_string(resumed.join("run/metrics.jsonl")).unwrap();
+    let strip = |s: &str| {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("pairs_per_s");
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&la), strip(&lb));
+}
+
+#[test]
+fn bad_manifests_and_missing_images_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 3);
+    let mut text = std::fs::read_to_string(&m).unwrap();
+    text.push_str("{\"prompt\": \"x\", \"chosen\": 3}\n");
+    std::fs::write(&m, &text).unwrap();
+    let err = format!("{:#}", train(&config(tmp.path(), &m, 1), None).unwrap_err());
+    assert!(err.contains("pairs.jsonl:4"), "{err}");
+    let m2 = make_pairs(&tmp.path().join("two"), 2);
+    std::fs::remove_file(tmp.path().join("two/img/1-l.png")).unwrap();
+    let err = format!(
+        "{:#}",
+        train(&config(tmp.path(), &m2, 1), None).unwrap_err()
+    );
+    assert!(
+        err.contains("1-l.png") && err.contains("pairs.jsonl:2"),
+        "{err}"
+    );
+    let bad_key = TrainConfig::load(None, &["optim.learning_rate = 1".into()]).unwrap_err();
+    assert!(
+        format!("{bad_key:#}").contains("learning_rate"),
+        "{bad_key:#}"
+    );
+}
+
+#[test]
+fn cli_trains_from_a_toml_config_with_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 2);
+    let cfg = tmp.path().join("dpo.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"{}\"\noutput_dir = \"{}\"\n[data]\nmanifest = \"{}\"\nresolution = 32\n[optim]\nmax_steps = 2\n[log]\nprogress = false\n",
+            fixtures().join("tiny-sd").display(),
+            tmp.path().join("run").display(),
+            m.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffpref"))
+        .args([
+            "train",
+            "dpo",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "loss.kind=hinge",
+            "--set",
+            "lora.rank=2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lora = tmp.path().join("run/pytorch_lora_weights.safetensors");
+    let t = candle_core::safetensors::load(&lora, &candle_core::Device::Cpu).unwrap();
+    let (_, a) = t
+        .iter()
+        .find(|(k, _)| k.ends_with("lora_A.weight"))
+        .unwrap();
+    assert_eq!(a.dim(0).unwrap(), 2);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("run/checkpoint-2/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["config"]["loss"]["kind"], "hinge");
+}
