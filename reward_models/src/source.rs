@@ -28,7 +28,8 @@ pub fn open_params(files: &[PathBuf], dtype: DType, device: &Device) -> Result<P
     }
 }
 
-/// Reads every tensor of a PyTorch pickle; a top-level `state_dict` entry is used when there is one.
+/// Reads every tensor of a PyTorch pickle; a top-level `state_dict` entry is used when there is one, and a
+/// `module.` prefix on every key is dropped.
 pub fn read_pickle(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {
         return Err(diffpref_pipelines::Error::MissingFile(path.to_path_buf()).into());
@@ -48,7 +49,18 @@ pub fn read_pickle(path: &Path) -> Result<HashMap<String, Tensor>> {
             path.display()
         )));
     }
-    Ok(tensors.into_iter().collect())
+    // Checkpoints saved from DistributedDataParallel prefix every key with `module.`.
+    let all_module = tensors.iter().all(|(k, _)| k.starts_with("module."));
+    Ok(tensors
+        .into_iter()
+        .map(|(k, t)| {
+            if all_module {
+                (k["module.".len()..].to_string(), t)
+            } else {
+                (k, t)
+            }
+        })
+        .collect())
 }
 
 /// Replaces "the in-memory weights" (what [`Params`] says for map-backed weights, e.g. a pickle) by the

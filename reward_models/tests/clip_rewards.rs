@@ -502,3 +502,131 @@ fn hps_without_a_tokenizer_says_what_is_missing() {
     let c = g.compare("hps_score", &s, 1.0).unwrap();
     assert!(c.passed, "{c}");
 }
+
+/// Writes `tensors` (f32) as a PyTorch zip checkpoint `{"state_dict": OrderedDict(prefix + name: tensor)}`,
+/// pickled by hand with the opcodes `torch.save` emits (protocol 2).
+fn write_torch_checkpoint(path: &Path, tensors: &HashMap<String, Tensor>, prefix: &str) {
+    use std::io::Write;
+    fn unicode(o: &mut Vec<u8>, s: &str) {
+        o.push(b'X');
+        o.extend((s.len() as u32).to_le_bytes());
+        o.extend(s.as_bytes());
+    }
+    fn int(o: &mut Vec<u8>, v: usize) {
+        o.push(b'J');
+        o.extend((v as i32).to_le_bytes());
+    }
+    fn global(o: &mut Vec<u8>, module: &str, name: &str) {
+        o.push(b'c');
+        o.extend(format!("{module}\n{name}\n").bytes());
+    }
+    fn ordered_dict(o: &mut Vec<u8>) {
+        global(o, "collections", "OrderedDict");
+        o.extend(b")R");
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut pkl = vec![0x80, 2, b'}'];
+    unicode(&mut pkl, "state_dict");
+    ordered_dict(&mut pkl);
+    pkl.push(b'(');
+    let mut blobs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let t = &tensors[*name];
+        let dims = t.dims().to_vec();
+        unicode(&mut pkl, &format!("{prefix}{name}"));
+        global(&mut pkl, "torch._utils", "_rebuild_tensor_v2");
+        pkl.extend(b"((");
+        unicode(&mut pkl, "storage");
+        global(&mut pkl, "torch", "FloatStorage");
+        unicode(&mut pkl, &i.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, t.elem_count());
+        pkl.extend(b"tQ");
+        int(&mut pkl, 0);
+        pkl.push(b'(');
+        for &d in &dims {
+            int(&mut pkl, d);
+        }
+        pkl.push(b't');
+        pkl.push(b'(');
+        for k in 0..dims.len() {
+            int(&mut pkl, dims[k + 1..].iter().product());
+        }
+        pkl.push(b't');
+        pkl.push(0x89);
+        ordered_dict(&mut pkl);
+        pkl.extend(b"tR");
+        let data: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        blobs.push(
+            data.iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+    }
+    pkl.extend(b"us.");
+    let mut z = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    z.start_file("archive/data.pkl", opts).unwrap();
+    z.write_all(&pkl).unwrap();
+    for (i, b) in blobs.iter().enumerate() {
+        z.start_file(format!("archive/data/{i}"), opts).unwrap();
+        z.write_all(b).unwrap();
+    }
+    z.start_file("archive/version", opts).unwrap();
+    z.write_all(b"3\n").unwrap();
+    z.finish().unwrap();
+}
+
+#[test]
+fn pytorch_checkpoints_load_like_safetensors() {
+    let dev = Device::Cpu;
+    // The aesthetic head as the original `.pth` (DDP `module.` prefix, `state_dict` entry), no config: the
+    // input size comes from layers.0.weight.
+    let tmp = tempfile::tempdir().unwrap();
+    let head = tmp.path().join("sac+logos+ava1-l14-linearMSE.pth");
+    let map =
+        candle_core::safetensors::load(fixtures().join("tiny-aesthetic/model.safetensors"), &dev)
+            .unwrap();
+    write_torch_checkpoint(&head, &map, "module.");
+    let aes = Aesthetic::load(&head, hf_dir(), DType::F32, &dev).unwrap();
+    assert_eq!(aes.head.input_size, 16);
+    let g = golden("aesthetic.safetensors");
+    let s = aes.score(g.get("images").unwrap(), &[]).unwrap();
+    let c = g.compare("score", &s, 1.0).unwrap();
+    assert!(c.passed, "{c}");
+    // An HPSv2-style `.pt` of the open_clip model next to its open_clip_config.json.
+    let dir = tmp.path().join("hps");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        oc_dir().join("open_clip_config.json"),
+        dir.join("open_clip_config.json"),
+    )
+    .unwrap();
+    let mut map =
+        candle_core::safetensors::load(oc_dir().join("open_clip_model.safetensors"), &dev).unwrap();
+    write_torch_checkpoint(&dir.join("HPS_v2.1_tiny.pt"), &map, "");
+    let m = ClipModel::load(&dir, DType::F32, &dev).unwrap();
+    let og = golden("open_clip.safetensors");
+    let e = m
+        .encode_image(og.get("pixel_values").unwrap())
+        .unwrap()
+        .embeds;
+    let c = og.compare("image_features_unnorm", &e, 1.0).unwrap();
+    assert!(c.passed, "{c}");
+    // Errors name the checkpoint file, the key and both shapes.
+    map.insert(
+        "visual.proj".into(),
+        Tensor::zeros((16, 32), DType::F32, &dev).unwrap(),
+    );
+    write_torch_checkpoint(&dir.join("HPS_v2.1_tiny.pt"), &map, "");
+    let err = ClipModel::load(&dir, DType::F32, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("HPS_v2.1_tiny.pt") && err.contains("visual.proj") && err.contains("[16, 32]"),
+        "{err}"
+    );
+}
