@@ -13,6 +13,7 @@ pub mod imagereward;
 pub mod metrics;
 pub mod preprocess;
 pub mod scores;
+pub mod shapes;
 pub mod source;
 
 pub use aesthetic::{Aesthetic, AestheticHead};

@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod manifest;
 pub mod pickapic;
 pub mod preprocess;
+pub mod shapes;
 
 pub use cache::{CachedLatent, LatentCache, TextEmbedCache};
 pub use dataset::{DatasetPosition, PairDataset, PairSource};
