@@ -630,3 +630,27 @@ fn pytorch_checkpoints_load_like_safetensors() {
         "{err}"
     );
 }
+
+#[test]
+fn half_precision_models_pass_the_goldens_at_the_f16_tolerance() {
+    // f16 weights and activations (preprocessing, LayerNorm and softmax in f32): the f32 tolerances x 500, as
+    // `diffpref verify --dtype f16` uses.
+    let ctx = CheckContext {
+        dtype: DType::F16,
+        tolerance_scale: 500.0,
+        ..CheckContext::cpu(None)
+    };
+    for name in [
+        "clip_hf.safetensors",
+        "open_clip.safetensors",
+        "aesthetic.safetensors",
+    ] {
+        let res = checks::run(&golden(name), &ctx).unwrap().unwrap();
+        let failed: Vec<String> = res
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| c.to_string())
+            .collect();
+        assert!(failed.is_empty(), "{name} in f16:\n{}", failed.join("\n"));
+    }
+}
