@@ -440,4 +440,44 @@ mod tests {
             assert_eq!(s.caption(), "a red circle below a blue triangle");
         }
     }
+
+    #[test]
+    fn ground_truth_reward_rates_renders_of_their_captions_high() {
+        use diffpref_rewards::shapes::ShapesReward;
+        let r = ShapesReward::new();
+        for size in [32u32, 64] {
+            let scenes = random_scenes(7, 200, 3);
+            let imgs: Vec<RgbImage> = scenes.iter().map(|s| s.render(size)).collect();
+            let x = crate::imaging::images_to_tensor(&imgs, &candle_core::Device::Cpu).unwrap();
+            let caps: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
+            let prompts: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
+            let b = r.breakdown(&x, &prompts).unwrap();
+            let low: Vec<_> = b
+                .iter()
+                .zip(&caps)
+                .filter(|(b, _)| b.reward <= 0.9)
+                .collect();
+            // Every render scores high for its own caption...
+            assert!(
+                low.is_empty(),
+                "{size}px: {} of 200 at or below 0.9: {:?}",
+                low.len(),
+                &low[..low.len().min(3)]
+            );
+            // ...and lower for another scene's caption.
+            let shifted: Vec<&str> = (0..prompts.len())
+                .map(|i| prompts[(i + 1) % prompts.len()])
+                .collect();
+            let other = r.breakdown(&x, &shifted).unwrap();
+            let better = b
+                .iter()
+                .zip(&other)
+                .filter(|(a, o)| a.reward > o.reward)
+                .count();
+            assert!(
+                better >= 195,
+                "{size}px: own caption higher in only {better} of 200"
+            );
+        }
+    }
 }
