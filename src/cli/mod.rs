@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod data;
 pub mod generate;
 pub mod grid;
 pub mod lora;
@@ -36,6 +37,8 @@ pub enum Command {
     Lora(lora::LoraArgs),
     /// Preference fine-tuning: `train dpo --config FILE.toml [--set key=value ...]`.
     Train(train::TrainArgs),
+    /// Shapes-world data: `data make-prefs` (synthetic preference pairs), `data render` (ground truth).
+    Data(data::DataArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Score(a) => score::run(a),
         Command::Lora(a) => lora::run(a),
         Command::Train(a) => train::run(a),
+        Command::Data(a) => data::run(a),
     }
 }

@@ -2,7 +2,7 @@
 //! preference pairs.
 //!
 //! ```text
-//! diffpref score --reward clip|aesthetic|pickscore|hps|imagereward|shapes --weights PATH
+//! diffpref score --reward clip|aesthetic|pickscore|hps|imagereward|shapes [--weights PATH]
 //!     (--images FILE|DIR ... (--prompt P | --prompts FILE) | --manifest FILE | --pairs FILE)
 //!     [--clip PATH] [--tokenizer DIR] [--batch-size N] [--json] [--device cpu|cuda[:N]] [--dtype f32|bf16|f16]
 //! ```
@@ -13,6 +13,8 @@
 //!   `state_dict` is read) without a config, which then gets open_clip's ViT-H-14 config. `aesthetic`: the
 //!   head folder (`model.safetensors` or the original `.pth`, plus `config.json` with `input_size`), with
 //!   `--clip PATH` naming the CLIP ViT-L/14 backbone folder. `imagereward`: the ImageReward folder.
+//! * `shapes`: the shapes world's ground-truth reward (computed from pixels; no `--weights`), prompts must be
+//!   shapes captions ("a red circle above a blue square").
 //! * `--tokenizer DIR`: a CLIP tokenizer folder, for models that ship none (open_clip / HPSv2 checkpoints).
 //! * `--images` takes files and folders (a folder contributes its PNG / JPEG files, sorted by name);
 //!   `--prompt` applies to every image, `--prompts FILE` has one prompt per line (one per image).
@@ -47,7 +49,7 @@ pub enum RewardKind {
     Hps,
     /// ImageReward.
     Imagereward,
-    /// Shape rewards (a later issue).
+    /// The shapes world's ground-truth reward (from pixels; needs no --weights).
     Shapes,
 }
 
@@ -57,9 +59,10 @@ pub struct ScoreArgs {
     /// Reward model.
     #[arg(long, value_enum)]
     pub reward: RewardKind,
-    /// Model folder, weights file or hub id (for `aesthetic`: the head folder; see --clip).
+    /// Model folder, weights file or hub id (for `aesthetic`: the head folder; see --clip). Not used by
+    /// `shapes`.
     #[arg(long)]
-    pub weights: String,
+    pub weights: Option<String>,
     /// `aesthetic` only: the CLIP backbone (a ViT-L/14 transformers CLIPModel folder for the LAION head).
     #[arg(long)]
     pub clip: Option<String>,
@@ -121,7 +124,7 @@ pub fn load_reward(
             ));
         }
         RewardKind::Shapes => {
-            bail!("--reward shapes is not available yet: the shape rewards come with a later issue")
+            return Ok(Box::new(diffpref_rewards::shapes::ShapesReward::new()));
         }
     };
     let path = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
@@ -413,9 +416,16 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
 pub fn run(a: ScoreArgs) -> Result<()> {
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
+    let weights = match (&a.weights, a.reward) {
+        (Some(w), _) => w.as_str(),
+        (None, RewardKind::Shapes) => "",
+        (None, k) => {
+            bail!("--reward {k:?} needs --weights PATH (the model folder, weights file or hub id)")
+        }
+    };
     let reward = load_reward(
         a.reward,
-        &a.weights,
+        weights,
         a.clip.as_deref(),
         a.tokenizer.as_deref(),
         dtype,

@@ -1,0 +1,293 @@
+//! `diffpref data`: synthetic data for the shapes world.
+//!
+//! ```text
+//! diffpref data make-prefs --model DIR --prompts FILE --pairs N --out DIR [--temperature T] [--seed S]
+//!     [--steps 20] [--guidance 7.5] [--scheduler NAME] [--batch-size 4] [--device ...] [--dtype ...]
+//! diffpref data render (--prompts FILE | --random N) --out DIR [--size 64] [--seed S] [--max-objects 3]
+//! ```
+//!
+//! * `make-prefs` samples two images per pair from a model (pair i uses prompt i mod the number of prompts,
+//!   and two noise seeds derived from `--seed` and i), scores both with the shapes ground-truth reward
+//!   ([`ShapesReward`]) and labels the pair by a Bradley–Terry draw: the first image is preferred with
+//!   probability `σ((r_a − r_b) / T)`, drawn from a seeded stream. It writes `img/NNNNN-a.png`,
+//!   `img/NNNNN-b.png` and `manifest.jsonl`, one line per pair:
+//!   `{"prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "p_chosen"}` (paths relative to
+//!   the manifest; `train dpo` and `score --pairs` read it). Every file is written atomically; the same
+//!   arguments give the same files.
+//! * `render` draws the ground truth: one scene per caption of `--prompts` (or `--random N` random scenes),
+//!   `NNNNN.png` plus `manifest.jsonl` with `{"image", "prompt"}` per line (the `score --manifest` format).
+
+use super::common::{write_atomic, ComputeArgs};
+use super::generate::{load_model, parse_scheduler, progress};
+use crate::data::shapes::{parse_caption, random_spec, Scene};
+use crate::imaging::{images_to_tensor, save_png, tensor_to_images};
+use crate::train::rng::Rng;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, Subcommand};
+use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
+use diffpref_rewards::shapes::ShapesReward;
+use diffpref_rewards::Reward;
+use std::path::{Path, PathBuf};
+
+/// Arguments of `diffpref data`.
+#[derive(Args, Debug)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Synthetic preference pairs: two samples per prompt from a model, labelled by a Bradley–Terry draw on
+    /// the shapes ground-truth reward.
+    MakePrefs(MakePrefsArgs),
+    /// Ground-truth renders of shapes captions (or of random scenes), with a manifest.
+    Render(RenderArgs),
+}
+
+/// Arguments of `diffpref data make-prefs`.
+#[derive(Args, Debug)]
+pub struct MakePrefsArgs {
+    /// Model folder (diffusers layout) or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// Text file with one shapes caption per line (blank lines and lines starting with # are skipped).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Number of pairs (prompts are used round robin).
+    #[arg(long)]
+    pub pairs: usize,
+    /// Output folder (img/ and manifest.jsonl).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Bradley–Terry temperature T: P(first preferred) = sigmoid((r1 - r2) / T).
+    #[arg(long, default_value_t = 0.05)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Sampler: ddim, ddpm, euler, euler-a, dpmpp-2m (default: the model's scheduler).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Pairs sampled per pipeline call (each pair is two images of the batch).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Arguments of `diffpref data render`.
+#[derive(Args, Debug)]
+pub struct RenderArgs {
+    /// Text file with one shapes caption per line.
+    #[arg(long, conflicts_with = "random")]
+    pub prompts: Option<PathBuf>,
+    /// Render this many random scenes instead.
+    #[arg(long)]
+    pub random: Option<usize>,
+    /// Output folder (NNNNN.png and manifest.jsonl).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most objects in a random scene (1 to 3).
+    #[arg(long, default_value_t = 3)]
+    pub max_objects: usize,
+}
+
+pub fn run(a: DataArgs) -> Result<()> {
+    match a.command {
+        DataCommand::MakePrefs(a) => make_prefs(a),
+        DataCommand::Render(a) => render(a),
+    }
+}
+
+/// The captions of a prompts file (blank and `#` lines skipped), each checked against the shapes grammar.
+pub fn read_captions(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --prompts {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if parse_caption(line).is_none() {
+            bail!(
+                "{} line {}: {line:?} is not a shapes caption (e.g. \"a red circle\", \"two blue squares\", \
+                 \"a red circle above a blue square\")",
+                path.display(),
+                i + 1
+            );
+        }
+        out.push(line.to_string());
+    }
+    if out.is_empty() {
+        bail!("--prompts {}: no captions", path.display());
+    }
+    Ok(out)
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The Bradley–Terry probability that the first of two images is preferred.
+pub fn preference_probability(r_first: f64, r_second: f64, temperature: f64) -> f64 {
+    sigmoid((r_first - r_second) / temperature)
+}
+
+/// The noise seed of image `j` (0 or 1) of pair `i`.
+fn image_seed(seed: u64, i: usize, j: usize) -> u64 {
+    Rng::derive(seed, &format!("make-prefs-image-{i}-{j}")).next_u64()
+}
+
+fn make_prefs(a: MakePrefsArgs) -> Result<()> {
+    if a.pairs == 0 {
+        bail!("--pairs must be at least 1");
+    }
+    if !(a.temperature > 0.0 && a.temperature.is_finite()) {
+        bail!(
+            "--temperature must be a positive number (got {})",
+            a.temperature
+        );
+    }
+    let captions = read_captions(&a.prompts)?;
+    let scheduler = parse_scheduler(&a.scheduler)?;
+    let model = load_model(&a.model, None, &a.compute)?;
+    let pipe = Pipeline::new(&model)?;
+    let reward = ShapesReward::new();
+    let base = GenerateOptions {
+        steps: a.steps,
+        guidance_scale: a.guidance,
+        seed: a.seed,
+        scheduler,
+        ..Default::default()
+    };
+    let (lh, lw) = pipe.latent_size(&base)?;
+    let c = model.unet.config().in_channels;
+    let img_dir = a.out.join("img");
+    std::fs::create_dir_all(&img_dir)
+        .with_context(|| format!("cannot create {}", img_dir.display()))?;
+    let mut labels = Rng::derive(a.seed, "make-prefs-labels");
+    let mut lines = Vec::with_capacity(a.pairs);
+    let (mut sum_r, mut agree) = (0f64, 0usize);
+    let pb = progress(a.pairs, "pairs");
+    let bs = a.batch_size.max(1);
+    let mut start = 0;
+    while start < a.pairs {
+        let n = bs.min(a.pairs - start);
+        let mut prompts: Vec<&str> = Vec::with_capacity(2 * n);
+        let mut noise = Vec::with_capacity(2 * n);
+        for i in start..start + n {
+            let p = captions[i % captions.len()].as_str();
+            for j in 0..2 {
+                prompts.push(p);
+                noise.push(seeded_noise(
+                    image_seed(a.seed, i, j),
+                    &[1, c, lh, lw],
+                    &Device::Cpu,
+                )?);
+            }
+        }
+        let opts = GenerateOptions {
+            init_latents: Some(Tensor::cat(&noise, 0)?),
+            ..base.clone()
+        };
+        let out = pipe
+            .generate(&prompts, &[], &opts, None)
+            .with_context(|| format!("sampling pairs {start}..{}", start + n))?;
+        // Score the 8-bit images that are written, so the manifest's rewards are those of the files.
+        let images = tensor_to_images(&out.images)?;
+        let scores: Vec<f32> = reward
+            .score(&images_to_tensor(&images, &Device::Cpu)?, &prompts)?
+            .to_vec1()?;
+        for k in 0..n {
+            let i = start + k;
+            let (ra, rb) = (scores[2 * k] as f64, scores[2 * k + 1] as f64);
+            let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
+            for j in 0..2 {
+                save_png(&images[2 * k + j], a.out.join(&names[j]))?;
+            }
+            let p_a = preference_probability(ra, rb, a.temperature);
+            let a_wins = labels.uniform() < p_a;
+            let (chosen, rejected, rc, rr, pc) = if a_wins {
+                (&names[0], &names[1], ra, rb, p_a)
+            } else {
+                (&names[1], &names[0], rb, ra, 1.0 - p_a)
+            };
+            sum_r += ra + rb;
+            if rc > rr {
+                agree += 1;
+            }
+            lines.push(serde_json::to_string(&serde_json::json!({
+                "prompt": prompts[2 * k],
+                "chosen": chosen,
+                "rejected": rejected,
+                "reward_chosen": rc,
+                "reward_rejected": rr,
+                "p_chosen": pc,
+            }))?);
+            pb.inc(1);
+        }
+        start += n;
+    }
+    pb.finish_and_clear();
+    let manifest = a.out.join("manifest.jsonl");
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_atomic(&manifest, text.as_bytes())?;
+    println!(
+        "{} pairs in {}: mean reward {:.4}; the chosen image has the higher reward in {} ({:.1}%)",
+        a.pairs,
+        manifest.display(),
+        sum_r / (2 * a.pairs) as f64,
+        agree,
+        100.0 * agree as f64 / a.pairs as f64
+    );
+    Ok(())
+}
+
+fn render(a: RenderArgs) -> Result<()> {
+    if a.size < 8 {
+        bail!("--size must be at least 8");
+    }
+    // (spec, the caption as given); random scenes get their canonical caption.
+    let specs: Vec<_> = match (&a.prompts, a.random) {
+        (Some(p), None) => read_captions(p)?
+            .into_iter()
+            .map(|c| (parse_caption(&c).expect("checked"), Some(c)))
+            .collect(),
+        (None, Some(n)) => {
+            let mut rng = Rng::derive(a.seed, "render-specs");
+            (0..n)
+                .map(|_| (random_spec(&mut rng, a.max_objects), None))
+                .collect()
+        }
+        _ => bail!("give --prompts FILE or --random N"),
+    };
+    let mut lines = Vec::with_capacity(specs.len());
+    for (i, (spec, given)) in specs.iter().enumerate() {
+        let mut rng = Rng::derive(a.seed, &format!("render-{i}"));
+        let scene = Scene::from_spec(spec, &mut rng);
+        let name = format!("{i:05}.png");
+        save_png(&scene.render(a.size), a.out.join(&name))?;
+        let prompt = given.clone().unwrap_or_else(|| scene.caption());
+        lines.push(serde_json::to_string(
+            &serde_json::json!({"image": name, "prompt": prompt}),
+        )?);
+    }
+    let manifest = a.out.join("manifest.jsonl");
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_atomic(&manifest, text.as_bytes())?;
+    println!("{} images and {}", specs.len(), manifest.display());
+    Ok(())
+}
