@@ -978,8 +978,8 @@ impl ShapesReward {
             0.01
         };
         let mut out = Vec::with_capacity(b);
-        for i in 0..b {
-            let spec = parse_prompt(prompts[i])?;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let spec = parse_prompt(prompt)?;
             out.push(surrogate_one(&x.get(i)?, &spec, temp, h, w)?);
         }
         Ok(Tensor::stack(&out, 0)?)
