@@ -6,6 +6,7 @@ pub mod data;
 pub mod generate;
 pub mod grid;
 pub mod lora;
+pub mod pretrain;
 pub mod score;
 pub mod train;
 pub mod verify;
@@ -39,6 +40,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Shapes-world data: `data make-prefs` (synthetic preference pairs), `data render` (ground truth).
     Data(data::DataArgs),
+    /// Train a small SD-architecture model from scratch on the shapes world (VAE, then UNet) and write a
+    /// diffusers folder: `pretrain --config FILE.toml [--set key=value ...]`.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -51,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Lora(a) => lora::run(a),
         Command::Train(a) => train::run(a),
         Command::Data(a) => data::run(a),
+        Command::Pretrain(a) => pretrain::run(a),
     }
 }

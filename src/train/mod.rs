@@ -7,5 +7,6 @@ pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod pairwise;
+pub mod pretrain;
 pub mod rng;
 pub mod schedule;
