@@ -98,8 +98,9 @@ fn pretrain_writes_a_loadable_model_and_the_vae_learns() {
     .unwrap();
     assert!((sd.vae.config().scaling_factor - sf).abs() < 1e-9);
     assert_eq!(sd.vae_scale_factor(), 2);
-    let te = candle_core::safetensors::load(model.join("text_encoder/model.safetensors"), &Device::Cpu)
-        .unwrap();
+    let te =
+        candle_core::safetensors::load(model.join("text_encoder/model.safetensors"), &Device::Cpu)
+            .unwrap();
     assert!(te.keys().all(|k| k.starts_with("text_model.")));
 
     // Resuming a finished run is a no-op that rewrites the same folder.
@@ -134,7 +135,8 @@ fn pretrain_writes_a_loadable_model_and_the_vae_learns() {
 
 #[test]
 fn example_config_parses_and_validates() {
-    let cfg = PretrainConfig::load(Some(&root().join("examples/pretrain-shapes.toml")), &[]).unwrap();
+    let cfg =
+        PretrainConfig::load(Some(&root().join("examples/pretrain-shapes.toml")), &[]).unwrap();
     cfg.validate().unwrap();
     assert!(PretrainConfig::load(None, &["nope = 1".into()]).is_err());
 }

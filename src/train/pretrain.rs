@@ -336,7 +336,7 @@ impl PretrainConfig {
             "[vae] and [unet] need block_out_channels"
         );
         ensure!(
-            self.data.resolution % (f * u) == 0,
+            self.data.resolution.is_multiple_of(f * u),
             "[data] resolution {} must be a multiple of {} (VAE factor {f} x UNet factor {u})",
             self.data.resolution,
             f * u
@@ -355,19 +355,32 @@ impl PretrainConfig {
             "[unet] down_block_types and up_block_types need one entry per block_out_channels"
         );
         for (what, ch, g) in [
-            ("vae", &self.vae.block_out_channels, self.vae.norm_num_groups),
-            ("unet", &self.unet.block_out_channels, self.unet.norm_num_groups),
+            (
+                "vae",
+                &self.vae.block_out_channels,
+                self.vae.norm_num_groups,
+            ),
+            (
+                "unet",
+                &self.unet.block_out_channels,
+                self.unet.norm_num_groups,
+            ),
         ] {
             ensure!(
-                g > 0 && ch.iter().all(|c| c % g == 0),
+                g > 0 && ch.iter().all(|c| c.is_multiple_of(g)),
                 "[{what}] norm_num_groups {g} must divide every block_out_channels entry {ch:?}"
             );
         }
         ensure!(
-            self.text_encoder.hidden_size % self.text_encoder.num_attention_heads == 0,
+            self.text_encoder
+                .hidden_size
+                .is_multiple_of(self.text_encoder.num_attention_heads),
             "[text_encoder] hidden_size must be a multiple of num_attention_heads"
         );
-        for (what, s) in [("vae_train", &self.vae_train), ("unet_train", &self.unet_train)] {
+        for (what, s) in [
+            ("vae_train", &self.vae_train),
+            ("unet_train", &self.unet_train),
+        ] {
             ensure!(s.batch_size > 0, "[{what}] batch_size must be positive");
             ensure!(s.lr > 0.0, "[{what}] lr must be positive");
             LrSchedule::new(s.schedule, s.warmup_steps, s.steps.max(1)).validate()?;
@@ -722,7 +735,11 @@ impl Stage<'_> {
                 noise_rng = state.noise_rng;
                 data_rng = state.data_rng;
                 start = state.step;
-                eprintln!("{}: resuming from {} (step {start})", self.name, dir.display());
+                eprintln!(
+                    "{}: resuming from {} (step {start})",
+                    self.name,
+                    dir.display()
+                );
             }
         }
         let checkpointer = Checkpointer::new(self.dir.clone(), self.log.keep_last.max(1));
@@ -806,7 +823,9 @@ impl Stage<'_> {
             progress.update(step + 1, loss_v, None, lr);
             last = Some(loss_v);
             let done = step + 1 == c.steps;
-            if done || (self.log.checkpoint_every > 0 && (step + 1) % self.log.checkpoint_every == 0)
+            if done
+                || (self.log.checkpoint_every > 0
+                    && (step + 1).is_multiple_of(self.log.checkpoint_every))
             {
                 save(step + 1, &opt, &ema, &noise_rng, &data_rng)?;
             }
@@ -927,7 +946,8 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
             summary.interrupted = true;
             return Ok(summary);
         }
-        let sf = latent_scaling_factor(&vae, &shapes, cfg.vae_loss.scale_images, cfg.seed, &device)?;
+        let sf =
+            latent_scaling_factor(&vae, &shapes, cfg.vae_loss.scale_images, cfg.seed, &device)?;
         eprintln!("vae: latent scaling factor {sf:.5}");
         let map = tensors_of(&params);
         write_dir_atomically(&vae_final, |d| {
@@ -1018,19 +1038,31 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
     let unet_map = tensors_of(&params);
     let vae_files = vae_final.join("diffusion_pytorch_model.safetensors");
     let vae_map = candle_core::safetensors::load(&vae_files, &Device::Cpu)?;
-    let vae_config: Value = serde_json::from_str(&std::fs::read_to_string(vae_final.join("config.json"))?)?;
+    let vae_config: Value =
+        serde_json::from_str(&std::fs::read_to_string(vae_final.join("config.json"))?)?;
     write_dir_atomically(&summary.output_dir, |d| {
         write_json(&d.join("model_index.json"), &model_index_json())?;
         for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             std::fs::create_dir(d.join(sub))?;
         }
         write_json(&d.join("unet/config.json"), &cfg.unet_json())?;
-        save_tensors(&d.join("unet/diffusion_pytorch_model.safetensors"), &unet_map, dt)?;
+        save_tensors(
+            &d.join("unet/diffusion_pytorch_model.safetensors"),
+            &unet_map,
+            dt,
+        )?;
         write_json(&d.join("vae/config.json"), &vae_config)?;
-        save_tensors(&d.join("vae/diffusion_pytorch_model.safetensors"), &vae_map, dt)?;
+        save_tensors(
+            &d.join("vae/diffusion_pytorch_model.safetensors"),
+            &vae_map,
+            dt,
+        )?;
         write_json(&d.join("text_encoder/config.json"), &cfg.text_json())?;
         save_tensors(&d.join("text_encoder/model.safetensors"), &text_map, dt)?;
-        write_json(&d.join("scheduler/scheduler_config.json"), &scheduler_json())?;
+        write_json(
+            &d.join("scheduler/scheduler_config.json"),
+            &scheduler_json(),
+        )?;
         for e in std::fs::read_dir(&cfg.tokenizer)
             .with_context(|| format!("cannot read {}", cfg.tokenizer.display()))?
         {
