@@ -1,5 +1,8 @@
 //! `diffpref bench foundation`: UNet forward and forward+backward time, and pipeline seconds per step, on a
 //! model folder (default: the tiny test model) and on an SD1.5-sized random UNet at a 32x32 latent.
+//! `diffpref bench rewards`: reward models scored per second. `diffpref bench dpo`: Diffusion-DPO training
+//! steps per second (LoRA or full fine-tuning; random latents, noise and text states) and, on CUDA, the peak
+//! device memory of a step.
 
 use super::common::ComputeArgs;
 use anyhow::{Context, Result};
@@ -28,6 +31,10 @@ pub enum Suite {
     /// Reward models: images scored per second (score, and score + gradient to the pixels) on the tiny
     /// fixtures next to --model and, with --large, on real-sized random ViT-L/14 and ViT-H/14 models.
     Rewards,
+    /// Diffusion-DPO training steps per second (policy forward+backward, reference forward, loss, AdamW) for
+    /// --model's UNet or, with --sd15, an SD1.5-sized random UNet; LoRA (default) or --full; one row per
+    /// --batch (pairs per step); on CUDA also the peak device memory of a step.
+    Dpo,
 }
 
 /// Arguments of `diffpref bench`.
@@ -48,18 +55,57 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub iters: usize,
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
+    /// Batch size; repeat for several (`--batch 1 --batch 4`): one set of rows each. For `dpo` it counts
+    /// preference pairs per step (the UNet sees twice as many latents).
+    #[arg(long, default_values_t = [1])]
+    pub batch: Vec<usize>,
+    /// Latent side length (64 = 512x512 pixels for SD1.5). Default: the UNet's `sample_size` for `dpo` (64
+    /// with --sd15); foundation keeps its defaults (the model's sample_size, 32 for --sd15).
+    #[arg(long)]
+    pub latent: Option<usize>,
+    /// dpo: train every UNet weight (f32, with a frozen f32 reference copy) instead of LoRA adapters.
+    #[arg(long)]
+    pub full: bool,
+    /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 /// One benchmark row.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Row {
     pub model: String,
     pub what: String,
     pub seconds: f64,
+    /// dpo: training steps per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_per_s: Option<f64>,
+    /// dpo: preference pairs per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pairs_per_s: Option<f64>,
+    /// CUDA only: the high-water mark of candle's device allocations during the timed steps (the stream-ordered
+    /// memory pool's `USED_MEM_HIGH`), bytes. Excludes the CUDA context and cuBLAS workspaces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_alloc_bytes: Option<u64>,
+    /// CUDA only: device memory in use on the whole card (`cuMemGetInfo` total − free) right after a step's
+    /// backward pass, the largest seen, bytes. Includes the context, cuBLAS and other processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_used_bytes: Option<u64>,
+    /// dpo on CPU: the process's peak resident memory so far (`VmHWM`, not reset between rows), bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_peak_rss_bytes: Option<u64>,
+    /// dpo: number of trained parameters (LoRA adapters or the whole UNet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trainable_params: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent: Option<usize>,
 }
 
 fn time<F: FnMut() -> Result<()>>(iters: usize, mut f: F) -> Result<f64> {
@@ -111,11 +157,13 @@ pub fn unet_rows(
             model: name.into(),
             what: format!("unet forward b{batch} {hw}x{hw}"),
             seconds: fwd,
+            ..Default::default()
         },
         Row {
             model: name.into(),
             what: format!("unet forward+backward b{batch} {hw}x{hw}"),
             seconds: fb,
+            ..Default::default()
         },
     ])
 }
@@ -139,13 +187,10 @@ pub fn foundation(a: &BenchArgs) -> Result<Vec<Row>> {
         )?;
         let p = Params::from_files(&files, dtype, &device)?.trainable();
         let unet = UNet2DConditionModel::new(&p, cfg)?;
-        let hw = unet
-            .config()
-            .sample_size
-            .as_ref()
-            .and_then(|v| v.as_u64())
-            .unwrap_or(32) as usize;
-        rows.extend(unet_rows(&name, &unet, a.batch, hw, a.iters)?);
+        let hw = a.latent.unwrap_or_else(|| sample_size(&unet, 32));
+        for &b in &a.batch {
+            rows.extend(unet_rows(&name, &unet, b, hw, a.iters)?);
+        }
     }
     let model = StableDiffusion::load(
         &dir,
@@ -161,22 +206,77 @@ pub fn foundation(a: &BenchArgs) -> Result<Vec<Row>> {
         steps,
         ..Default::default()
     };
-    let s = time(a.iters, || {
-        pipe.generate(&vec!["a red circle"; a.batch], &[], &opts, None)?;
-        sync(&device)
-    })?;
-    rows.push(Row {
-        model: name,
-        what: format!("pipeline s/step (b{}, cfg, ddim)", a.batch),
-        seconds: s / steps as f64,
-    });
+    for &b in &a.batch {
+        let s = time(a.iters, || {
+            pipe.generate(&vec!["a red circle"; b], &[], &opts, None)?;
+            sync(&device)
+        })?;
+        rows.push(Row {
+            model: name.clone(),
+            what: format!("pipeline s/step (b{b}, cfg, ddim)"),
+            seconds: s / steps as f64,
+            steps_per_s: Some(steps as f64 / s),
+            ..Default::default()
+        });
+    }
     if a.sd15 {
         let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
         let p = Params::random(0, dtype, &device).trainable();
         let unet = UNet2DConditionModel::new(&p, cfg)?;
-        rows.extend(unet_rows("sd15-random", &unet, a.batch, 32, a.iters)?);
+        let hw = a.latent.unwrap_or(32);
+        for &b in &a.batch {
+            rows.extend(unet_rows("sd15-random", &unet, b, hw, a.iters)?);
+            rows.push(cfg_step_row("sd15-random", &unet, b, hw, a.iters)?);
+        }
     }
     Ok(rows)
+}
+
+/// One classifier-free-guidance sampling step's UNet work: a forward pass on `2b` latents (conditional and
+/// unconditional halves), without the scheduler update or VAE decode.
+pub fn cfg_step_row(
+    name: &str,
+    unet: &UNet2DConditionModel,
+    b: usize,
+    hw: usize,
+    iters: usize,
+) -> Result<Row> {
+    let dev = unet.device().clone();
+    let dt = unet.dtype();
+    let c = unet.config().in_channels;
+    let ctx_dim = context_dim(unet)?;
+    let x = Tensor::randn(0f32, 1., (2 * b, c, hw, hw), &dev)?.to_dtype(dt)?;
+    let ehs = Tensor::randn(0f32, 1., (2 * b, 77, ctx_dim), &dev)?.to_dtype(dt)?;
+    let t = Tensor::full(500f32, 2 * b, &dev)?;
+    let s = time(iters, || {
+        let y = unet.forward(&x.detach(), &t, &ehs.detach(), None)?.detach();
+        drop(y);
+        sync(&dev)
+    })?;
+    Ok(Row {
+        model: name.into(),
+        what: format!("sampling s/step b{b} {hw}x{hw} (cfg: unet fwd b{})", 2 * b),
+        seconds: s,
+        steps_per_s: Some(1.0 / s),
+        ..Default::default()
+    })
+}
+
+fn context_dim(unet: &UNet2DConditionModel) -> Result<usize> {
+    Ok(unet.config().per_block(
+        "cross_attention_dim",
+        &unet.config().cross_attention_dim,
+        unet.config().block_out_channels.len(),
+    )?[0])
+}
+
+/// The UNet's `sample_size` (latent side), or `default`.
+fn sample_size(unet: &UNet2DConditionModel, default: usize) -> usize {
+    unet.config()
+        .sample_size
+        .as_ref()
+        .and_then(|v| v.as_u64())
+        .map_or(default, |v| v as usize)
 }
 
 /// Times `reward` on `images` (score alone, then score + gradient with respect to the pixels).
@@ -203,11 +303,13 @@ pub fn reward_rows(
             model: model.into(),
             what: format!("{name} score b{b} {h}x{w}: {:.2} img/s", b as f64 / fwd),
             seconds: fwd,
+            ..Default::default()
         },
         Row {
             model: model.into(),
             what: format!("{name} score+grad b{b} {h}x{w}: {:.2} img/s", b as f64 / fb),
             seconds: fb,
+            ..Default::default()
         },
     ])
 }
@@ -216,10 +318,6 @@ pub fn reward_rows(
 /// `tiny-open-clip`, `tiny-aesthetic`, `clip-tokenizer`, looked up next to --model) and, with --large, on
 /// real-sized random weights, scoring 512x512 images (the resize to the model's size included).
 pub fn rewards(a: &BenchArgs) -> Result<Vec<Row>> {
-    use diffpref_rewards::aesthetic::{Aesthetic, AestheticHead};
-    use diffpref_rewards::clip::{ClipConfig, ClipLoadOptions, ClipModel};
-    use diffpref_rewards::{ClipReward, ClipScoring};
-    use std::sync::Arc;
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
     let fixtures = std::path::Path::new(&a.model)
@@ -235,12 +333,41 @@ pub fn rewards(a: &BenchArgs) -> Result<Vec<Row>> {
                 tok_dir.display()
             )
         })?;
-    let b = a.batch.max(1);
+    let mut rows = Vec::new();
+    for &b in &a.batch {
+        rows.extend(rewards_at(
+            a,
+            b.max(1),
+            &fixtures,
+            &tok_dir,
+            &tokenizer,
+            &device,
+            dtype,
+        )?);
+    }
+    Ok(rows)
+}
+
+fn rewards_at(
+    a: &BenchArgs,
+    b: usize,
+    fixtures: &std::path::Path,
+    tok_dir: &std::path::Path,
+    tokenizer: &diffpref_pipelines::tokenizer::ClipTokenizer,
+    device: &Device,
+    dtype: DType,
+) -> Result<Vec<Row>> {
+    use diffpref_rewards::aesthetic::{Aesthetic, AestheticHead};
+    use diffpref_rewards::clip::{ClipConfig, ClipLoadOptions, ClipModel};
+    use diffpref_rewards::{ClipReward, ClipScoring};
+    use std::sync::Arc;
+    let device = device.clone();
+    let tokenizer = tokenizer.clone();
     let images = Tensor::rand(0f32, 1f32, (b, 3, 512, 512), &device)?;
     let prompts = vec!["a photograph of an astronaut riding a horse"; b];
     let mut rows = Vec::new();
     let opts = ClipLoadOptions {
-        tokenizer: Some(tok_dir.clone()),
+        tokenizer: Some(tok_dir.to_path_buf()),
         ..Default::default()
     };
     let hf = fixtures.join("tiny-clip-hf");
@@ -297,6 +424,318 @@ pub fn rewards(a: &BenchArgs) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// `diffpref bench dpo`: Diffusion-DPO training steps per second. Each step is what `train dpo` does per
+/// optimizer step without data loading: the policy forward on `[winners; losers]` (2b latents) with graph,
+/// the reference forward (LoRA: the same UNet with adapters off; --full: a frozen f32 copy), the sigmoid DPO
+/// loss in f32, backward, and AdamW on the trainable f32 master weights. Latents, noise, timesteps and text
+/// states are random and reused (no data loading, no text encoder, no VAE).
+pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
+    use crate::methods::dpo::{
+        pair_errors, pair_loss, DpoLossConfig, PairBatch, Reference, TimestepWeighting,
+    };
+    use crate::train::lora::{LoraConfig, LoraSet};
+    use crate::train::optim::{AdamW, Grads};
+    use diffpref_pipelines::models::unet::AddedCond;
+    use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
+    let device = a.compute.device()?;
+    let dtype = a.compute.dtype()?;
+    anyhow::ensure!(
+        !a.full || dtype == DType::F32,
+        "--full trains the UNet's own weights, kept in f32: use --dtype f32 (LoRA trains f32 adapters on a \
+         bf16/f16 UNet)"
+    );
+    // The UNet's config, a way to build it (trainable or frozen, in a dtype) and its noise schedule.
+    let (name, unet_cfg, sched_cfg, files) = if a.sd15 {
+        let cfg: UNet2DConditionConfig = serde_json::from_str(SD15_UNET_CONFIG)?;
+        (
+            "sd15-random".to_string(),
+            cfg,
+            SchedulerConfig::sd15(),
+            None,
+        )
+    } else {
+        let dir = resolve_model(&a.model, None).with_context(|| format!("--model {}", a.model))?;
+        let name = dir
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string();
+        let cfg = UNet2DConditionConfig::load(&dir.join("unet/config.json"))?;
+        let sched_path = dir.join("scheduler/scheduler_config.json");
+        let sched = if sched_path.exists() {
+            SchedulerConfig::from_file(&sched_path)?
+        } else {
+            SchedulerConfig::sd15()
+        };
+        let files = diffpref_pipelines::weights::find_weight_files(
+            &dir.join("unet"),
+            "diffusion_pytorch_model",
+            None,
+        )?;
+        (name, cfg, sched, Some(files))
+    };
+    let params = |dt: DType| -> Result<Params> {
+        Ok(match &files {
+            Some(f) => Params::from_files(f, dt, &device)?,
+            None => Params::random(0, dt, &device),
+        })
+    };
+    let schedule = NoiseSchedule::new(&sched_cfg)?;
+    let num_t = sched_cfg.num_train_timesteps.max(1) as i64;
+    let loss_cfg = DpoLossConfig::default();
+
+    // Policy, reference and the trainable f32 variables.
+    let (policy, frozen, lora, vars) = if a.full {
+        let p = params(DType::F32)?.trainable();
+        let policy = UNet2DConditionModel::new(&p, unet_cfg.clone())?;
+        let frozen = UNet2DConditionModel::new(&params(DType::F32)?, unet_cfg.clone())?;
+        (policy, Some(frozen), None, p.vars())
+    } else {
+        let policy = UNet2DConditionModel::new(&params(dtype)?, unet_cfg.clone())?;
+        let set = LoraSet::attach(
+            &policy,
+            &LoraConfig {
+                rank: a.rank,
+                ..Default::default()
+            },
+            &device,
+        )?;
+        let vars = set.vars();
+        (policy, None, Some(set), vars)
+    };
+    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let set_enabled = |e: bool| {
+        if let Some(l) = &lora {
+            l.set_enabled(e)
+        }
+    };
+    let reference = match &frozen {
+        Some(u) => Reference::Frozen(u),
+        None => Reference::Adapters {
+            set_enabled: &set_enabled,
+        },
+    };
+    let mode = if a.full {
+        "full".to_string()
+    } else {
+        format!("lora r{}", a.rank)
+    };
+    let hw = a.latent.unwrap_or_else(|| sample_size(&policy, 64));
+    let c = policy.config().in_channels;
+    let ctx_dim = context_dim(&policy)?;
+    let added_dims = if policy.config().uses_text_time() {
+        let time_dim = policy.config().addition_time_embed_dim.unwrap_or(0);
+        let in_dim = policy
+            .config()
+            .projection_class_embeddings_input_dim
+            .unwrap_or(0);
+        Some(in_dim.saturating_sub(6 * time_dim))
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    for &b in &a.batch {
+        let b = b.max(1);
+        let lw = Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?;
+        let ll = Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?;
+        let noise = Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?;
+        let t: Vec<i64> = (0..b as i64).map(|i| (137 * i + 500) % num_t).collect();
+        let t = Tensor::from_vec(t, b, &device)?;
+        let ehs = Tensor::randn(0f32, 1., (b, 77, ctx_dim), &device)?.to_dtype(dtype)?;
+        let added = match added_dims {
+            Some(d) => Some(AddedCond {
+                text_embeds: Tensor::randn(0f32, 1., (b, d), &device)?.to_dtype(dtype)?,
+                time_ids: Tensor::from_vec(
+                    [1024f32, 1024., 0., 0., 1024., 1024.].repeat(b),
+                    (b, 6),
+                    &device,
+                )?
+                .to_dtype(dtype)?,
+            }),
+            None => None,
+        };
+        let batch = PairBatch {
+            latents_w: &lw,
+            latents_l: &ll,
+            noise: &noise,
+            timesteps: &t,
+            encoder_hidden_states: &ehs,
+            added: added.as_ref(),
+        };
+        let mut opt = AdamW::with_lr(1e-5);
+        let mut device_used = 0u64;
+        let mut last_loss = f64::NAN;
+        let step = |opt: &mut AdamW, device_used: &mut u64| -> Result<f64> {
+            let errors = pair_errors(
+                &policy,
+                &reference,
+                &schedule,
+                TimestepWeighting::None,
+                &batch,
+            )?;
+            let (loss, stats) = pair_loss(&loss_cfg, &errors, None)?;
+            let store = loss.backward()?;
+            sync(&device)?;
+            if let Some(u) = gpu_mem::used_bytes(&device) {
+                *device_used = (*device_used).max(u);
+            }
+            let grads = Grads::from_store(&vars, store)?;
+            opt.step(&vars, &grads)?;
+            drop(grads);
+            sync(&device)?;
+            Ok(stats.loss)
+        };
+        // One warm-up step (kernel loading, cuBLAS handles, AdamW state allocation), then the timed ones.
+        step(&mut opt, &mut device_used)?;
+        let peak_tracked = gpu_mem::reset_peak(&device);
+        let iters = a.iters.max(1);
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            last_loss = step(&mut opt, &mut device_used)?;
+        }
+        let secs = t0.elapsed().as_secs_f64() / iters as f64;
+        anyhow::ensure!(
+            last_loss.is_finite(),
+            "dpo bench: the loss is {last_loss} (b{b}, {mode}, {dtype:?})"
+        );
+        let peak = if peak_tracked {
+            gpu_mem::peak_bytes(&device)
+        } else {
+            None
+        };
+        let mut what = format!(
+            "dpo {mode} b{b} {hw}x{hw}: {:.3} steps/s, {:.2} pairs/s",
+            1.0 / secs,
+            b as f64 / secs
+        );
+        if let Some(p) = peak {
+            what.push_str(&format!(", peak {:.2} GiB", gib(p)));
+        }
+        if let (None, Some(rss)) = (peak, host_peak_rss_bytes()) {
+            if device.is_cpu() {
+                what.push_str(&format!(", peak RSS {:.2} GiB", gib(rss)));
+            }
+        }
+        rows.push(Row {
+            model: name.clone(),
+            what,
+            seconds: secs,
+            steps_per_s: Some(1.0 / secs),
+            pairs_per_s: Some(b as f64 / secs),
+            peak_alloc_bytes: peak,
+            device_used_bytes: (device_used > 0).then_some(device_used),
+            host_peak_rss_bytes: if device.is_cpu() {
+                host_peak_rss_bytes()
+            } else {
+                None
+            },
+            trainable_params: Some(n_trainable as u64),
+            batch: Some(b),
+            latent: Some(hw),
+        });
+    }
+    Ok(rows)
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// The process's peak resident set size so far (`VmHWM`), Linux only.
+pub fn host_peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Device-memory readings on CUDA. candle has no allocator statistics, but cudarc allocates with
+/// `cuMemAllocAsync` from the device's default memory pool, whose `USED_MEM_HIGH` attribute is the exact
+/// high-water mark of live allocations (it can be reset). `cuMemGetInfo` gives the card's total use.
+/// Without the `cuda` feature, or on CPU, every reading is `None`.
+pub mod gpu_mem {
+    use candle_core::Device;
+
+    #[cfg(feature = "cuda")]
+    mod imp {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        use candle_core::Device;
+
+        fn pool(dev: &Device) -> Option<sys::CUmemoryPool> {
+            let Device::Cuda(c) = dev else { return None };
+            let stream = c.cuda_stream();
+            let ctx = stream.context();
+            if !ctx.has_async_alloc() {
+                return None;
+            }
+            ctx.bind_to_thread().ok()?;
+            unsafe { result::device::get_default_mem_pool(ctx.cu_device()).ok() }
+        }
+
+        pub fn reset_peak(dev: &Device) -> bool {
+            let Some(p) = pool(dev) else { return false };
+            let mut zero: sys::cuuint64_t = 0;
+            unsafe {
+                result::mem_pool::set_attribute(
+                    p,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut sys::cuuint64_t as *mut std::ffi::c_void,
+                )
+                .is_ok()
+            }
+        }
+
+        pub fn peak_bytes(dev: &Device) -> Option<u64> {
+            let p = pool(dev)?;
+            let mut v: sys::cuuint64_t = 0;
+            unsafe {
+                result::mem_pool::get_attribute(
+                    p,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut v as *mut sys::cuuint64_t as *mut std::ffi::c_void,
+                )
+                .ok()?;
+            }
+            Some(v)
+        }
+
+        pub fn used_bytes(dev: &Device) -> Option<u64> {
+            let Device::Cuda(c) = dev else { return None };
+            let (free, total) = c.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    mod imp {
+        use candle_core::Device;
+        pub fn reset_peak(_: &Device) -> bool {
+            false
+        }
+        pub fn peak_bytes(_: &Device) -> Option<u64> {
+            None
+        }
+        pub fn used_bytes(_: &Device) -> Option<u64> {
+            None
+        }
+    }
+
+    /// Resets the pool's high-water mark; `false` when there is no pool to read (CPU, no async allocation).
+    pub fn reset_peak(dev: &Device) -> bool {
+        imp::reset_peak(dev)
+    }
+
+    /// Peak bytes of live pool allocations since the last [`reset_peak`].
+    pub fn peak_bytes(dev: &Device) -> Option<u64> {
+        imp::peak_bytes(dev)
+    }
+
+    /// Bytes in use on the whole card now (total − free).
+    pub fn used_bytes(dev: &Device) -> Option<u64> {
+        imp::used_bytes(dev)
+    }
+}
+
 pub fn print(rows: &[Row]) {
     println!("{:<16} {:<44} {:>12}", "model", "measure", "seconds");
     for r in rows {
@@ -308,7 +747,81 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let rows = match a.suite {
         Suite::Foundation => foundation(&a)?,
         Suite::Rewards => rewards(&a)?,
+        Suite::Dpo => dpo(&a)?,
     };
     print(&rows);
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({
+            "suite": format!("{:?}", a.suite).to_lowercase(),
+            "device": a.compute.device,
+            "dtype": a.compute.dtype,
+            "iters": a.iters,
+            "rows": rows,
+        });
+        super::common::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(suite: Suite) -> BenchArgs {
+        BenchArgs {
+            suite,
+            model: concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd").into(),
+            sd15: false,
+            large: false,
+            iters: 1,
+            batch: vec![1],
+            latent: None,
+            full: false,
+            rank: 4,
+            json: None,
+            compute: ComputeArgs {
+                device: "cpu".into(),
+                dtype: "f32".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn dpo_suite_times_a_lora_step_and_writes_json() {
+        let tmp = tempfile::tempdir().unwrap();
+        let json = tmp.path().join("dpo.json");
+        let mut a = args(Suite::Dpo);
+        a.latent = Some(8);
+        a.json = Some(json.clone());
+        run(a).unwrap();
+        let doc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(doc["suite"], "dpo");
+        let rows = doc["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert!(r["steps_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["batch"], 1);
+        assert_eq!(r["latent"], 8);
+        // rank 4 on to_q/to_k/to_v/to_out.0 of tiny-sd's attention layers: a few thousand parameters.
+        let n = r["trainable_params"].as_u64().unwrap();
+        assert!(n > 1000 && n < 100_000, "{n}");
+        assert!(
+            r.get("peak_alloc_bytes").is_none(),
+            "no pool statistics on CPU: {r}"
+        );
+        assert!(
+            r["what"].as_str().unwrap().contains("lora r4 b1 8x8"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn dpo_suite_full_needs_f32() {
+        let mut a = args(Suite::Dpo);
+        a.full = true;
+        a.compute.dtype = "bf16".into();
+        let e = dpo(&a).unwrap_err().to_string();
+        assert!(e.contains("--dtype f32"), "{e}");
+    }
 }
