@@ -13,8 +13,15 @@ fn example_config_matches_the_defaults() {
     assert_eq!(cfg.data.resolution, d.data.resolution);
     assert_eq!(cfg.optim.schedule, d.optim.schedule);
     assert_eq!(cfg.log.keep_last, d.log.keep_last);
-    assert_eq!(serde_json::to_value(&cfg.validation).unwrap(), serde_json::to_value(&d.validation).unwrap());
-    let over = TrainConfig::load(Some(&path), &["loss.kind=\"ipo\"".into(), "optim.max_steps=7".into()]).unwrap();
+    assert_eq!(
+        serde_json::to_value(&cfg.validation).unwrap(),
+        serde_json::to_value(&d.validation).unwrap()
+    );
+    let over = TrainConfig::load(
+        Some(&path),
+        &["loss.kind=\"ipo\"".into(), "optim.max_steps=7".into()],
+    )
+    .unwrap();
     assert_eq!(over.optim.max_steps, 7);
     assert_eq!(over.loss.kind, diffpref::methods::dpo::LossKind::Ipo);
 }

@@ -909,7 +909,12 @@ pub fn load_trained_lora(model: &StableDiffusion, path: &Path, scale: f64) -> Re
 /// Mean DPO statistics of a model (optionally with a trained LoRA, at scale 1) on every pair of `cfg`'s data,
 /// `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws for any weights, so a trained LoRA and
 /// the base model are compared on equal terms. The reference is the base model.
-pub fn evaluate_pairs(cfg: &TrainConfig, lora: Option<&Path>, seed: u64, draws: usize) -> Result<DpoStats> {
+pub fn evaluate_pairs(
+    cfg: &TrainConfig,
+    lora: Option<&Path>,
+    seed: u64,
+    draws: usize,
+) -> Result<DpoStats> {
     let device = crate::cli::common::parse_device(&cfg.device)?;
     let dtype = crate::cli::common::parse_dtype(&cfg.dtype)?;
     let model_dir = resolve_model(&cfg.model, cfg.variant.as_deref())?;
