@@ -140,7 +140,7 @@ fi
   echo "diffpref CUDA build"
   echo "commit:        $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- 2>/dev/null || echo ' (+ uncommitted changes)')"
   echo "built:         $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n) ($(nproc) cores)"
-  echo "compute cap:   $CAP (kernels for sm_${CAP}; rebuild with CUDA_COMPUTE_CAP=<cap> for another GPU)"
+  echo "compute cap:   $CAP (candle kernels for this GPU generation only, e.g. sm_90a for 90; rebuild with CUDA_COMPUTE_CAP=<cap> for another GPU)"
   echo "toolchain:     CUDA 13.0 wheels ($(cat "$PREFIX/.wheels" 2>/dev/null | paste -sd' ' -))"
   echo "needs:         NVIDIA driver >= 580, libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10"
   echo "curand bundled: $([ "$WITH_CURAND" = 1 ] && echo yes || echo no)"
