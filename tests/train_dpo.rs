@@ -258,3 +258,40 @@ fn full_fine_tuning_trains_every_unet_weight() {
     )
     .unwrap();
 }
+
+#[test]
+fn kto_on_an_unpaired_manifest_starts_at_one_half() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Reuse the pair images: red squares (desirable) and blue squares (undesirable).
+    let pairs = make_pairs(tmp.path(), 2);
+    let mut lines = Vec::new();
+    for i in 0..2 {
+        for (suffix, desirable) in [("w", true), ("l", false)] {
+            lines.push(format!(
+                r#"{{"prompt": "a red square", "image": "img/{i}-{suffix}.png", "desirable": {desirable}}}"#
+            ));
+        }
+    }
+    let unpaired = tmp.path().join("unpaired.jsonl");
+    std::fs::write(&unpaired, lines.join("\n") + "\n").unwrap();
+    let mut cfg = config(tmp.path(), &pairs, 2);
+    cfg.data.manifest = None;
+    cfg.data.unpaired_manifest = Some(unpaired.clone());
+    cfg.loss.kind = diffpref::methods::dpo::LossKind::Kto;
+    cfg.loss.beta = 1000.0;
+    let s = train(&cfg, None).unwrap();
+    let records = diffpref::train::metrics::read_metrics(&s.metrics).unwrap();
+    let first = records[0]["loss"].as_f64().unwrap();
+    assert!((first - 0.5).abs() < 1e-6, "step-1 loss {first}");
+    assert_eq!(records.last().unwrap()["step"].as_u64(), Some(2));
+    assert!(s.weights.exists());
+
+    let mut both = cfg.clone();
+    both.data.manifest = Some(pairs);
+    let err = format!("{:#}", train(&both, None).unwrap_err());
+    assert!(err.contains("unpaired_manifest"), "{err}");
+    let mut not_kto = cfg.clone();
+    not_kto.loss.kind = diffpref::methods::dpo::LossKind::Sigmoid;
+    let err = format!("{:#}", train(&not_kto, None).unwrap_err());
+    assert!(err.contains("kto"), "{err}");
+}

@@ -337,6 +337,41 @@ fn repeat2(t: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[t, t], 0)?)
 }
 
+/// Runs the policy (with graph) and the reference (without) on `x0` noised with `noise` at `t` (one batched
+/// forward each) and returns the per-sample errors `[N]` of the policy and (unless reference-free) the reference.
+#[allow(clippy::too_many_arguments)]
+pub fn single_errors(
+    policy: &UNet2DConditionModel,
+    reference: &Reference,
+    schedule: &NoiseSchedule,
+    x0: &Tensor,
+    noise: &Tensor,
+    t: &Tensor,
+    ehs: &Tensor,
+    added: Option<&AddedCond>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let x0 = x0.to_dtype(DType::F32)?;
+    let noise = noise.to_dtype(DType::F32)?;
+    let noisy = schedule.add_noise(&x0, &noise, t)?;
+    let target = schedule.target(&x0, &noise, t)?;
+    let pred = policy.forward(&noisy, t, ehs, added)?;
+    let m = per_sample_mse(&pred, &target)?;
+    let ref_m = match reference {
+        Reference::Adapters { set_enabled } => {
+            set_enabled(false);
+            let r = policy.forward(&noisy.detach(), t, &ehs.detach(), added);
+            set_enabled(true);
+            Some(per_sample_mse(&r?.detach(), &target)?)
+        }
+        Reference::Frozen(u) => Some(per_sample_mse(
+            &u.forward(&noisy, t, ehs, added)?.detach(),
+            &target,
+        )?),
+        Reference::None => None,
+    };
+    Ok((m, ref_m))
+}
+
 /// Runs the policy (with graph) and the reference (without) on `[winners; losers]` (one batched forward each,
 /// size 2P) and returns the per-pair errors.
 pub fn pair_errors(
@@ -350,8 +385,6 @@ pub fn pair_errors(
     let x0 = Tensor::cat(&[b.latents_w, b.latents_l], 0)?.to_dtype(DType::F32)?;
     let noise = repeat2(&b.noise.to_dtype(DType::F32)?)?;
     let t = repeat2(b.timesteps)?;
-    let noisy = schedule.add_noise(&x0, &noise, &t)?;
-    let target = schedule.target(&x0, &noise, &t)?;
     let ehs = repeat2(b.encoder_hidden_states)?;
     let added = match b.added {
         Some(a) => Some(AddedCond {
@@ -360,21 +393,16 @@ pub fn pair_errors(
         }),
         None => None,
     };
-    let pred = policy.forward(&noisy, &t, &ehs, added.as_ref())?;
-    let m = per_sample_mse(&pred, &target)?;
-    let ref_m = match reference {
-        Reference::Adapters { set_enabled } => {
-            set_enabled(false);
-            let r = policy.forward(&noisy.detach(), &t, &ehs.detach(), added.as_ref());
-            set_enabled(true);
-            Some(per_sample_mse(&r?.detach(), &target)?)
-        }
-        Reference::Frozen(u) => Some(per_sample_mse(
-            &u.forward(&noisy, &t, &ehs, added.as_ref())?.detach(),
-            &target,
-        )?),
-        Reference::None => None,
-    };
+    let (m, ref_m) = single_errors(
+        policy,
+        reference,
+        schedule,
+        &x0,
+        &noise,
+        &t,
+        &ehs,
+        added.as_ref(),
+    )?;
     let weight = timestep_weight(schedule, weighting, b.timesteps)?;
     Ok(PairErrors {
         model_w: m.narrow(0, 0, p)?,
@@ -383,6 +411,64 @@ pub fn pair_errors(
         ref_l: ref_m.as_ref().map(|r| r.narrow(0, p, p)).transpose()?,
         weight,
     })
+}
+
+/// Diffusion-KTO on unpaired samples (each image with its own noise and timestep): `g = m_ref − m_θ`,
+/// `z₀ = max(0, mean g)` (detached), `L = mean of 1 − σ(s_y β (g − z₀))` with `s_y = +1` for desirable and `−1`
+/// for undesirable images (λ_y = 1). Statistics: `implicit_acc` is the fraction with `s_y (g − z₀) > 0`,
+/// `margin` the mean `s_y β (g − z₀)`, `*_w` means over desirable and `*_l` over undesirable images.
+pub fn kto_unpaired_loss(
+    cfg: &DpoLossConfig,
+    model: &Tensor,
+    reference: &Tensor,
+    desirable: &[bool],
+) -> Result<(Tensor, DpoStats)> {
+    let n = model.dim(0)?;
+    if desirable.len() != n || n == 0 {
+        bail!(
+            "kto_unpaired_loss: {} errors but {} labels",
+            n,
+            desirable.len()
+        );
+    }
+    let m = model.to_dtype(DType::F32)?;
+    let r = reference.to_dtype(DType::F32)?.detach();
+    let g = (&r - &m)?;
+    let z0 = g.mean_all()?.detach().maximum(0f32)?;
+    let s: Vec<f32> = desirable
+        .iter()
+        .map(|&d| if d { 1.0 } else { -1.0 })
+        .collect();
+    let s = Tensor::from_vec(s, n, m.device())?;
+    let z = ((g.broadcast_sub(&z0)? * &s)? * cfg.beta)?;
+    let loss = (candle_nn::ops::sigmoid(&z)?.neg()? + 1.0)?.mean_all()?;
+    let zs: Vec<f32> = z.to_vec1()?;
+    let (mv, rv): (Vec<f32>, Vec<f32>) = (m.to_vec1()?, r.to_vec1()?);
+    let mean_where = |v: &[f32], want: bool| {
+        let sel: Vec<f64> = v
+            .iter()
+            .zip(desirable)
+            .filter(|(_, &d)| d == want)
+            .map(|(&x, _)| x as f64)
+            .collect();
+        if sel.is_empty() {
+            0.0
+        } else {
+            sel.iter().sum::<f64>() / sel.len() as f64
+        }
+    };
+    let stats = DpoStats {
+        loss: mean(&loss)?,
+        implicit_acc: zs.iter().filter(|&&v| v > 0.0).count() as f64 / n as f64,
+        margin: mean(&z)?,
+        model_mse_w: mean_where(&mv, true),
+        model_mse_l: mean_where(&mv, false),
+        ref_mse_w: mean_where(&rv, true),
+        ref_mse_l: mean_where(&rv, false),
+        pairs: n,
+        ..Default::default()
+    };
+    Ok((loss, stats))
 }
 
 /// ω(t) per pair, `[P]` f32.

@@ -15,12 +15,16 @@
 //! CPU run ends with weights identical to an uninterrupted one.
 
 use crate::data::cache::{encode_posteriors, ImageId};
+use crate::data::preprocess::preprocess_image;
 use crate::data::{
-    load_manifest, maybe_drop_caption, preprocess_pair, CachedLatent, DatasetPosition, LatentCache,
-    ManifestOptions, PairDataset, PairSource, PickapicIndex, PickapicOptions, PreprocessConfig,
-    TextEmbedCache,
+    load_manifest, load_unpaired_manifest, maybe_drop_caption, preprocess_pair, CachedLatent,
+    DatasetPosition, LatentCache, ManifestOptions, PairDataset, PairSource, PickapicIndex,
+    PickapicOptions, PreprocessConfig, TextEmbedCache, UnpairedSample,
 };
-use crate::methods::dpo::{pair_errors, pair_loss, DpoLossConfig, DpoStats, PairBatch, Reference};
+use crate::methods::dpo::{
+    kto_unpaired_loss, pair_errors, pair_loss, single_errors, DpoLossConfig, DpoStats, LossKind,
+    PairBatch, Reference,
+};
 use crate::train::checkpoint::{self, Checkpointer, StopFlag};
 use crate::train::ema::{Ema, EmaConfig};
 use crate::train::lora::{LoadMode, LoraConfig, LoraFormat, LoraSet};
@@ -57,6 +61,9 @@ pub struct DataConfig {
     pub manifest: Option<PathBuf>,
     /// Pick-a-Pic v2 parquet shards (used when no manifest is given). Default: none.
     pub parquet: Vec<PathBuf>,
+    /// Unpaired JSONL manifest `{"prompt", "image", "desirable"}` (paths relative to it) for
+    /// `loss.kind = "kto"`: each image gets its own noise and timestep, as the Diffusion-KTO code. Default: none.
+    pub unpaired_manifest: Option<PathBuf>,
     /// Training resolution in pixels (shorter side resized, then cropped square). Default 512.
     pub resolution: u32,
     /// Centre crop (else a random crop). Default true.
@@ -80,6 +87,7 @@ impl Default for DataConfig {
         DataConfig {
             manifest: None,
             parquet: Vec::new(),
+            unpaired_manifest: None,
             resolution: 512,
             center_crop: true,
             random_flip: false,
@@ -297,10 +305,24 @@ impl TrainConfig {
             !self.model.is_empty(),
             "`model` is required (a model folder or hub id)"
         );
+        let sources = self.data.manifest.is_some() as usize
+            + !self.data.parquet.is_empty() as usize
+            + self.data.unpaired_manifest.is_some() as usize;
         ensure!(
-            self.data.manifest.is_some() || !self.data.parquet.is_empty(),
-            "[data] needs `manifest` (JSONL) or `parquet` (Pick-a-Pic shards)"
+            sources > 0,
+            "[data] needs `manifest` (JSONL), `parquet` (Pick-a-Pic shards) or `unpaired_manifest` (KTO)"
         );
+        if self.data.unpaired_manifest.is_some() {
+            ensure!(
+                sources == 1,
+                "[data] `unpaired_manifest` cannot be combined with `manifest` or `parquet`"
+            );
+            ensure!(
+                self.loss.kind == LossKind::Kto,
+                "[data] `unpaired_manifest` needs loss.kind = \"kto\" (got {:?})",
+                self.loss.kind
+            );
+        }
         ensure!(
             self.optim.batch_size > 0 && self.optim.grad_accum > 0,
             "[optim] batch_size and grad_accum must be positive"
@@ -349,6 +371,78 @@ struct RunState {
     data_rng: Rng,
     position: DatasetPosition,
     config: serde_json::Value,
+}
+
+/// A resumable cursor over unpaired (KTO) samples: epoch `e`'s order is a shuffle drawn from
+/// `Rng::derive(seed, "kto-order/e")`.
+struct UnpairedCursor {
+    samples: Vec<UnpairedSample>,
+    seed: u64,
+    shuffle: bool,
+    pos: DatasetPosition,
+    order: Vec<usize>,
+}
+
+impl UnpairedCursor {
+    fn order_for(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.samples.len()).collect();
+        if self.shuffle {
+            Rng::derive(self.seed, &format!("kto-order/{epoch}")).shuffle(&mut order);
+        }
+        order
+    }
+
+    fn seek(&mut self, pos: DatasetPosition) -> Result<()> {
+        ensure!(
+            pos.index <= self.samples.len(),
+            "dataset position {}:{} is beyond the {} samples of an epoch (was the data changed since the \
+             checkpoint?)",
+            pos.epoch,
+            pos.index,
+            self.samples.len()
+        );
+        self.pos = pos;
+        self.order = self.order_for(pos.epoch);
+        Ok(())
+    }
+
+    fn next_batch(&mut self, n: usize) -> Vec<&UnpairedSample> {
+        let mut idx = Vec::with_capacity(n);
+        for _ in 0..n {
+            if self.pos.index >= self.samples.len() {
+                self.pos = DatasetPosition {
+                    epoch: self.pos.epoch + 1,
+                    index: 0,
+                };
+                self.order = self.order_for(self.pos.epoch);
+            }
+            idx.push(self.order[self.pos.index]);
+            self.pos.index += 1;
+        }
+        idx.into_iter().map(|i| &self.samples[i]).collect()
+    }
+}
+
+/// Where the training samples come from.
+enum TrainData {
+    Pairs(PairDataset),
+    Unpaired(UnpairedCursor),
+}
+
+impl TrainData {
+    fn position(&self) -> DatasetPosition {
+        match self {
+            TrainData::Pairs(d) => d.position(),
+            TrainData::Unpaired(u) => u.pos,
+        }
+    }
+
+    fn seek(&mut self, pos: DatasetPosition) -> Result<()> {
+        match self {
+            TrainData::Pairs(d) => d.seek(pos),
+            TrainData::Unpaired(u) => u.seek(pos),
+        }
+    }
 }
 
 struct Trainable {
@@ -444,7 +538,28 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
     ensure!(!params.is_empty(), "nothing to train");
 
     // Data.
-    let (mut dataset, report) = if let Some(m) = &cfg.data.manifest {
+    let (mut data, report) = if let Some(m) = &cfg.data.unpaired_manifest {
+        let opts = ManifestOptions {
+            drop_ties: false,
+            check_images: true,
+            skip_bad: cfg.data.skip_bad,
+        };
+        let (samples, report) = load_unpaired_manifest(m, &opts)?;
+        ensure!(
+            !samples.is_empty(),
+            "no training samples in {}",
+            m.display()
+        );
+        let mut cursor = UnpairedCursor {
+            samples,
+            seed: cfg.seed,
+            shuffle: cfg.data.shuffle,
+            pos: DatasetPosition::default(),
+            order: Vec::new(),
+        };
+        cursor.seek(DatasetPosition::default())?;
+        (TrainData::Unpaired(cursor), report)
+    } else if let Some(m) = &cfg.data.manifest {
         let opts = ManifestOptions {
             drop_ties: cfg.data.drop_ties,
             check_images: true,
@@ -452,7 +567,11 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         };
         let (pairs, report) = load_manifest(m, &opts)?;
         (
-            PairDataset::new(PairSource::Manifest(pairs), cfg.seed, cfg.data.shuffle),
+            TrainData::Pairs(PairDataset::new(
+                PairSource::Manifest(pairs),
+                cfg.seed,
+                cfg.data.shuffle,
+            )),
             report,
         )
     } else {
@@ -463,14 +582,20 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         };
         let (index, report) = PickapicIndex::open(&cfg.data.parquet, &opts)?;
         (
-            PairDataset::new(PairSource::Pickapic(index), cfg.seed, cfg.data.shuffle),
+            TrainData::Pairs(PairDataset::new(
+                PairSource::Pickapic(index),
+                cfg.seed,
+                cfg.data.shuffle,
+            )),
             report,
         )
     };
-    ensure!(
-        !dataset.is_empty(),
-        "no training pairs (after dropping ties and bad rows)"
-    );
+    if let TrainData::Pairs(dataset) = &data {
+        ensure!(
+            !dataset.is_empty(),
+            "no training pairs (after dropping ties and bad rows)"
+        );
+    }
     let pcfg = PreprocessConfig {
         center_crop: cfg.data.center_crop,
         random_flip: cfg.data.random_flip,
@@ -530,7 +655,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             }
             noise_rng = state.noise_rng;
             data_rng = state.data_rng;
-            dataset.seek(state.position)?;
+            data.seek(state.position)?;
             start = state.step;
             eprintln!("resuming from {} (step {start})", dir.display());
         }
@@ -598,7 +723,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
     let bs = cfg.optim.batch_size;
     for step in start..cfg.optim.max_steps {
         if stop.is_set() {
-            let dir = save_checkpoint(step, &opt, &ema, &noise_rng, &data_rng, dataset.position())?;
+            let dir = save_checkpoint(step, &opt, &ema, &noise_rng, &data_rng, data.position())?;
             progress.println(format!(
                 "interrupted: checkpoint saved to {}",
                 dir.display()
@@ -612,6 +737,107 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         let mut acc = GradAccumulator::new();
         let mut step_stats: Vec<DpoStats> = Vec::new();
         for _ in 0..cfg.optim.grad_accum {
+            let dataset = match &mut data {
+                TrainData::Pairs(d) => d,
+                TrainData::Unpaired(u) => {
+                    let samples = u.next_batch(bs);
+                    let n = samples.len();
+                    let mut raws = Vec::with_capacity(n);
+                    let mut pre = Vec::with_capacity(n);
+                    for x in &samples {
+                        let img = crate::imaging::load_image(&x.image)
+                            .with_context(|| format!("sample {}", x.source))?;
+                        pre.push(
+                            preprocess_image(&img, &pcfg, &mut data_rng)
+                                .with_context(|| format!("sample {}", x.source))?,
+                        );
+                        raws.push(img);
+                    }
+                    let images: Vec<&Tensor> = pre.iter().map(|p| &p.0).collect();
+                    let images = Tensor::stack(&images, 0)?
+                        .to_device(&device)?
+                        .to_dtype(dtype)?;
+                    let posteriors = match &latent_cache {
+                        Some(cache) => {
+                            let mut keys = Vec::with_capacity(n);
+                            for (img, pp) in raws.iter().zip(&pre) {
+                                keys.push(cache.key(ImageId::Bytes(img.as_raw()), &pp.1)?);
+                            }
+                            let got = cache.get_or_compute_many(&keys, &device, |missing| {
+                                let idx: Vec<u32> = missing.iter().map(|&i| i as u32).collect();
+                                let idx = Tensor::new(idx.as_slice(), &device)?;
+                                encode_posteriors(&model.vae, &images.index_select(&idx, 0)?)
+                            })?;
+                            CachedLatent::stack(&got, &device)?
+                        }
+                        None => model.vae.encode(&images)?,
+                    };
+                    let vae_noise = data_rng.normal_tensor(posteriors.mean.dims(), &device)?;
+                    let latents = model
+                        .vae
+                        .scale_latents(
+                            &posteriors
+                                .sample(Some(&vae_noise.to_dtype(posteriors.mean.dtype())?))?,
+                        )?
+                        .detach();
+                    let prompts: Vec<&str> = samples
+                        .iter()
+                        .map(|x| {
+                            maybe_drop_caption(&x.prompt, cfg.data.caption_dropout, &mut data_rng)
+                        })
+                        .collect();
+                    let embeds: PromptEmbeds = match &text_cache {
+                        Some(c) => c.get_or_compute_many(&prompts, &device, |missing| {
+                            Ok(model.encode_prompts(missing)?)
+                        })?,
+                        None => model.encode_prompts(&prompts)?,
+                    };
+                    let added = if model.unet.config().uses_text_time() {
+                        let ids: Vec<f32> = pre
+                            .iter()
+                            .flat_map(|x| x.1.sdxl_time_ids().map(|v| v as f32))
+                            .collect();
+                        Some(AddedCond {
+                            text_embeds: embeds
+                                .pooled
+                                .clone()
+                                .context("SDXL training needs pooled text embeddings")?,
+                            time_ids: Tensor::from_vec(ids, (n, 6), &device)?.to_dtype(dtype)?,
+                        })
+                    } else {
+                        None
+                    };
+                    let t: Vec<i64> = (0..n)
+                        .map(|_| noise_rng.below(num_train_t) as i64)
+                        .collect();
+                    let t = Tensor::from_vec(t, n, &device)?;
+                    let noise = noise_rng.normal_tensor(latents.dims(), &device)?;
+                    let (m, r) = single_errors(
+                        &model.unet,
+                        &reference,
+                        &schedule,
+                        &latents,
+                        &noise,
+                        &t,
+                        &embeds.hidden_states.detach(),
+                        added.as_ref(),
+                    )?;
+                    let r = r.context("loss `kto` needs reference predictions")?;
+                    let desirable: Vec<bool> = samples.iter().map(|x| x.desirable).collect();
+                    let (loss, stats) = kto_unpaired_loss(&cfg.loss, &m, &r, &desirable)?;
+                    if !stats.loss.is_finite() {
+                        let good = checkpoint::latest(out)?
+                            .map(|d| d.display().to_string())
+                            .unwrap_or_else(|| "none yet".into());
+                        bail!("the loss became {} at step {} (samples {}); stopping. Last good checkpoint: {good}", stats.loss, step + 1,
+                            samples.iter().map(|x| x.source.as_str()).collect::<Vec<_>>().join(", "));
+                    }
+                    let grads = (loss / cfg.optim.grad_accum as f64)?.backward()?;
+                    acc.add_store(params, grads)?;
+                    step_stats.push(stats);
+                    continue;
+                }
+            };
             let pairs = dataset.next_batch(bs)?;
             let mut pre = Vec::with_capacity(pairs.len());
             for p in &pairs {
@@ -757,14 +983,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         last = Some(s);
         let done = step + 1 == cfg.optim.max_steps;
         if (cfg.log.checkpoint_every > 0 && (step + 1) % cfg.log.checkpoint_every == 0) || done {
-            save_checkpoint(
-                step + 1,
-                &opt,
-                &ema,
-                &noise_rng,
-                &data_rng,
-                dataset.position(),
-            )?;
+            save_checkpoint(step + 1, &opt, &ema, &noise_rng, &data_rng, data.position())?;
         }
         if cfg.validation.every > 0
             && !cfg.validation.prompts.is_empty()
