@@ -474,7 +474,7 @@ fn parquet_round_trip_drops_ties_and_puts_the_winner_first() {
 
     // Random access through the index gives the same pairs.
     let (mut index, report) =
-        PickapicIndex::open(&[shard.clone()], &PickapicOptions::default()).unwrap();
+        PickapicIndex::open(std::slice::from_ref(&shard), &PickapicOptions::default()).unwrap();
     assert_eq!((index.len(), report.ties_dropped), (3, 1));
     let (all, _) = read_pickapic(&shard, &PickapicOptions::default()).unwrap();
     for i in [2, 0, 1] {
@@ -507,7 +507,7 @@ fn parquet_corrupt_row_names_file_and_row() {
     assert!(report.reasons[1].contains("jpg_1"), "{report}");
 
     // The index only reads light columns: the corrupt image shows when the pair is loaded.
-    let (mut index, report) = PickapicIndex::open(&[shard.clone()], &skip).unwrap();
+    let (mut index, report) = PickapicIndex::open(std::slice::from_ref(&shard), &skip).unwrap();
     assert_eq!((index.len(), report.count), (2, 1));
     let e = err_text(index.get(1));
     assert!(

@@ -133,7 +133,7 @@ impl DpoLossConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if !(self.beta > 0.0) {
+        if self.beta.is_nan() || self.beta <= 0.0 {
             bail!("loss.beta must be positive (got {})", self.beta);
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
