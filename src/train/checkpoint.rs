@@ -11,6 +11,7 @@
 //! A folder named `checkpoint-<step>` without `state.json` is never reported as a checkpoint. `.tmp` leftovers
 //! of an interrupted save are ignored and removed by [`latest`] / [`list`].
 
+use candle_core::{Device, Tensor, Var};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -292,6 +293,37 @@ pub fn validate(dir: &Path) -> Result<u64> {
         dir.display()
     );
     Ok(step)
+}
+
+/// Writes trainable vars (name → current value) as safetensors, for checkpoints and exports.
+pub fn save_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
+    let map: std::collections::HashMap<String, Tensor> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Restores trainable vars from a file written by [`save_vars`]; errors name the file, a missing name or
+/// both shapes.
+pub fn load_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    for (n, v) in params {
+        let t = map
+            .get(n)
+            .with_context(|| format!("{}: missing tensor `{n}`", path.display()))?;
+        ensure!(
+            t.dims() == v.dims(),
+            "{}: `{n}` has shape {:?}, expected {:?}",
+            path.display(),
+            t.dims(),
+            v.dims()
+        );
+        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

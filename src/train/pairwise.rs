@@ -19,13 +19,13 @@ use crate::data::preprocess::preprocess_image;
 use crate::data::{
     load_manifest, load_unpaired_manifest, maybe_drop_caption, preprocess_pair, CachedLatent,
     DatasetPosition, LatentCache, ManifestOptions, PairDataset, PairSource, PickapicIndex,
-    PickapicOptions, PreprocessConfig, TextEmbedCache, UnpairedSample,
+    PickapicOptions, PreprocessConfig, TextEmbedCache, Transform, UnpairedSample,
 };
 use crate::methods::dpo::{
     kto_unpaired_loss, pair_errors, pair_loss, single_errors, DpoLossConfig, DpoStats, LossKind,
     PairBatch, Reference,
 };
-use crate::train::checkpoint::{self, Checkpointer, StopFlag};
+use crate::train::checkpoint::{self, load_vars, save_vars, Checkpointer, StopFlag};
 use crate::train::ema::{Ema, EmaConfig};
 use crate::train::lora::{LoadMode, LoraConfig, LoraFormat, LoraSet};
 use crate::train::metrics::{plot_curves, read_metrics, series, MetricsWriter, TrainProgress};
@@ -451,34 +451,6 @@ struct Trainable {
     reference: Option<UNet2DConditionModel>,
 }
 
-fn save_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
-    let map: std::collections::HashMap<String, Tensor> = params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    candle_core::safetensors::save(&map, path)
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn load_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
-    let map = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    for (n, v) in params {
-        let t = map
-            .get(n)
-            .with_context(|| format!("{}: missing trainable tensor `{n}`", path.display()))?;
-        ensure!(
-            t.dims() == v.dims(),
-            "{}: `{n}` has shape {:?}, expected {:?}",
-            path.display(),
-            t.dims(),
-            v.dims()
-        );
-        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
-    }
-    Ok(())
-}
-
 /// Runs (or resumes) a training run. `stop` (e.g. from Ctrl-C) makes it save a checkpoint and return early.
 pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     cfg.validate()?;
@@ -792,26 +764,14 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                         })?,
                         None => model.encode_prompts(&prompts)?,
                     };
-                    let added = if model.unet.config().uses_text_time() {
-                        let ids: Vec<f32> = pre
-                            .iter()
-                            .flat_map(|x| x.1.sdxl_time_ids().map(|v| v as f32))
-                            .collect();
-                        Some(AddedCond {
-                            text_embeds: embeds
-                                .pooled
-                                .clone()
-                                .context("SDXL training needs pooled text embeddings")?,
-                            time_ids: Tensor::from_vec(ids, (n, 6), &device)?.to_dtype(dtype)?,
-                        })
-                    } else {
-                        None
-                    };
-                    let t: Vec<i64> = (0..n)
-                        .map(|_| noise_rng.below(num_train_t) as i64)
-                        .collect();
-                    let t = Tensor::from_vec(t, n, &device)?;
-                    let noise = noise_rng.normal_tensor(latents.dims(), &device)?;
+                    let transforms: Vec<&Transform> = pre.iter().map(|x| &x.1).collect();
+                    let added = sdxl_added_cond(&model, &embeds, &transforms, dtype)?;
+                    let (t, noise) = draw_timesteps_and_noise(
+                        &mut noise_rng,
+                        num_train_t,
+                        latents.dims(),
+                        &device,
+                    )?;
                     let (m, r) = single_errors(
                         &model.unet,
                         &reference,
@@ -891,26 +851,10 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                 })?,
                 None => model.encode_prompts(&prompts)?,
             };
-            let added = if model.unet.config().uses_text_time() {
-                let ids: Vec<f32> = pre
-                    .iter()
-                    .flat_map(|x| x.transform.sdxl_time_ids().map(|v| v as f32))
-                    .collect();
-                Some(AddedCond {
-                    text_embeds: embeds
-                        .pooled
-                        .clone()
-                        .context("SDXL training needs pooled text embeddings")?,
-                    time_ids: Tensor::from_vec(ids, (p, 6), &device)?.to_dtype(dtype)?,
-                })
-            } else {
-                None
-            };
-            let t: Vec<i64> = (0..p)
-                .map(|_| noise_rng.below(num_train_t) as i64)
-                .collect();
-            let t = Tensor::from_vec(t, p, &device)?;
-            let noise = noise_rng.normal_tensor(lw.dims(), &device)?;
+            let transforms: Vec<&Transform> = pre.iter().map(|x| &x.transform).collect();
+            let added = sdxl_added_cond(&model, &embeds, &transforms, dtype)?;
+            let (t, noise) =
+                draw_timesteps_and_noise(&mut noise_rng, num_train_t, lw.dims(), &device)?;
             let labels = Tensor::from_vec(
                 pairs.iter().map(|x| x.label).collect::<Vec<f32>>(),
                 p,
@@ -1031,6 +975,47 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         last,
         interrupted,
     })
+}
+
+/// SDXL micro-conditioning for a training batch: the pooled text embeddings and, per sample, the time ids of
+/// the crop actually applied. `None` for UNets without `text_time`.
+fn sdxl_added_cond(
+    model: &StableDiffusion,
+    embeds: &PromptEmbeds,
+    transforms: &[&Transform],
+    dtype: DType,
+) -> Result<Option<AddedCond>> {
+    if !model.unet.config().uses_text_time() {
+        return Ok(None);
+    }
+    let ids: Vec<f32> = transforms
+        .iter()
+        .flat_map(|t| t.sdxl_time_ids().map(|v| v as f32))
+        .collect();
+    Ok(Some(AddedCond {
+        text_embeds: embeds
+            .pooled
+            .clone()
+            .context("SDXL training needs pooled text embeddings")?,
+        time_ids: Tensor::from_vec(ids, (transforms.len(), 6), model.device())?.to_dtype(dtype)?,
+    }))
+}
+
+/// One uniform integer timestep per sample, then the noise of `shape` (in that order from the stream, so
+/// resumed runs draw the same numbers).
+fn draw_timesteps_and_noise(
+    rng: &mut Rng,
+    num_train_timesteps: u64,
+    shape: &[usize],
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let n = shape[0];
+    let t: Vec<i64> = (0..n)
+        .map(|_| rng.below(num_train_timesteps) as i64)
+        .collect();
+    let t = Tensor::from_vec(t, n, device)?;
+    let noise = rng.normal_tensor(shape, device)?;
+    Ok((t, noise))
 }
 
 fn mean_stats(v: &[DpoStats]) -> DpoStats {

@@ -21,7 +21,7 @@
 //!   a temporary sibling folder and renamed into place.
 
 use crate::data::shapes::Scene;
-use crate::train::checkpoint::{self, Checkpointer, StopFlag};
+use crate::train::checkpoint::{self, load_vars, Checkpointer, StopFlag};
 use crate::train::ema::{Ema, EmaConfig};
 use crate::train::metrics::{MetricsWriter, TrainProgress};
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, Grads};
@@ -617,25 +617,6 @@ fn save_tensors(path: &Path, map: &HashMap<String, Tensor>, dtype: DType) -> Res
         .collect::<Result<_>>()?;
     candle_core::safetensors::save(&conv, path)
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn load_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
-    let map = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    for (n, v) in params {
-        let t = map
-            .get(n)
-            .with_context(|| format!("{}: missing tensor `{n}`", path.display()))?;
-        ensure!(
-            t.dims() == v.dims(),
-            "{}: `{n}` has shape {:?}, expected {:?}",
-            path.display(),
-            t.dims(),
-            v.dims()
-        );
-        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
-    }
-    Ok(())
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
