@@ -65,6 +65,14 @@ pub struct PromptEmbeds {
 }
 
 impl PromptEmbeds {
+    /// Zero embeddings of the same shapes (SDXL's `force_zeros_for_empty_prompt`).
+    pub fn zeros_like(&self) -> Result<PromptEmbeds> {
+        Ok(PromptEmbeds {
+            hidden_states: self.hidden_states.zeros_like()?,
+            pooled: self.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+        })
+    }
+
     /// Concatenates along the batch (e.g. `[uncond; cond]` for classifier-free guidance).
     pub fn cat(parts: &[&PromptEmbeds]) -> Result<PromptEmbeds> {
         let hs: Vec<&Tensor> = parts.iter().map(|p| &p.hidden_states).collect();

@@ -287,16 +287,3 @@ impl<'m> Pipeline<'m> {
         })
     }
 }
-
-trait ZerosLike {
-    fn zeros_like(&self) -> Result<PromptEmbeds>;
-}
-
-impl ZerosLike for PromptEmbeds {
-    fn zeros_like(&self) -> Result<PromptEmbeds> {
-        Ok(PromptEmbeds {
-            hidden_states: self.hidden_states.zeros_like()?,
-            pooled: self.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
-        })
-    }
-}
