@@ -8,8 +8,11 @@
 pub use diffpref_pipelines as pipelines;
 pub use diffpref_rewards as rewards;
 
+pub mod align;
+pub mod assets;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod imaging;
 pub mod methods;
 pub mod train;

@@ -17,6 +17,77 @@ pub fn wilson_interval(successes: f64, n: f64, z: f64) -> (f64, f64) {
 /// z for a two-sided 95% interval.
 pub const Z95: f64 = 1.959_963_984_540_054;
 
+/// The 0.975 quantile of Student's t distribution with `df` degrees of freedom (the half-width factor of a
+/// two-sided 95% interval): exact for 1 and 2, else the Cornish–Fisher expansion in 1/df around the normal
+/// quantile (Abramowitz & Stegun 26.7.5; error < 1e-4 from df = 3).
+pub fn t975(df: usize) -> f64 {
+    match df {
+        0 => f64::INFINITY,
+        1 => 12.706_204_736_174_7,
+        2 => 4.302_652_729_749_464,
+        _ => {
+            let z = Z95;
+            let v = df as f64;
+            let (z3, z5, z7, z9) = (z.powi(3), z.powi(5), z.powi(7), z.powi(9));
+            z + (z3 + z) / (4.0 * v)
+                + (5.0 * z5 + 16.0 * z3 + 3.0 * z) / (96.0 * v * v)
+                + (3.0 * z7 + 19.0 * z5 + 17.0 * z3 - 15.0 * z) / (384.0 * v.powi(3))
+                + (79.0 * z9 + 776.0 * z7 + 1482.0 * z5 - 1920.0 * z3 - 945.0 * z)
+                    / (92160.0 * v.powi(4))
+        }
+    }
+}
+
+/// A sample mean with its two-sided 95% Student-t interval `x̄ ± t(0.975, n−1) · s/√n` (s: the sample
+/// standard deviation, n − 1 in the denominator).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MeanCi {
+    pub mean: f64,
+    /// Half-width of the 95% interval (infinite for fewer than two values).
+    pub ci95: f64,
+    pub std: f64,
+    pub n: usize,
+}
+
+impl MeanCi {
+    pub fn of(xs: &[f64]) -> MeanCi {
+        let n = xs.len();
+        if n == 0 {
+            return MeanCi {
+                mean: f64::NAN,
+                ci95: f64::INFINITY,
+                std: f64::NAN,
+                n,
+            };
+        }
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        if n == 1 {
+            return MeanCi {
+                mean,
+                ci95: f64::INFINITY,
+                std: f64::NAN,
+                n,
+            };
+        }
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        let std = var.sqrt();
+        MeanCi {
+            mean,
+            ci95: t975(n - 1) * std / (n as f64).sqrt(),
+            std,
+            n,
+        }
+    }
+
+    pub fn lo(&self) -> f64 {
+        self.mean - self.ci95
+    }
+
+    pub fn hi(&self) -> f64 {
+        self.mean + self.ci95
+    }
+}
+
 /// Agreement of a reward with preference labels.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PairAccuracy {
@@ -67,6 +138,31 @@ pub fn pair_accuracy(pairs: &[(f64, f64, f64)]) -> PairAccuracy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn t_quantiles_match_tables() {
+        // Student t 0.975 quantiles (scipy.stats.t.ppf(0.975, df)).
+        for (df, want) in [
+            (1, 12.706205),
+            (2, 4.302653),
+            (3, 3.182446),
+            (5, 2.570582),
+            (10, 2.228139),
+            (30, 2.042272),
+            (120, 1.979930),
+        ] {
+            assert!((t975(df) - want).abs() < 2e-4, "df {df}: {} vs {want}", t975(df));
+        }
+    }
+
+    #[test]
+    fn mean_ci_is_the_t_interval() {
+        let m = MeanCi::of(&[1.0, 2.0, 3.0, 4.0]);
+        assert!((m.mean - 2.5).abs() < 1e-12);
+        // s = sqrt(5/3), t(0.975, 3) = 3.182446: half-width 3.182446 * 1.290994 / 2.
+        assert!((m.ci95 - 3.182446 * (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-4, "{}", m.ci95);
+        assert!(MeanCi::of(&[1.0]).ci95.is_infinite());
+    }
 
     #[test]
     fn wilson_matches_known_values() {

@@ -2,7 +2,8 @@
 //! model folder (default: the tiny test model) and on an SD1.5-sized random UNet at a 32x32 latent.
 //! `diffpref bench rewards`: reward models scored per second. `diffpref bench dpo`: Diffusion-DPO training
 //! steps per second (LoRA or full fine-tuning; random latents, noise and text states) and, on CUDA, the peak
-//! device memory of a step.
+//! device memory of a step. `diffpref bench align`: base model vs preference methods at a fixed step budget
+//! on held-out prompts ([`crate::align`]).
 
 use super::common::ComputeArgs;
 use anyhow::{Context, Result};
@@ -35,6 +36,10 @@ pub enum Suite {
     /// --model's UNet or, with --sd15, an SD1.5-sized random UNet; LoRA (default) or --full; one row per
     /// --batch (pairs per step); on CUDA also the peak device memory of a step.
     Dpo,
+    /// Alignment: the base model against each --method (a LoRA trained at the same step budget), on
+    /// held-out prompts with the same noise: reward ± 95% CI, change, win rate, diversity, wall time. Default:
+    /// the embedded shapes world (assets/shapes/dpo.toml).
+    Align,
 }
 
 /// Arguments of `diffpref bench`.
@@ -69,6 +74,18 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
+    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft).
+    #[arg(long = "method", default_values_t = ["dpo".to_string()])]
+    pub methods: Vec<String>,
+    /// align: training configuration (default: the embedded shapes-world one).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// align: configuration overrides, e.g. `--set optim.max_steps=200` (the step budget).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// align: output folder (one subfolder per method, align.json, grid.png).
+    #[arg(long, default_value = "runs/bench-align")]
+    pub out: std::path::PathBuf,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -744,10 +761,14 @@ pub fn print(rows: &[Row]) {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.suite == Suite::Align {
+        return align(&a);
+    }
     let rows = match a.suite {
         Suite::Foundation => foundation(&a)?,
         Suite::Rewards => rewards(&a)?,
         Suite::Dpo => dpo(&a)?,
+        Suite::Align => unreachable!("handled above"),
     };
     print(&rows);
     if let Some(path) = &a.json {
@@ -759,6 +780,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "rows": rows,
         });
         super::common::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `bench align`: see [`crate::align`].
+fn align(a: &BenchArgs) -> Result<()> {
+    let cfg = match &a.config {
+        Some(p) => crate::train::pairwise::TrainConfig::load(Some(p), &a.overrides)?,
+        None => crate::assets::default_dpo_config(&a.overrides)?,
+    };
+    cfg.validate()?;
+    let report = crate::align::run_align(&cfg, &a.methods, &a.out, cfg.log.progress)?;
+    print!("{}", crate::align::format_table(&report));
+    println!(
+        "report: {}\ngrid: {}",
+        report.report.display(),
+        report.grid.display()
+    );
+    if let Some(path) = &a.json {
+        std::fs::copy(&report.report, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
@@ -778,6 +820,10 @@ mod tests {
             latent: None,
             full: false,
             rank: 4,
+            methods: vec!["dpo".into()],
+            config: None,
+            overrides: Vec::new(),
+            out: "runs/bench-align".into(),
             json: None,
             compute: ComputeArgs {
                 device: "cpu".into(),

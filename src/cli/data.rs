@@ -4,6 +4,7 @@
 //! diffpref data make-prefs --model DIR --prompts FILE --pairs N --out DIR [--temperature T] [--seed S]
 //!     [--steps 20] [--guidance 7.5] [--scheduler NAME] [--batch-size 4] [--device ...] [--dtype ...]
 //! diffpref data render (--prompts FILE | --random N) --out DIR [--size 64] [--seed S] [--max-objects 3]
+//! diffpref data prompts --count N --out FILE [--seed S] [--max-objects 3] [--exclude FILE ...]
 //! ```
 //!
 //! * `make-prefs` samples two images per pair from a model (pair i uses prompt i mod the number of prompts,
@@ -16,6 +17,8 @@
 //!   arguments give the same files.
 //! * `render` draws the ground truth: one scene per caption of `--prompts` (or `--random N` random scenes),
 //!   `NNNNN.png` plus `manifest.jsonl` with `{"image", "prompt"}` per line (the `score --manifest` format).
+//! * `prompts` draws distinct random captions, none of those in the `--exclude` files (how the demo set's
+//!   training prompts and the held-out prompts in `assets/shapes/` were made).
 
 use super::common::{write_atomic, ComputeArgs};
 use super::generate::{load_model, parse_scheduler, progress};
@@ -44,6 +47,27 @@ pub enum DataCommand {
     MakePrefs(MakePrefsArgs),
     /// Ground-truth renders of shapes captions (or of random scenes), with a manifest.
     Render(RenderArgs),
+    /// Distinct random shapes captions (e.g. a training list and a held-out list that excludes it).
+    Prompts(PromptsArgs),
+}
+
+/// Arguments of `diffpref data prompts`.
+#[derive(Args, Debug)]
+pub struct PromptsArgs {
+    /// Number of distinct captions.
+    #[arg(long)]
+    pub count: usize,
+    /// Output text file (one caption per line).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most objects in a scene (1 to 3).
+    #[arg(long, default_value_t = 3)]
+    pub max_objects: usize,
+    /// Prompt files whose captions must not be drawn (repeatable).
+    #[arg(long)]
+    pub exclude: Vec<PathBuf>,
 }
 
 /// Arguments of `diffpref data make-prefs`.
@@ -106,33 +130,13 @@ pub fn run(a: DataArgs) -> Result<()> {
     match a.command {
         DataCommand::MakePrefs(a) => make_prefs(a),
         DataCommand::Render(a) => render(a),
+        DataCommand::Prompts(a) => prompts(a),
     }
 }
 
 /// The captions of a prompts file (blank and `#` lines skipped), each checked against the shapes grammar.
 pub fn read_captions(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --prompts {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if parse_caption(line).is_none() {
-            bail!(
-                "{} line {}: {line:?} is not a shapes caption (e.g. \"a red circle\", \"two blue squares\", \
-                 \"a red circle above a blue square\")",
-                path.display(),
-                i + 1
-            );
-        }
-        out.push(line.to_string());
-    }
-    if out.is_empty() {
-        bail!("--prompts {}: no captions", path.display());
-    }
-    Ok(out)
+    crate::eval::read_prompts(path, true).context("--prompts")
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -252,6 +256,43 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
         agree,
         100.0 * agree as f64 / a.pairs as f64
     );
+    Ok(())
+}
+
+fn prompts(a: PromptsArgs) -> Result<()> {
+    if a.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if !(1..=3).contains(&a.max_objects) {
+        bail!("--max-objects must be 1, 2 or 3 (got {})", a.max_objects);
+    }
+    let mut taken = std::collections::HashSet::new();
+    for f in &a.exclude {
+        taken.extend(crate::eval::read_prompts(f, false).context("--exclude")?);
+    }
+    let mut rng = Rng::derive(a.seed, "prompts");
+    let mut out = Vec::with_capacity(a.count);
+    let mut misses = 0usize;
+    while out.len() < a.count {
+        let caption = random_spec(&mut rng, a.max_objects).caption();
+        if taken.insert(caption.clone()) {
+            out.push(caption);
+            misses = 0;
+        } else {
+            misses += 1;
+            if misses > 100_000 {
+                bail!(
+                    "only {} distinct captions could be drawn (with --max-objects {} and the excluded files)",
+                    out.len(),
+                    a.max_objects
+                );
+            }
+        }
+    }
+    let mut text = out.join("\n");
+    text.push('\n');
+    write_atomic(&a.out, text.as_bytes())?;
+    println!("{} captions in {}", out.len(), a.out.display());
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod common;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod grid;
 pub mod lora;
@@ -34,11 +35,16 @@ pub enum Command {
     /// Score images with a reward model (CLIP score, aesthetic, PickScore, HPS, ImageReward), or measure
     /// a reward's agreement with preference pairs (--pairs).
     Score(score::ScoreArgs),
+    /// Held-out evaluation with a reward: mean with 95% CI, and with --lora the win rate and paired change
+    /// against the base model on the same noise, plus diversity; JSON report and grid PNG.
+    Eval(eval::EvalArgs),
     /// LoRA tools: `lora merge` bakes LoRA files into a copy of a model.
     Lora(lora::LoraArgs),
-    /// Preference fine-tuning: `train dpo --config FILE.toml [--set key=value ...]`.
+    /// Preference fine-tuning: `train dpo [--config FILE.toml] [--set key=value ...]` (no arguments: the
+    /// embedded shapes-world default).
     Train(train::TrainArgs),
-    /// Shapes-world data: `data make-prefs` (synthetic preference pairs), `data render` (ground truth).
+    /// Shapes-world data: `data make-prefs` (synthetic preference pairs), `data render` (ground truth),
+    /// `data prompts` (random captions).
     Data(data::DataArgs),
     /// Train a small SD-architecture model from scratch on the shapes world (VAE, then UNet) and write a
     /// diffusers folder: `pretrain --config FILE.toml [--set key=value ...]`.
@@ -52,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => verify::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Score(a) => score::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Lora(a) => lora::run(a),
         Command::Train(a) => train::run(a),
         Command::Data(a) => data::run(a),

@@ -2,7 +2,9 @@
 
 use crate::train::checkpoint::StopFlag;
 use crate::train::pairwise::{train, TrainConfig};
-use anyhow::{bail, Result};
+use super::eval::print_comparison;
+use crate::assets::{default_dpo_config, DEFAULT_DPO_PATH};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -16,14 +18,16 @@ pub struct TrainArgs {
 #[derive(Subcommand, Debug)]
 pub enum Method {
     /// Diffusion-DPO and its loss family (hinge, IPO, cDPO, robust, SimPO, MaPO, KTO, SFT) on preference
-    /// pairs, with LoRA or full fine-tuning.
+    /// pairs, with LoRA or full fine-tuning. With no arguments: a LoRA on the embedded shapes-world model
+    /// and demo set, with the held-out reward before and after.
     Dpo(ConfigArgs),
 }
 
 /// `--config FILE.toml [--set key=value ...]`.
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
-    /// TOML configuration (every field and its default: examples/dpo.toml).
+    /// TOML configuration (every field and its default: examples/dpo.toml). Without it: the embedded
+    /// shapes-world default (assets/shapes/dpo.toml), with any --set applied on top.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a config field, e.g. `--set optim.lr=1e-4 --set loss.kind=hinge` (repeatable).
@@ -34,10 +38,22 @@ pub struct ConfigArgs {
 pub fn run(a: TrainArgs) -> Result<()> {
     match a.method {
         Method::Dpo(c) => {
-            if c.config.is_none() && c.overrides.is_empty() {
-                bail!("diffpref train dpo needs --config FILE.toml (see examples/dpo.toml) or --set key=value overrides");
-            }
-            let cfg = TrainConfig::load(c.config.as_deref(), &c.overrides)?;
+            let cfg = match &c.config {
+                Some(path) => TrainConfig::load(Some(path), &c.overrides)?,
+                None => {
+                    let cfg = default_dpo_config(&c.overrides)?;
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_DPO_PATH}): a DPO LoRA on {} with {}",
+                        cfg.model,
+                        cfg.data
+                            .manifest
+                            .as_ref()
+                            .map(|m| m.display().to_string())
+                            .unwrap_or_default()
+                    );
+                    cfg
+                }
+            };
             let stop = StopFlag::install()?;
             let s = train(&cfg, Some(stop))?;
             if s.interrupted {
@@ -49,8 +65,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     s.steps, l.loss, l.implicit_acc, l.margin
                 );
             }
+            if let Some(e) = &s.eval {
+                print_comparison(&e.reward, e.prompts, e.samples_per_prompt, &e.comparison);
+                println!("report: {}", e.report.display());
+                println!("before/after grid: {}", e.grid.display());
+            }
             println!("weights: {}", s.weights.display());
             println!("metrics: {}", s.metrics.display());
+            let curves = s.output_dir.join("curves.png");
+            if curves.exists() {
+                println!("curves: {}", curves.display());
+            }
             Ok(())
         }
     }

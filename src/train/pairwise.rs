@@ -32,6 +32,11 @@ use crate::train::metrics::{plot_curves, read_metrics, series, MetricsWriter, Tr
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::train::rng::Rng;
 use crate::train::schedule::{LrSchedule, ScheduleKind};
+use crate::cli::score::{load_reward, RewardKind};
+use crate::eval::{
+    compare, comparison_grid, per_prompt, read_prompts, sample_and_score, Comparison,
+    SampleOptions, Samples,
+};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use diffpref_pipelines::loading::{resolve_model, LoadOptions, PromptEmbeds, StableDiffusion};
@@ -39,6 +44,7 @@ use diffpref_pipelines::models::unet::{AddedCond, UNet2DConditionModel};
 use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
 use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
 use diffpref_pipelines::weights::{find_weight_files, Params};
+use diffpref_rewards::Reward;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -203,6 +209,101 @@ impl Default for ValidationConfig {
     }
 }
 
+/// `[eval]`: held-out reward of samples before training, every `every` steps and after (see [`crate::eval`]):
+/// the same prompts and initial noise each time, so the change is paired. Writes `eval.json` and
+/// `before_after.png`, logs `eval_reward` to the metrics and plots it with the loss.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Held-out prompts, one per line. Default: none (no evaluation).
+    pub prompts: Option<PathBuf>,
+    /// shapes | clip | pickscore | hps | aesthetic | imagereward. Default shapes.
+    pub reward: String,
+    /// Reward weights (folder, file or hub id; not used by shapes). Default: none.
+    pub reward_weights: Option<String>,
+    /// `aesthetic` only: the CLIP backbone. Default: none.
+    pub reward_clip: Option<String>,
+    /// Samples per prompt. Default 4.
+    pub samples: usize,
+    /// Sampling steps. Default 20.
+    pub steps: usize,
+    /// Guidance scale. Default 7.5.
+    pub guidance: f64,
+    /// Sampler (ddim, ddpm, euler, euler-a, dpmpp-2m). Default: the model's scheduler.
+    pub scheduler: Option<String>,
+    /// Seed of the initial noise. Default 0.
+    pub seed: u64,
+    /// Also evaluate every N optimizer steps (0 = before and after only). Default 0.
+    pub every: u64,
+    /// Images per pipeline call. Default 16.
+    pub batch_size: usize,
+    /// Prompts shown in before_after.png. Default 8.
+    pub grid_prompts: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            prompts: None,
+            reward: "shapes".into(),
+            reward_weights: None,
+            reward_clip: None,
+            samples: 4,
+            steps: 20,
+            guidance: 7.5,
+            scheduler: None,
+            seed: 0,
+            every: 0,
+            batch_size: 16,
+            grid_prompts: 8,
+        }
+    }
+}
+
+impl EvalConfig {
+    /// The sampling options of the evaluation.
+    pub fn sample_options(&self) -> Result<SampleOptions> {
+        Ok(SampleOptions {
+            samples_per_prompt: self.samples,
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: crate::cli::generate::parse_scheduler(&self.scheduler)
+                .context("[eval] scheduler")?,
+            seed: self.seed,
+            batch_size: self.batch_size,
+        })
+    }
+
+    /// The reward named by `reward`.
+    pub fn reward_kind(&self) -> Result<RewardKind> {
+        <RewardKind as clap::ValueEnum>::from_str(&self.reward, true).map_err(|_| {
+            anyhow::anyhow!(
+                "[eval] reward = {:?}: expected shapes, clip, pickscore, hps, aesthetic or imagereward",
+                self.reward
+            )
+        })
+    }
+
+    /// Loads the reward (f32) on `device`.
+    pub fn load_reward(&self, device: &Device) -> Result<Box<dyn Reward>> {
+        let kind = self.reward_kind()?;
+        let weights = match (kind, &self.reward_weights) {
+            (RewardKind::Shapes, _) => String::new(),
+            (_, Some(w)) => w.clone(),
+            (_, None) => bail!("[eval] reward = {:?} needs reward_weights", self.reward),
+        };
+        load_reward(
+            kind,
+            &weights,
+            self.reward_clip.as_deref(),
+            None,
+            DType::F32,
+            device,
+        )
+        .context("[eval] loading the reward")
+    }
+}
+
 /// A whole training run (`diffpref train dpo --config FILE.toml`). See `examples/dpo.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,6 +330,7 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     pub log: LogConfig,
     pub validation: ValidationConfig,
+    pub eval: EvalConfig,
 }
 
 impl Default for TrainConfig {
@@ -248,6 +350,7 @@ impl Default for TrainConfig {
             optim: OptimConfig::default(),
             log: LogConfig::default(),
             validation: ValidationConfig::default(),
+            eval: EvalConfig::default(),
         }
     }
 }
@@ -279,21 +382,24 @@ impl TrainConfig {
     /// Reads a TOML config (or starts from the defaults) and applies `--set key=value` overrides. Unknown keys
     /// are errors naming the key.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
-        let mut doc: toml::Table = match path {
+        match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("cannot read config {}", p.display()))?;
-                text.parse()
-                    .with_context(|| format!("{}: invalid TOML", p.display()))?
+                Self::from_toml(&text, &p.display().to_string(), overrides)
             }
-            None => toml::Table::new(),
-        };
+            None => Self::from_toml("", "the configuration", overrides),
+        }
+    }
+
+    /// Parses a TOML configuration (`what` names it in errors) and applies `--set` overrides.
+    pub fn from_toml(text: &str, what: &str, overrides: &[String]) -> Result<TrainConfig> {
+        let mut doc: toml::Table = text
+            .parse()
+            .with_context(|| format!("{what}: invalid TOML"))?;
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let what = path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "the configuration".into());
         let cfg: TrainConfig = toml::Value::Table(doc)
             .try_into()
             .with_context(|| format!("{what}: invalid training configuration"))?;
@@ -337,6 +443,10 @@ impl TrainConfig {
             "[data] caption_dropout must be in [0, 1]"
         );
         self.loss.validate()?;
+        if self.eval.prompts.is_some() {
+            ensure!(self.eval.samples >= 1, "[eval] samples must be at least 1");
+            self.eval.reward_kind()?;
+        }
         Ok(())
     }
 
@@ -362,6 +472,20 @@ pub struct TrainSummary {
     pub last: Option<DpoStats>,
     /// True when stopped early by Ctrl-C (a checkpoint was saved).
     pub interrupted: bool,
+    /// Held-out reward after vs before training (when `[eval] prompts` is set and the run finished).
+    pub eval: Option<EvalOutcome>,
+}
+
+/// The held-out evaluation of a finished run.
+#[derive(Clone, Debug)]
+pub struct EvalOutcome {
+    pub comparison: Comparison,
+    pub reward: String,
+    pub prompts: usize,
+    pub samples_per_prompt: usize,
+    /// `eval.json` and `before_after.png`.
+    pub report: PathBuf,
+    pub grid: PathBuf,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -639,6 +763,30 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         eprintln!("skipped {} bad rows", report.count);
         metrics.write(&serde_json::json!({"step": start, "skipped_rows": report.count}))?;
     }
+    // Held-out evaluation: the base model's samples first (the same noise is reused after training).
+    let evaluation = match &cfg.eval.prompts {
+        Some(p) => {
+            let kind = cfg.eval.reward_kind()?;
+            Some(Evaluation {
+                prompts: read_prompts(p, kind == RewardKind::Shapes).context("[eval] prompts")?,
+                opts: cfg.eval.sample_options()?,
+                reward: cfg.eval.load_reward(&device)?,
+                progress: cfg.log.progress,
+            })
+        }
+        None => None,
+    };
+    let base_samples = match &evaluation {
+        Some(e) => {
+            let s = with_weights(&mut model, &trainable, true, |m| e.sample(m, "eval base"))?;
+            if start == 0 {
+                let r = crate::eval::summarize(&s).reward;
+                metrics.log(0, &[("eval_reward", r.mean), ("eval_ci95", r.ci95)])?;
+            }
+            Some(s)
+        }
+        None => None,
+    };
     let progress = if cfg.log.progress {
         TrainProgress::new(cfg.optim.max_steps, start)
     } else {
@@ -938,6 +1086,27 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                 .join(format!("step-{:06}.png", step + 1));
             validation_grid(&mut model, &trainable, &cfg.validation, step + 1, &path)?;
         }
+        if let (Some(e), Some(b)) = (&evaluation, &base_samples) {
+            if cfg.eval.every > 0 && (step + 1) % cfg.eval.every == 0 && !done {
+                let s = with_weights(&mut model, &trainable, false, |m| e.sample(m, "eval"))?;
+                let c = compare(b, &s)?;
+                metrics.log(
+                    step + 1,
+                    &[
+                        ("eval_reward", c.model.reward.mean),
+                        ("eval_ci95", c.model.reward.ci95),
+                        ("eval_win_rate", c.win_rate),
+                    ],
+                )?;
+                progress.println(format!(
+                    "step {}: held-out {} {} (base {})",
+                    step + 1,
+                    e.reward.name(),
+                    crate::eval::fmt_ci(&c.model.reward),
+                    crate::eval::fmt_ci(&c.base.reward)
+                ));
+            }
+        }
     }
     progress.finish();
 
@@ -959,11 +1128,68 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             dir
         }
     };
+    let eval = match (&evaluation, &base_samples) {
+        (Some(e), Some(b)) if !interrupted => {
+            let after = with_weights(&mut model, &trainable, false, |m| e.sample(m, "eval tuned"))?;
+            let c = compare(b, &after)?;
+            metrics.log(
+                cfg.optim.max_steps,
+                &[
+                    ("eval_reward", c.model.reward.mean),
+                    ("eval_ci95", c.model.reward.ci95),
+                    ("eval_win_rate", c.win_rate),
+                ],
+            )?;
+            let report = serde_json::json!({
+                "steps": cfg.optim.max_steps,
+                "reward": e.reward.name(),
+                "prompts_file": cfg.eval.prompts,
+                "prompts": e.prompts.len(),
+                "samples_per_prompt": e.opts.samples_per_prompt,
+                "seed": cfg.eval.seed,
+                "sampling_steps": cfg.eval.steps,
+                "guidance": cfg.eval.guidance,
+                "base": c.base,
+                "model": c.model,
+                "difference": c.difference,
+                "improved_beyond_ci": c.improved_beyond_ci(),
+                "win_rate": c.win_rate,
+                "win_rate_ci95": c.win_rate_ci95,
+                "wins": c.wins, "ties": c.ties, "losses": c.losses,
+                "per_prompt": per_prompt(&[("base", b), ("tuned", &after)]),
+            });
+            let report_path = out.join("eval.json");
+            crate::cli::common::write_atomic(
+                &report_path,
+                serde_json::to_string_pretty(&report)?.as_bytes(),
+            )?;
+            let grid_path = out.join("before_after.png");
+            let grid = comparison_grid(
+                &[("before", b), ("after", &after)],
+                cfg.eval.grid_prompts,
+                4,
+            )?;
+            crate::imaging::save_png(&grid, &grid_path)?;
+            Some(EvalOutcome {
+                comparison: c,
+                reward: e.reward.name().to_string(),
+                prompts: e.prompts.len(),
+                samples_per_prompt: e.opts.samples_per_prompt,
+                report: report_path,
+                grid: grid_path,
+            })
+        }
+        _ => None,
+    };
     let records = read_metrics(&metrics_path)?;
-    let curves = [
+    let mut curves = vec![
         ("loss", series(&records, "loss")),
         ("implicit_acc", series(&records, "implicit_acc")),
     ];
+    let eval_curve = series(&records, "eval_reward");
+    if !eval_curve.is_empty() {
+        curves.push(("eval_reward", eval_curve));
+    }
     if curves[0].1.len() > 1 {
         plot_curves(out.join("curves.png"), &curves)?;
     }
@@ -974,7 +1200,58 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         metrics: metrics_path,
         last,
         interrupted,
+        eval,
     })
+}
+
+/// The held-out prompts, sampling options and reward of `[eval]`.
+struct Evaluation {
+    prompts: Vec<String>,
+    opts: SampleOptions,
+    reward: Box<dyn Reward>,
+    progress: bool,
+}
+
+impl Evaluation {
+    fn sample(&self, model: &StableDiffusion, what: &str) -> Result<Samples> {
+        let n = self.prompts.len() * self.opts.samples_per_prompt;
+        let pb = if self.progress {
+            crate::cli::generate::progress(n, what)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let s = sample_and_score(model, &self.prompts, &self.opts, self.reward.as_ref(), Some(&pb));
+        pb.finish_and_clear();
+        s
+    }
+}
+
+/// Runs `f` on the base weights (`base`: adapters off, or the frozen reference UNet swapped in) or on the
+/// trained ones; LoRA dropout is off either way.
+fn with_weights<T>(
+    model: &mut StableDiffusion,
+    t: &Trainable,
+    base: bool,
+    f: impl FnOnce(&StableDiffusion) -> Result<T>,
+) -> Result<T> {
+    match (&t.lora, &t.reference) {
+        (Some(l), _) => {
+            let training = l.is_training();
+            l.set_training(false);
+            l.set_enabled(!base);
+            let out = f(model);
+            l.set_enabled(true);
+            l.set_training(training);
+            out
+        }
+        (None, Some(r)) if base => {
+            let policy = std::mem::replace(&mut model.unet, r.clone());
+            let out = f(model);
+            model.unet = policy;
+            out
+        }
+        _ => f(model),
+    }
 }
 
 /// SDXL micro-conditioning for a training batch: the pooled text embeddings and, per sample, the time ids of
@@ -1071,21 +1348,8 @@ fn validation_grid(
         )?;
         crate::imaging::tensor_to_images(&out.images)
     };
-    let (base, current) = match (&t.lora, &t.reference) {
-        (Some(l), _) => {
-            l.set_enabled(false);
-            let b = run(model);
-            l.set_enabled(true);
-            (b?, run(model)?)
-        }
-        (None, Some(r)) => {
-            let policy = std::mem::replace(&mut model.unet, r.clone());
-            let b = run(model);
-            model.unet = policy;
-            (b?, run(model)?)
-        }
-        _ => unreachable!(),
-    };
+    let base = with_weights(model, t, true, run)?;
+    let current = with_weights(model, t, false, run)?;
     let rows: Vec<Vec<image::RgbImage>> = base
         .into_iter()
         .zip(current)

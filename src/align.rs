@@ -1,0 +1,237 @@
+//! The alignment benchmark behind `diffpref bench align`: the base model against each preference method
+//! trained from it at the same optimizer-step budget, all evaluated on the same held-out prompts and initial
+//! noise with the same reward (see [`crate::eval`] for the figures). One row per method; the default setting
+//! is the embedded shapes world ([`crate::assets::default_dpo_config`]).
+//!
+//! Each method is a member of the Diffusion-DPO loss family (`dpo` = the sigmoid loss, `ipo`, `hinge`,
+//! `robust`, `simpo`, `mapo`, `kto`, `sft`), trained as a LoRA by [`crate::train::pairwise::train`] with the
+//! configuration's data, optimizer and budget, into `OUT/<method>/` (replaced on every run).
+
+use crate::eval::{
+    compare, comparison_grid, read_prompts, sample_and_score, summarize, SampleOptions, Samples,
+};
+use crate::methods::dpo::LossKind;
+use crate::train::pairwise::{train, TrainConfig, TrainMode};
+use anyhow::{bail, ensure, Context, Result};
+use diffpref_pipelines::loading::{resolve_model, LoadOptions, StableDiffusion};
+use diffpref_rewards::metrics::MeanCi;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The loss kind of a method name (`dpo` is the sigmoid loss).
+pub fn method_kind(name: &str) -> Result<LossKind> {
+    let kind = if name == "dpo" { "sigmoid" } else { name };
+    serde_json::from_value(serde_json::Value::String(kind.into())).map_err(|_| {
+        anyhow::anyhow!(
+            "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto or sft"
+        )
+    })
+}
+
+/// One row of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct AlignRow {
+    pub method: String,
+    pub reward: MeanCi,
+    /// Paired change against the base model (none for the base row).
+    pub difference: Option<MeanCi>,
+    pub win_rate: Option<f64>,
+    pub win_rate_ci95: Option<(f64, f64)>,
+    pub diversity: Option<f64>,
+    /// Optimizer steps (0 for the base row).
+    pub steps: u64,
+    pub train_seconds: f64,
+    pub eval_seconds: f64,
+    /// The trained LoRA.
+    pub weights: Option<PathBuf>,
+}
+
+/// The benchmark's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct AlignReport {
+    pub reward: String,
+    pub prompts: usize,
+    pub samples_per_prompt: usize,
+    pub rows: Vec<AlignRow>,
+    /// `align.json` and `grid.png` in the output folder.
+    pub report: PathBuf,
+    pub grid: PathBuf,
+}
+
+/// Runs the benchmark: `cfg` gives the model, data, optimizer (its `max_steps` is the budget) and `[eval]`
+/// (prompts, reward, samples); `methods` the rows after the base row.
+pub fn run_align(
+    cfg: &TrainConfig,
+    methods: &[String],
+    out: &Path,
+    progress: bool,
+) -> Result<AlignReport> {
+    ensure!(
+        cfg.mode == TrainMode::Lora,
+        "bench align trains LoRAs (mode = \"lora\")"
+    );
+    let prompts_file = cfg
+        .eval
+        .prompts
+        .as_ref()
+        .context("bench align needs [eval] prompts (the held-out prompts)")?;
+    let kinds = methods
+        .iter()
+        .map(|m| method_kind(m))
+        .collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    // Train every method first (each run loads its own model).
+    let mut trained = Vec::with_capacity(methods.len());
+    for (name, kind) in methods.iter().zip(kinds) {
+        let dir = out.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        let mut c = cfg.clone();
+        c.loss.kind = kind;
+        c.output_dir = dir;
+        c.resume = false;
+        c.eval.prompts = None;
+        c.validation.every = 0;
+        c.log.progress = progress;
+        let t0 = Instant::now();
+        let s = train(&c, None).with_context(|| format!("training {name}"))?;
+        if s.interrupted {
+            bail!("training {name} was interrupted");
+        }
+        trained.push((name.clone(), s.weights, s.steps, t0.elapsed().as_secs_f64()));
+    }
+
+    // Evaluate the base model and each LoRA on the same prompts and noise.
+    let kind = cfg.eval.reward_kind()?;
+    let prompts = read_prompts(prompts_file, kind == crate::cli::score::RewardKind::Shapes)
+        .context("[eval] prompts")?;
+    let device = crate::cli::common::parse_device(&cfg.device)?;
+    let dtype = crate::cli::common::parse_dtype(&cfg.dtype)?;
+    let reward = cfg.eval.load_reward(&device)?;
+    let model_dir = resolve_model(&cfg.model, cfg.variant.as_deref())?;
+    let model = StableDiffusion::load(
+        &model_dir,
+        &LoadOptions {
+            dtype,
+            device,
+            variant: cfg.variant.clone(),
+        },
+    )
+    .with_context(|| format!("loading {}", model_dir.display()))?;
+    let opts: SampleOptions = cfg.eval.sample_options()?;
+    let n = prompts.len() * opts.samples_per_prompt;
+    let sample = |what: &str| -> Result<(Samples, f64)> {
+        let pb = if progress {
+            crate::cli::generate::progress(n, what)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let t0 = Instant::now();
+        let s = sample_and_score(&model, &prompts, &opts, reward.as_ref(), Some(&pb))?;
+        pb.finish_and_clear();
+        Ok((s, t0.elapsed().as_secs_f64()))
+    };
+    let (base, base_s) = sample("eval base")?;
+    let b = summarize(&base);
+    let mut rows = vec![AlignRow {
+        method: "base".into(),
+        reward: b.reward,
+        difference: None,
+        win_rate: None,
+        win_rate_ci95: None,
+        diversity: b.diversity,
+        steps: 0,
+        train_seconds: 0.0,
+        eval_seconds: base_s,
+        weights: None,
+    }];
+    let mut sets = Vec::new();
+    for (name, weights, steps, train_s) in &trained {
+        let lora = crate::train::lora::LoraSet::load_into(&model.unet, weights, 1.0)
+            .with_context(|| format!("loading {}", weights.display()))?;
+        let (s, eval_s) = sample(&format!("eval {name}"))?;
+        lora.detach_from(&model.unet);
+        let c = compare(&base, &s)?;
+        rows.push(AlignRow {
+            method: name.clone(),
+            reward: c.model.reward,
+            difference: Some(c.difference),
+            win_rate: Some(c.win_rate),
+            win_rate_ci95: Some(c.win_rate_ci95),
+            diversity: c.model.diversity,
+            steps: *steps,
+            train_seconds: *train_s,
+            eval_seconds: eval_s,
+            weights: Some(weights.clone()),
+        });
+        sets.push((name.clone(), s));
+    }
+    let mut grid_sets: Vec<(&str, &Samples)> = vec![("base", &base)];
+    grid_sets.extend(sets.iter().map(|(n, s)| (n.as_str(), s)));
+    let grid = comparison_grid(&grid_sets, cfg.eval.grid_prompts, 2)?;
+    let grid_path = out.join("grid.png");
+    crate::imaging::save_png(&grid, &grid_path)?;
+    let report_path = out.join("align.json");
+    let report = AlignReport {
+        reward: reward.name().to_string(),
+        prompts: prompts.len(),
+        samples_per_prompt: opts.samples_per_prompt,
+        rows,
+        report: report_path.clone(),
+        grid: grid_path,
+    };
+    let doc = serde_json::json!({
+        "model": cfg.model,
+        "data": cfg.data.manifest,
+        "prompts_file": prompts_file,
+        "budget_steps": cfg.optim.max_steps,
+        "batch_size": cfg.optim.batch_size,
+        "lr": cfg.optim.lr,
+        "beta": cfg.loss.beta,
+        "report": &report,
+    });
+    crate::cli::common::write_atomic(&report_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    Ok(report)
+}
+
+/// The table of a report.
+pub fn format_table(r: &AlignReport) -> String {
+    let mut s = format!(
+        "{} reward on {} held-out prompts x {} samples (same noise for every row); ± = 95% CI\n",
+        r.reward, r.prompts, r.samples_per_prompt
+    );
+    s.push_str(&format!(
+        "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9} {:>8}\n",
+        "method", "steps", "reward", "change", "win rate vs base", "diversity", "train s", "eval s"
+    ));
+    for row in &r.rows {
+        let change = row
+            .difference
+            .map(|d| format!("{:+.4} ± {:.4}", d.mean, d.ci95))
+            .unwrap_or_else(|| "-".into());
+        let win = match (row.win_rate, row.win_rate_ci95) {
+            (Some(w), Some((lo, hi))) => format!("{w:.3} [{lo:.3}, {hi:.3}]"),
+            _ => "-".into(),
+        };
+        let div = row
+            .diversity
+            .map(|d| format!("{d:.4}"))
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9.1} {:>8.1}\n",
+            row.method,
+            row.steps,
+            format!("{:.4} ± {:.4}", row.reward.mean, row.reward.ci95),
+            change,
+            win,
+            div,
+            row.train_seconds,
+            row.eval_seconds
+        ));
+    }
+    s
+}

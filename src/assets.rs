@@ -1,0 +1,66 @@
+//! The embedded default: the shapes world shipped in `assets/` (the pretrained `tiny-shapes` model, the demo
+//! preference set, the held-out prompts) and the training configuration that `diffpref train dpo` and
+//! `diffpref bench align` use when given none.
+//!
+//! The assets folder is found, in order, at `$DIFFPREF_ASSETS`, at `./assets` (running from a checkout), and
+//! at the `assets/` of the checkout the binary was built from.
+
+use crate::train::pairwise::TrainConfig;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+/// The default DPO configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_DPO_TOML: &str = include_str!("../assets/shapes/dpo.toml");
+
+/// Where the default DPO configuration lives in a checkout (for messages).
+pub const DEFAULT_DPO_PATH: &str = "assets/shapes/dpo.toml";
+
+/// The assets folder (see the module documentation).
+pub fn assets_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("DIFFPREF_ASSETS") {
+        let d = PathBuf::from(d);
+        if !d.join("tiny-shapes").is_dir() {
+            bail!(
+                "DIFFPREF_ASSETS={}: no tiny-shapes/ model folder there",
+                d.display()
+            );
+        }
+        return Ok(d);
+    }
+    let candidates = [
+        PathBuf::from("assets"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"),
+    ];
+    for d in candidates {
+        if d.join("tiny-shapes").is_dir() {
+            return Ok(d);
+        }
+    }
+    bail!(
+        "cannot find the embedded shapes-world assets (assets/tiny-shapes): run diffpref from its checkout, or \
+         set DIFFPREF_ASSETS to the assets folder"
+    )
+}
+
+/// `assets/...` paths of the default configuration, resolved against [`assets_dir`].
+fn resolve(path: &str, assets: &Path) -> String {
+    match path.strip_prefix("assets/") {
+        Some(rest) => assets.join(rest).display().to_string(),
+        None => path.to_string(),
+    }
+}
+
+/// The default DPO run on the shapes world with `overrides` applied (`--set key=value`); its `assets/` paths
+/// point at [`assets_dir`].
+pub fn default_dpo_config(overrides: &[String]) -> Result<TrainConfig> {
+    let mut cfg = TrainConfig::from_toml(DEFAULT_DPO_TOML, DEFAULT_DPO_PATH, overrides)?;
+    let assets = assets_dir()?;
+    cfg.model = resolve(&cfg.model, &assets);
+    if let Some(m) = &cfg.data.manifest {
+        cfg.data.manifest = Some(resolve(&m.display().to_string(), &assets).into());
+    }
+    if let Some(p) = &cfg.eval.prompts {
+        cfg.eval.prompts = Some(resolve(&p.display().to_string(), &assets).into());
+    }
+    Ok(cfg)
+}
