@@ -17,6 +17,10 @@ fn example_config_matches_the_defaults() {
         serde_json::to_value(&cfg.validation).unwrap(),
         serde_json::to_value(&d.validation).unwrap()
     );
+    assert_eq!(
+        serde_json::to_value(&cfg.eval).unwrap(),
+        serde_json::to_value(&d.eval).unwrap()
+    );
     let over = TrainConfig::load(
         Some(&path),
         &["loss.kind=\"ipo\"".into(), "optim.max_steps=7".into()],
@@ -24,4 +28,15 @@ fn example_config_matches_the_defaults() {
     .unwrap();
     assert_eq!(over.optim.max_steps, 7);
     assert_eq!(over.loss.kind, diffpref::methods::dpo::LossKind::Ipo);
+}
+
+#[test]
+fn embedded_default_config_points_at_the_shipped_assets() {
+    let cfg = diffpref::assets::default_dpo_config(&["optim.max_steps=3".into()]).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.optim.max_steps, 3);
+    assert!(std::path::Path::new(&cfg.model).join("model_index.json").exists());
+    assert!(cfg.data.manifest.as_ref().unwrap().exists());
+    assert!(cfg.eval.prompts.as_ref().unwrap().exists());
+    assert!(!cfg.data.random_flip, "flips would swap left/right captions");
 }

@@ -432,9 +432,15 @@ impl Adapter for LoraAdapter {
         }
         let dt = x.dtype();
         let (a, b) = match &self.weights {
-            LoraWeights::Trainable { a, b } => {
+            // Outside training mode the adapter takes no part in the autograd graph, so sampling many steps
+            // with a trainable set (evaluation, validation grids) keeps no history alive.
+            LoraWeights::Trainable { a, b } if self.state.training.load(Ordering::Relaxed) => {
                 (a.as_tensor().to_dtype(dt)?, b.as_tensor().to_dtype(dt)?)
             }
+            LoraWeights::Trainable { a, b } => (
+                a.as_tensor().detach().to_dtype(dt)?,
+                b.as_tensor().detach().to_dtype(dt)?,
+            ),
             LoraWeights::Frozen { a, b } => (a.to_dtype(dt)?, b.to_dtype(dt)?),
         };
         let p = self.state.dropout();
@@ -672,7 +678,7 @@ impl LoraSet {
         self.state.enabled.load(Ordering::Relaxed)
     }
 
-    /// Training mode applies the dropout (if any); evaluation mode does not.
+    /// Training mode applies the dropout (if any) and tracks gradients; evaluation mode does neither.
     pub fn set_training(&self, training: bool) {
         self.state.training.store(training, Ordering::Relaxed);
     }

@@ -1227,7 +1227,7 @@ impl Evaluation {
 }
 
 /// Runs `f` on the base weights (`base`: adapters off, or the frozen reference UNet swapped in) or on the
-/// trained ones; LoRA dropout is off either way.
+/// trained ones, outside the autograd graph (LoRA in evaluation mode: no dropout, no gradient tracking).
 fn with_weights<T>(
     model: &mut StableDiffusion,
     t: &Trainable,
@@ -1244,8 +1244,24 @@ fn with_weights<T>(
             l.set_training(training);
             out
         }
-        (None, Some(r)) if base => {
-            let policy = std::mem::replace(&mut model.unet, r.clone());
+        (None, Some(r)) => {
+            // The reference, or a graph-free copy of the trained weights (sampling with the vars would keep
+            // every step's graph alive).
+            let swap = if base {
+                r.clone()
+            } else {
+                let map = t
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                    .collect();
+                let device = model.device().clone();
+                UNet2DConditionModel::new(
+                    &Params::from_map(map, DType::F32, &device),
+                    model.unet.config().clone(),
+                )?
+            };
+            let policy = std::mem::replace(&mut model.unet, swap);
             let out = f(model);
             model.unet = policy;
             out
