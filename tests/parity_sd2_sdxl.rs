@@ -1,6 +1,7 @@
 //! Parity with diffusers on SD2-style (v-prediction, linear projections, per-block heads, upcast attention,
 //! `!` padding, exact GELU text encoder) and SDXL-style (two text encoders, pooled projection, text_time
-//! micro-conditioning, Euler) tiny models. Goldens: `tests/fixtures/parity/` (made by the scripts there).
+//! micro-conditioning, Euler) tiny models, and the embedded `assets/tiny-shapes`. Goldens: `tests/fixtures/parity/`
+//! (made by the scripts there).
 
 use candle_core::Device;
 use diffpref_pipelines::checks::{self, CheckContext};
@@ -51,6 +52,20 @@ fn sdxl_style_model_matches_diffusers() {
             "pipeline_sdxl.safetensors",
         ],
     );
+}
+
+/// The embedded shapes-world model (`assets/tiny-shapes`, written by `diffpref pretrain`) loads in diffusers'
+/// StableDiffusionPipeline and generates what diffpref generates.
+#[test]
+fn embedded_tiny_shapes_model_matches_diffusers() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/tiny-shapes");
+    let ctx = CheckContext::cpu(Some(model));
+    let g = Golden::load(fixtures().join("parity/pipeline_tiny_shapes.safetensors")).unwrap();
+    let res = checks::run(&g, &ctx).unwrap().expect("known kind");
+    for c in &res {
+        println!("tiny-shapes: {c}");
+    }
+    assert!(!res.is_empty() && res.iter().all(|c| c.passed));
 }
 
 #[test]
