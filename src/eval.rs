@@ -31,8 +31,8 @@ use std::path::Path;
 /// The prompts of a text file, one per line (blank lines and lines starting with `#` skipped). With
 /// `shapes_grammar`, every line must parse as a shapes caption; errors name the file and line.
 pub fn read_prompts(path: &Path, shapes_grammar: bool) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading prompts {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prompts {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -147,7 +147,9 @@ pub fn sample_and_score(
         let batch_prompts: Vec<&str> = chunk.iter().map(|&(i, _)| prompts[i].as_str()).collect();
         let noise = chunk
             .iter()
-            .map(|&(i, j)| seeded_noise(sample_seed(opts.seed, i, j), &[1, c, lh, lw], &Device::Cpu))
+            .map(|&(i, j)| {
+                seeded_noise(sample_seed(opts.seed, i, j), &[1, c, lh, lw], &Device::Cpu)
+            })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let out = pipe
             .generate(
@@ -405,7 +407,10 @@ mod tests {
         let p = dir.join("prompts.txt");
         std::fs::write(&p, "# held out\na red circle\n\na purple elephant\n").unwrap();
         let err = read_prompts(&p, true).unwrap_err().to_string();
-        assert!(err.contains("line 4") && err.contains("prompts.txt"), "{err}");
+        assert!(
+            err.contains("line 4") && err.contains("prompts.txt"),
+            "{err}"
+        );
         assert_eq!(read_prompts(&p, false).unwrap().len(), 2);
         std::fs::remove_dir_all(&dir).ok();
     }

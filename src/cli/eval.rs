@@ -114,8 +114,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.samples == 0 {
         bail!("--samples must be at least 1");
     }
-    let prompts = read_prompts(&a.prompts, a.reward.reward == RewardKind::Shapes)
-        .context("--prompts")?;
+    let prompts =
+        read_prompts(&a.prompts, a.reward.reward == RewardKind::Shapes).context("--prompts")?;
     let specs = lora_specs(&a.loras, &a.lora_scales)?;
     let reward = a.reward.load(&a.compute)?;
     let model = load_model(&a.model, a.variant.as_deref(), &a.compute)?;
@@ -176,7 +176,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
                         .unwrap_or_default()
                 );
             }
-            (report, comparison_grid(&[("model", &base)], a.grid_prompts, 4)?)
+            (
+                report,
+                comparison_grid(&[("model", &base)], a.grid_prompts, 4)?,
+            )
         }
         Some(t) => {
             let c = compare(&base, t)?;
@@ -223,18 +226,21 @@ pub fn write_outputs(out: &Path, report: &serde_json::Value, grid: &image::RgbIm
 }
 
 /// The before/after table of a comparison.
-pub fn print_comparison(
-    reward: &str,
-    prompts: usize,
-    samples: usize,
-    c: &crate::eval::Comparison,
-) {
+pub fn print_comparison(reward: &str, prompts: usize, samples: usize, c: &crate::eval::Comparison) {
     let div = |d: Option<f64>| d.map(|d| format!("{d:.4}")).unwrap_or_else(|| "-".into());
     println!(
         "{reward} reward on {prompts} held-out prompts x {samples} samples (same noise), mean ± 95% CI:"
     );
-    println!("  base   {}   diversity {}", fmt_ci(&c.base.reward), div(c.base.diversity));
-    println!("  tuned  {}   diversity {}", fmt_ci(&c.model.reward), div(c.model.diversity));
+    println!(
+        "  base   {}   diversity {}",
+        fmt_ci(&c.base.reward),
+        div(c.base.diversity)
+    );
+    println!(
+        "  tuned  {}   diversity {}",
+        fmt_ci(&c.model.reward),
+        div(c.model.diversity)
+    );
     println!(
         "  change {:+.4} ± {:.4} ({}), win rate {:.3} [{:.3}, {:.3}] ({} wins, {} ties, {} losses)",
         c.difference.mean,

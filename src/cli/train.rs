@@ -1,9 +1,9 @@
 //! `diffpref train <method>`.
 
-use crate::train::checkpoint::StopFlag;
-use crate::train::pairwise::{train, TrainConfig};
 use super::eval::print_comparison;
 use crate::assets::{default_dpo_config, DEFAULT_DPO_PATH};
+use crate::train::checkpoint::StopFlag;
+use crate::train::pairwise::{train, TrainConfig};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;

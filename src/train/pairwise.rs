@@ -14,12 +14,17 @@
 //! caption dropout, VAE posterior samples) and the dataset position is saved with each checkpoint, so a resumed
 //! CPU run ends with weights identical to an uninterrupted one.
 
+use crate::cli::score::{load_reward, RewardKind};
 use crate::data::cache::{encode_posteriors, ImageId};
 use crate::data::preprocess::preprocess_image;
 use crate::data::{
     load_manifest, load_unpaired_manifest, maybe_drop_caption, preprocess_pair, CachedLatent,
     DatasetPosition, LatentCache, ManifestOptions, PairDataset, PairSource, PickapicIndex,
     PickapicOptions, PreprocessConfig, TextEmbedCache, Transform, UnpairedSample,
+};
+use crate::eval::{
+    compare, comparison_grid, per_prompt, read_prompts, sample_and_score, Comparison,
+    SampleOptions, Samples,
 };
 use crate::methods::dpo::{
     kto_unpaired_loss, pair_errors, pair_loss, single_errors, DpoLossConfig, DpoStats, LossKind,
@@ -32,11 +37,6 @@ use crate::train::metrics::{plot_curves, read_metrics, series, MetricsWriter, Tr
 use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::train::rng::Rng;
 use crate::train::schedule::{LrSchedule, ScheduleKind};
-use crate::cli::score::{load_reward, RewardKind};
-use crate::eval::{
-    compare, comparison_grid, per_prompt, read_prompts, sample_and_score, Comparison,
-    SampleOptions, Samples,
-};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use diffpref_pipelines::loading::{resolve_model, LoadOptions, PromptEmbeds, StableDiffusion};
@@ -1220,7 +1220,13 @@ impl Evaluation {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let s = sample_and_score(model, &self.prompts, &self.opts, self.reward.as_ref(), Some(&pb));
+        let s = sample_and_score(
+            model,
+            &self.prompts,
+            &self.opts,
+            self.reward.as_ref(),
+            Some(&pb),
+        );
         pb.finish_and_clear();
         s
     }
