@@ -35,8 +35,13 @@ fn embedded_default_config_points_at_the_shipped_assets() {
     let cfg = diffpref::assets::default_dpo_config(&["optim.max_steps=3".into()]).unwrap();
     cfg.validate().unwrap();
     assert_eq!(cfg.optim.max_steps, 3);
-    assert!(std::path::Path::new(&cfg.model).join("model_index.json").exists());
+    assert!(std::path::Path::new(&cfg.model)
+        .join("model_index.json")
+        .exists());
     assert!(cfg.data.manifest.as_ref().unwrap().exists());
     assert!(cfg.eval.prompts.as_ref().unwrap().exists());
-    assert!(!cfg.data.random_flip, "flips would swap left/right captions");
+    assert!(
+        !cfg.data.random_flip,
+        "flips would swap left/right captions"
+    );
 }

@@ -151,7 +151,11 @@ mod tests {
             (30, 2.042272),
             (120, 1.979930),
         ] {
-            assert!((t975(df) - want).abs() < 2e-4, "df {df}: {} vs {want}", t975(df));
+            assert!(
+                (t975(df) - want).abs() < 2e-4,
+                "df {df}: {} vs {want}",
+                t975(df)
+            );
         }
     }
 
@@ -160,7 +164,11 @@ mod tests {
         let m = MeanCi::of(&[1.0, 2.0, 3.0, 4.0]);
         assert!((m.mean - 2.5).abs() < 1e-12);
         // s = sqrt(5/3), t(0.975, 3) = 3.182446: half-width 3.182446 * 1.290994 / 2.
-        assert!((m.ci95 - 3.182446 * (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-4, "{}", m.ci95);
+        assert!(
+            (m.ci95 - 3.182446 * (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-4,
+            "{}",
+            m.ci95
+        );
         assert!(MeanCi::of(&[1.0]).ci95.is_infinite());
     }
 
