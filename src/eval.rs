@@ -258,6 +258,37 @@ impl Comparison {
     pub fn improved_beyond_ci(&self) -> bool {
         self.difference.lo() > 0.0
     }
+
+    /// The JSON report: `fields` (settings), every figure of the comparison, `improved_beyond_ci` and the
+    /// per-prompt means.
+    pub fn report(
+        &self,
+        fields: serde_json::Value,
+        per_prompt: Vec<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let mut out = match fields {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        if let serde_json::Value::Object(m) = serde_json::to_value(self)? {
+            out.extend(m);
+        }
+        out.insert(
+            "improved_beyond_ci".into(),
+            self.improved_beyond_ci().into(),
+        );
+        out.insert("per_prompt".into(), per_prompt.into());
+        Ok(serde_json::Value::Object(out))
+    }
+
+    /// The metrics-log values of the evaluated model.
+    pub fn metrics(&self) -> [(&'static str, f64); 3] {
+        [
+            ("eval_reward", self.model.reward.mean),
+            ("eval_ci95", self.model.reward.ci95),
+            ("eval_win_rate", self.win_rate),
+        ]
+    }
 }
 
 /// Compares `model`'s samples with `base`'s (same prompts, same samples per prompt, same noise).

@@ -14,7 +14,7 @@
 
 use super::common::{write_atomic, ComputeArgs};
 use super::generate::{load_model, parse_scheduler, progress};
-use super::score::{load_reward, RewardKind};
+use super::score::{load_reward_opt, RewardKind};
 use crate::eval::{
     compare, comparison_grid, fmt_ci, per_prompt, read_prompts, sample_and_score, summarize,
     SampleOptions, Samples,
@@ -45,19 +45,15 @@ pub struct RewardArgs {
 
 impl RewardArgs {
     pub fn load(&self, compute: &ComputeArgs) -> Result<Box<dyn Reward>> {
-        let weights = match (self.reward, &self.reward_weights) {
-            (RewardKind::Shapes, _) => String::new(),
-            (_, Some(w)) => w.clone(),
-            (k, None) => bail!("--reward {k:?} needs --weights (the reward model)"),
-        };
-        load_reward(
+        load_reward_opt(
             self.reward,
-            &weights,
+            self.reward_weights.as_deref(),
             self.reward_clip.as_deref(),
             self.reward_tokenizer.as_deref(),
             compute.dtype()?,
             &compute.device()?,
         )
+        .context("--weights")
     }
 }
 
@@ -183,17 +179,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         Some(t) => {
             let c = compare(&base, t)?;
-            let report = serde_json::json!({
-                "settings": settings,
-                "base": c.base,
-                "model": c.model,
-                "difference": c.difference,
-                "improved_beyond_ci": c.improved_beyond_ci(),
-                "win_rate": c.win_rate,
-                "win_rate_ci95": c.win_rate_ci95,
-                "wins": c.wins, "ties": c.ties, "losses": c.losses,
-                "per_prompt": per_prompt(&[("base", &base), ("lora", t)]),
-            });
+            let report = c.report(
+                serde_json::json!({ "settings": settings }),
+                per_prompt(&[("base", &base), ("lora", t)]),
+            )?;
             if !a.json {
                 print_comparison(reward.name(), prompts.len(), a.samples, &c);
             }

@@ -144,6 +144,23 @@ pub fn load_reward(
     )?))
 }
 
+/// [`load_reward`] with optional weights: `shapes` needs none, every other reward fails naming the kind.
+pub fn load_reward_opt(
+    kind: RewardKind,
+    weights: Option<&str>,
+    clip: Option<&str>,
+    tokenizer: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn Reward>> {
+    let weights = match (kind, weights) {
+        (RewardKind::Shapes, _) => "",
+        (_, Some(w)) => w,
+        (k, None) => bail!("reward {k:?} needs weights (the reward model)"),
+    };
+    load_reward(kind, weights, clip, tokenizer, dtype, device)
+}
+
 fn is_image_file(p: &Path) -> bool {
     matches!(
         p.extension()

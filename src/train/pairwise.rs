@@ -14,7 +14,7 @@
 //! caption dropout, VAE posterior samples) and the dataset position is saved with each checkpoint, so a resumed
 //! CPU run ends with weights identical to an uninterrupted one.
 
-use crate::cli::score::{load_reward, RewardKind};
+use crate::cli::score::{load_reward_opt, RewardKind};
 use crate::data::cache::{encode_posteriors, ImageId};
 use crate::data::preprocess::preprocess_image;
 use crate::data::{
@@ -286,21 +286,15 @@ impl EvalConfig {
 
     /// Loads the reward (f32) on `device`.
     pub fn load_reward(&self, device: &Device) -> Result<Box<dyn Reward>> {
-        let kind = self.reward_kind()?;
-        let weights = match (kind, &self.reward_weights) {
-            (RewardKind::Shapes, _) => String::new(),
-            (_, Some(w)) => w.clone(),
-            (_, None) => bail!("[eval] reward = {:?} needs reward_weights", self.reward),
-        };
-        load_reward(
-            kind,
-            &weights,
+        load_reward_opt(
+            self.reward_kind()?,
+            self.reward_weights.as_deref(),
             self.reward_clip.as_deref(),
             None,
             DType::F32,
             device,
         )
-        .context("[eval] loading the reward")
+        .context("[eval] loading the reward (reward_weights)")
     }
 }
 
@@ -1090,14 +1084,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             if cfg.eval.every > 0 && (step + 1) % cfg.eval.every == 0 && !done {
                 let s = with_weights(&mut model, &trainable, false, |m| e.sample(m, "eval"))?;
                 let c = compare(b, &s)?;
-                metrics.log(
-                    step + 1,
-                    &[
-                        ("eval_reward", c.model.reward.mean),
-                        ("eval_ci95", c.model.reward.ci95),
-                        ("eval_win_rate", c.win_rate),
-                    ],
-                )?;
+                metrics.log(step + 1, &c.metrics())?;
                 progress.println(format!(
                     "step {}: held-out {} {} (base {})",
                     step + 1,
@@ -1132,32 +1119,20 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         (Some(e), Some(b)) if !interrupted => {
             let after = with_weights(&mut model, &trainable, false, |m| e.sample(m, "eval tuned"))?;
             let c = compare(b, &after)?;
-            metrics.log(
-                cfg.optim.max_steps,
-                &[
-                    ("eval_reward", c.model.reward.mean),
-                    ("eval_ci95", c.model.reward.ci95),
-                    ("eval_win_rate", c.win_rate),
-                ],
+            metrics.log(cfg.optim.max_steps, &c.metrics())?;
+            let report = c.report(
+                serde_json::json!({
+                    "steps": cfg.optim.max_steps,
+                    "reward": e.reward.name(),
+                    "prompts_file": cfg.eval.prompts,
+                    "prompts": e.prompts.len(),
+                    "samples_per_prompt": e.opts.samples_per_prompt,
+                    "seed": cfg.eval.seed,
+                    "sampling_steps": cfg.eval.steps,
+                    "guidance": cfg.eval.guidance,
+                }),
+                per_prompt(&[("base", b), ("tuned", &after)]),
             )?;
-            let report = serde_json::json!({
-                "steps": cfg.optim.max_steps,
-                "reward": e.reward.name(),
-                "prompts_file": cfg.eval.prompts,
-                "prompts": e.prompts.len(),
-                "samples_per_prompt": e.opts.samples_per_prompt,
-                "seed": cfg.eval.seed,
-                "sampling_steps": cfg.eval.steps,
-                "guidance": cfg.eval.guidance,
-                "base": c.base,
-                "model": c.model,
-                "difference": c.difference,
-                "improved_beyond_ci": c.improved_beyond_ci(),
-                "win_rate": c.win_rate,
-                "win_rate_ci95": c.win_rate_ci95,
-                "wins": c.wins, "ties": c.ties, "losses": c.losses,
-                "per_prompt": per_prompt(&[("base", b), ("tuned", &after)]),
-            });
             let report_path = out.join("eval.json");
             crate::cli::common::write_atomic(
                 &report_path,
