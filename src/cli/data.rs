@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! diffpref data make-prefs --model DIR --prompts FILE --pairs N --out DIR [--temperature T] [--seed S]
-//!     [--steps 20] [--guidance 7.5] [--scheduler NAME] [--batch-size 4] [--device ...] [--dtype ...]
+//!     [--candidates 2] [--steps 20] [--guidance 7.5] [--scheduler NAME] [--batch-size 4] [--device ...] [--dtype ...]
 //! diffpref data render (--prompts FILE | --random N) --out DIR [--size 64] [--seed S] [--max-objects 3]
 //! diffpref data prompts --count N --out FILE [--seed S] [--max-objects 3] [--exclude FILE ...]
 //! ```
 //!
-//! * `make-prefs` samples two images per pair from a model (pair i uses prompt i mod the number of prompts,
-//!   and two noise seeds derived from `--seed` and i), scores both with the shapes ground-truth reward
-//!   ([`ShapesReward`]) and labels the pair by a Bradley–Terry draw: the first image is preferred with
+//! * `make-prefs` samples `--candidates` images (default two) per pair from a model (pair i uses prompt i mod
+//!   the number of prompts, and noise seeds derived from `--seed`, i and the candidate), scores them with the
+//!   shapes ground-truth reward ([`ShapesReward`]), keeps the best and the worst (in sampling order) and
+//!   labels the pair by a Bradley–Terry draw: the first image is preferred with
 //!   probability `σ((r_a − r_b) / T)`, drawn from a seeded stream. It writes `img/NNNNN-a.png`,
 //!   `img/NNNNN-b.png` and `manifest.jsonl`, one line per pair:
 //!   `{"prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "p_chosen"}` (paths relative to
@@ -97,9 +98,14 @@ pub struct MakePrefsArgs {
     /// Sampler: ddim, ddpm, euler, euler-a, dpmpp-2m (default: the model's scheduler).
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Pairs sampled per pipeline call (each pair is two images of the batch).
+    /// Pairs sampled per pipeline call (each pair is `--candidates` images of the batch).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Images sampled per pair; the pair is the best and the worst of them by the reward (then labelled by
+    /// the Bradley–Terry draw, as always). 2 = two independent samples. Larger values widen the reward gaps,
+    /// like the best-vs-worst binarisation of scored candidates (UltraFeedback, RLAIF).
+    #[arg(long, default_value_t = 2)]
+    pub candidates: usize,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -148,7 +154,28 @@ pub fn preference_probability(r_first: f64, r_second: f64, temperature: f64) -> 
     sigmoid((r_first - r_second) / temperature)
 }
 
-/// The noise seed of image `j` (0 or 1) of pair `i`.
+/// The indices of the best and the worst of `scores` (first occurrence of each), in index order; two
+/// distinct indices when there are at least two scores.
+fn best_and_worst(scores: &[f32]) -> (usize, usize) {
+    let mut best = 0;
+    let mut worst = 0;
+    for (j, &r) in scores.iter().enumerate() {
+        if r > scores[best] {
+            best = j;
+        }
+        if r < scores[worst] {
+            worst = j;
+        }
+    }
+    if best == worst {
+        // All equal: any two differ only by noise.
+        (0, 1)
+    } else {
+        (best.min(worst), best.max(worst))
+    }
+}
+
+/// The noise seed of candidate image `j` of pair `i`.
 fn image_seed(seed: u64, i: usize, j: usize) -> u64 {
     Rng::derive(seed, &format!("make-prefs-image-{i}-{j}")).next_u64()
 }
@@ -157,6 +184,10 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     if a.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
+    if a.candidates < 2 {
+        bail!("--candidates must be at least 2 (got {})", a.candidates);
+    }
+    let k_c = a.candidates;
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
         bail!(
             "--temperature must be a positive number (got {})",
@@ -188,11 +219,11 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     let mut start = 0;
     while start < a.pairs {
         let n = bs.min(a.pairs - start);
-        let mut prompts: Vec<&str> = Vec::with_capacity(2 * n);
-        let mut noise = Vec::with_capacity(2 * n);
+        let mut prompts: Vec<&str> = Vec::with_capacity(k_c * n);
+        let mut noise = Vec::with_capacity(k_c * n);
         for i in start..start + n {
             let p = captions[i % captions.len()].as_str();
-            for j in 0..2 {
+            for j in 0..k_c {
                 prompts.push(p);
                 noise.push(seeded_noise(
                     image_seed(a.seed, i, j),
@@ -215,10 +246,12 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
             .to_vec1()?;
         for k in 0..n {
             let i = start + k;
-            let (ra, rb) = (scores[2 * k] as f64, scores[2 * k + 1] as f64);
+            let group = &scores[k_c * k..k_c * (k + 1)];
+            let (ja, jb) = best_and_worst(group);
+            let (ra, rb) = (group[ja] as f64, group[jb] as f64);
             let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
-            for j in 0..2 {
-                save_png(&images[2 * k + j], a.out.join(&names[j]))?;
+            for (name, j) in names.iter().zip([ja, jb]) {
+                save_png(&images[k_c * k + j], a.out.join(name))?;
             }
             let p_a = preference_probability(ra, rb, a.temperature);
             let a_wins = labels.uniform() < p_a;
@@ -232,7 +265,7 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
                 agree += 1;
             }
             lines.push(serde_json::to_string(&serde_json::json!({
-                "prompt": prompts[2 * k],
+                "prompt": prompts[k_c * k],
                 "chosen": chosen,
                 "rejected": rejected,
                 "reward_chosen": rc,
@@ -331,4 +364,26 @@ fn render(a: RenderArgs) -> Result<()> {
     write_atomic(&manifest, text.as_bytes())?;
     println!("{} images and {}", specs.len(), manifest.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_and_worst_in_index_order() {
+        assert_eq!(best_and_worst(&[0.2, 0.7]), (0, 1));
+        assert_eq!(best_and_worst(&[0.7, 0.2]), (0, 1));
+        assert_eq!(best_and_worst(&[0.5, 0.9, 0.1, 0.4]), (1, 2));
+        assert_eq!(best_and_worst(&[0.1, 0.5, 0.4, 0.9]), (0, 3));
+        assert_eq!(best_and_worst(&[0.3, 0.3, 0.3]), (0, 1));
+    }
+
+    #[test]
+    fn bradley_terry_probability() {
+        assert!((preference_probability(0.5, 0.5, 0.05) - 0.5).abs() < 1e-12);
+        let p = preference_probability(0.6, 0.5, 0.05);
+        assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-12);
+        assert!((p + preference_probability(0.5, 0.6, 0.05) - 1.0).abs() < 1e-12);
+    }
 }

@@ -1,7 +1,8 @@
 //! Diffusion-DPO and its loss family (Wallace et al., "Diffusion Model Alignment Using Direct Preference
 //! Optimization", CVPR 2024; SalesforceAIResearch/DiffusionDPO).
 //!
-//! Per pair `(c, x₀ʷ, x₀ˡ)` one timestep `t` and one noise `ε` are shared by winner and loser:
+//! Per pair `(c, x₀ʷ, x₀ˡ)` one timestep `t ~ U{lo..hi−1}` (every timestep by default; `timestep_range`
+//! narrows the band) and one noise `ε` are shared by winner and loser:
 //!
 //! ```text
 //! x_tᵏ = √ᾱ_t x₀ᵏ + √(1−ᾱ_t) ε                       k ∈ {w, l}
@@ -105,6 +106,10 @@ pub struct DpoLossConfig {
     pub mapo_gamma: f64,
     /// Timestep weighting ω(t) (default none).
     pub timestep_weighting: TimestepWeighting,
+    /// Training timesteps are drawn uniformly from `[lo, hi)` (kohya's `min_timestep`/`max_timestep`);
+    /// default: every timestep of the scheduler. A high band (e.g. `[300, 1000]`) concentrates the
+    /// preference signal on composition, where colours, shapes and layout are decided.
+    pub timestep_range: Option<[u64; 2]>,
 }
 
 impl Default for DpoLossConfig {
@@ -119,6 +124,7 @@ impl Default for DpoLossConfig {
             mapo_beta: 0.1,
             mapo_gamma: 0.5,
             timestep_weighting: TimestepWeighting::None,
+            timestep_range: None,
         }
     }
 }
@@ -129,6 +135,23 @@ impl DpoLossConfig {
         match self.beta_convention {
             BetaConvention::Official => self.beta / 2.0,
             BetaConvention::Diffusers => self.beta,
+        }
+    }
+
+    /// The `[lo, hi)` band training timesteps are drawn from, checked against the scheduler's
+    /// `num_train_timesteps`.
+    pub fn timestep_band(&self, num_train_timesteps: u64) -> Result<(u64, u64)> {
+        match self.timestep_range {
+            None => Ok((0, num_train_timesteps)),
+            Some([lo, hi]) => {
+                if lo >= hi || hi > num_train_timesteps {
+                    bail!(
+                        "loss.timestep_range = [{lo}, {hi}] must satisfy lo < hi <= {num_train_timesteps} \
+                         (the scheduler's num_train_timesteps)"
+                    );
+                }
+                Ok((lo, hi))
+            }
         }
     }
 

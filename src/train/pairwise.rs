@@ -86,6 +86,21 @@ pub struct DataConfig {
     pub cache_dir: Option<PathBuf>,
     /// Shuffle the pairs every epoch. Default true.
     pub shuffle: bool,
+    /// Which latent of the VAE posterior the images are trained as: `sample` (a fresh draw every step, as
+    /// the official code and diffusers' scripts) or `mode` (the posterior mean, no draw). SD's VAE has a
+    /// posterior std of ~1e-3 of the latent scale, so the two agree there; a VAE trained with a larger KL
+    /// weight (such as the shapes world's, std ~0.5 of the latent spread) adds an independent draw to the
+    /// winner and the loser that swamps their difference, and `mode` removes it. Default `sample`.
+    pub vae_posterior: VaePosterior,
+}
+
+/// `[data] vae_posterior`: a posterior sample or its mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VaePosterior {
+    #[default]
+    Sample,
+    Mode,
 }
 
 impl Default for DataConfig {
@@ -102,6 +117,7 @@ impl Default for DataConfig {
             skip_bad: false,
             cache_dir: None,
             shuffle: true,
+            vae_posterior: VaePosterior::Sample,
         }
     }
 }
@@ -589,7 +605,9 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
     .with_context(|| format!("loading {}", model_dir.display()))?;
     let sched_cfg = SchedulerConfig::from_file(&model.scheduler_config_path)?;
     let schedule = NoiseSchedule::new(&sched_cfg)?;
-    let num_train_t = sched_cfg.num_train_timesteps as u64;
+    let t_band = cfg
+        .loss
+        .timestep_band(sched_cfg.num_train_timesteps as u64)?;
 
     // Trainable parameters.
     let trainable = match cfg.mode {
@@ -871,29 +889,19 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                     let images = Tensor::stack(&images, 0)?
                         .to_device(&device)?
                         .to_dtype(dtype)?;
-                    let posteriors = match &latent_cache {
-                        Some(cache) => {
-                            let mut keys = Vec::with_capacity(n);
-                            for (img, pp) in raws.iter().zip(&pre) {
-                                keys.push(cache.key(ImageId::Bytes(img.as_raw()), &pp.1)?);
-                            }
-                            let got = cache.get_or_compute_many(&keys, &device, |missing| {
-                                let idx: Vec<u32> = missing.iter().map(|&i| i as u32).collect();
-                                let idx = Tensor::new(idx.as_slice(), &device)?;
-                                encode_posteriors(&model.vae, &images.index_select(&idx, 0)?)
-                            })?;
-                            CachedLatent::stack(&got, &device)?
-                        }
-                        None => model.vae.encode(&images)?,
-                    };
-                    let vae_noise = data_rng.normal_tensor(posteriors.mean.dims(), &device)?;
-                    let latents = model
-                        .vae
-                        .scale_latents(
-                            &posteriors
-                                .sample(Some(&vae_noise.to_dtype(posteriors.mean.dtype())?))?,
-                        )?
-                        .detach();
+                    let ids: Vec<(ImageId, &Transform)> = raws
+                        .iter()
+                        .zip(&pre)
+                        .map(|(img, pp)| (ImageId::Bytes(img.as_raw()), &pp.1))
+                        .collect();
+                    let latents = training_latents(
+                        &model,
+                        latent_cache.as_ref(),
+                        &images,
+                        &ids,
+                        cfg.data.vae_posterior,
+                        &mut data_rng,
+                    )?;
                     let prompts: Vec<&str> = samples
                         .iter()
                         .map(|x| {
@@ -908,12 +916,8 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                     };
                     let transforms: Vec<&Transform> = pre.iter().map(|x| &x.1).collect();
                     let added = sdxl_added_cond(&model, &embeds, &transforms, dtype)?;
-                    let (t, noise) = draw_timesteps_and_noise(
-                        &mut noise_rng,
-                        num_train_t,
-                        latents.dims(),
-                        &device,
-                    )?;
+                    let (t, noise) =
+                        draw_timesteps_and_noise(&mut noise_rng, t_band, latents.dims(), &device)?;
                     let (m, r) = single_errors(
                         &model.unet,
                         &reference,
@@ -956,31 +960,25 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             let images = Tensor::stack(&images, 0)?
                 .to_device(&device)?
                 .to_dtype(dtype)?;
-            let posteriors = match &latent_cache {
-                Some(cache) => {
-                    let mut keys = Vec::with_capacity(2 * pairs.len());
-                    for (x, pp) in pairs.iter().zip(&pre) {
-                        keys.push(cache.key(ImageId::Bytes(x.chosen.as_raw()), &pp.transform)?);
-                    }
-                    for (x, pp) in pairs.iter().zip(&pre) {
-                        keys.push(cache.key(ImageId::Bytes(x.rejected.as_raw()), &pp.transform)?);
-                    }
-                    let got = cache.get_or_compute_many(&keys, &device, |missing| {
-                        let idx: Vec<u32> = missing.iter().map(|&i| i as u32).collect();
-                        let idx = Tensor::new(idx.as_slice(), &device)?;
-                        encode_posteriors(&model.vae, &images.index_select(&idx, 0)?)
-                    })?;
-                    CachedLatent::stack(&got, &device)?
-                }
-                None => model.vae.encode(&images)?,
-            };
-            let vae_noise = data_rng.normal_tensor(posteriors.mean.dims(), &device)?;
-            let latents = model
-                .vae
-                .scale_latents(
-                    &posteriors.sample(Some(&vae_noise.to_dtype(posteriors.mean.dtype())?))?,
-                )?
-                .detach();
+            let ids: Vec<(ImageId, &Transform)> = pairs
+                .iter()
+                .zip(&pre)
+                .map(|(x, pp)| (ImageId::Bytes(x.chosen.as_raw()), &pp.transform))
+                .chain(
+                    pairs
+                        .iter()
+                        .zip(&pre)
+                        .map(|(x, pp)| (ImageId::Bytes(x.rejected.as_raw()), &pp.transform)),
+                )
+                .collect();
+            let latents = training_latents(
+                &model,
+                latent_cache.as_ref(),
+                &images,
+                &ids,
+                cfg.data.vae_posterior,
+                &mut data_rng,
+            )?;
             let p = pairs.len();
             let (lw, ll) = (latents.narrow(0, 0, p)?, latents.narrow(0, p, p)?);
             let prompts: Vec<&str> = pairs
@@ -995,8 +993,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             };
             let transforms: Vec<&Transform> = pre.iter().map(|x| &x.transform).collect();
             let added = sdxl_added_cond(&model, &embeds, &transforms, dtype)?;
-            let (t, noise) =
-                draw_timesteps_and_noise(&mut noise_rng, num_train_t, lw.dims(), &device)?;
+            let (t, noise) = draw_timesteps_and_noise(&mut noise_rng, t_band, lw.dims(), &device)?;
             let labels = Tensor::from_vec(
                 pairs.iter().map(|x| x.label).collect::<Vec<f32>>(),
                 p,
@@ -1275,18 +1272,53 @@ fn sdxl_added_cond(
     }))
 }
 
-/// One uniform integer timestep per sample, then the noise of `shape` (in that order from the stream, so
-/// resumed runs draw the same numbers).
+/// Scaled VAE latents of `images` (`[B, 3, H, W]`, image `i` identified by `ids[i]` for the cache): the
+/// posteriors come from `cache` (computing the misses in one VAE call) or straight from the VAE, then a
+/// posterior sample (noise from `rng`) or the mode, per `[data] vae_posterior`. Detached.
+fn training_latents(
+    model: &StableDiffusion,
+    cache: Option<&LatentCache>,
+    images: &Tensor,
+    ids: &[(ImageId, &Transform)],
+    posterior: VaePosterior,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let device = images.device();
+    let posteriors = match cache {
+        Some(cache) => {
+            let keys = ids
+                .iter()
+                .map(|(id, tr)| cache.key(*id, tr))
+                .collect::<Result<Vec<_>>>()?;
+            let got = cache.get_or_compute_many(&keys, device, |missing| {
+                let idx: Vec<u32> = missing.iter().map(|&i| i as u32).collect();
+                let idx = Tensor::new(idx.as_slice(), device)?;
+                encode_posteriors(&model.vae, &images.index_select(&idx, 0)?)
+            })?;
+            CachedLatent::stack(&got, device)?
+        }
+        None => model.vae.encode(images)?,
+    };
+    let z = match posterior {
+        VaePosterior::Sample => {
+            let noise = rng.normal_tensor(posteriors.mean.dims(), device)?;
+            posteriors.sample(Some(&noise.to_dtype(posteriors.mean.dtype())?))?
+        }
+        VaePosterior::Mode => posteriors.mean,
+    };
+    Ok(model.vae.scale_latents(&z)?.detach())
+}
+
+/// One uniform integer timestep per sample from the band `[lo, hi)`, then the noise of `shape` (in that
+/// order from the stream, so resumed runs draw the same numbers).
 fn draw_timesteps_and_noise(
     rng: &mut Rng,
-    num_train_timesteps: u64,
+    (lo, hi): (u64, u64),
     shape: &[usize],
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let n = shape[0];
-    let t: Vec<i64> = (0..n)
-        .map(|_| rng.below(num_train_timesteps) as i64)
-        .collect();
+    let t: Vec<i64> = (0..n).map(|_| (lo + rng.below(hi - lo)) as i64).collect();
     let t = Tensor::from_vec(t, n, device)?;
     let noise = rng.normal_tensor(shape, device)?;
     Ok((t, noise))
@@ -1392,7 +1424,9 @@ pub fn evaluate_pairs(
         },
     )?;
     let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(&model.scheduler_config_path)?)?;
-    let num_t = schedule.alphas_cumprod().len() as u64;
+    let (t_lo, t_hi) = cfg
+        .loss
+        .timestep_band(schedule.alphas_cumprod().len() as u64)?;
     let set = match lora {
         Some(p) => Some(LoraSet::load(
             &model.unet,
@@ -1440,7 +1474,7 @@ pub fn evaluate_pairs(
             cfg.data.resolution as usize,
             cfg.data.resolution as usize,
         )?;
-        let t = Tensor::new(&[rng.below(num_t) as i64], &device)?;
+        let t = Tensor::new(&[(t_lo + rng.below(t_hi - t_lo)) as i64], &device)?;
         let noise = rng.normal_tensor(
             &latents.dims()[1..].iter().fold(vec![1], |mut v, d| {
                 v.push(*d);
