@@ -117,6 +117,7 @@ fn manifest_happy_path_resolves_relative_paths_and_swaps_low_labels() {
             rejected: dir.path().join("img/b.png"),
             label: 1.0,
             source: format!("{}:2", m.display()),
+            latents: None,
         }
     );
     assert_eq!(pairs[1].chosen, dir.path().join("img/b.png"));
@@ -272,6 +273,68 @@ fn ties_are_dropped_by_default_and_kept_on_request() {
     assert_eq!(pairs.len(), 2);
     assert!(pairs[0].is_tie() && pairs[0].label == 0.5);
     assert!(report.is_empty());
+}
+
+#[test]
+fn stored_latents_are_read_swapped_with_their_images_and_checked() {
+    let dir = manifest_dir();
+    let z = |v: f32| Tensor::full(v, (4, 2, 3), &Device::Cpu).unwrap();
+    diffpref::data::latents::save_latent(&dir.path().join("img/a.latent"), &z(1.0)).unwrap();
+    diffpref::data::latents::save_latent(&dir.path().join("img/b.latent"), &z(-2.0)).unwrap();
+    let m = write_manifest(
+        dir.path(),
+        &[
+            r#"{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png", "chosen_latent": "img/a.latent", "rejected_latent": "img/b.latent"}"#,
+            r#"{"prompt": "q", "chosen": "img/a.png", "rejected": "img/b.png", "chosen_latent": "img/a.latent", "rejected_latent": "img/b.latent", "label": 0.0}"#,
+        ],
+    );
+    let (pairs, _) = load_manifest(&m, &ManifestOptions::default()).unwrap();
+    assert_eq!(
+        pairs[0].latents,
+        Some((
+            dir.path().join("img/a.latent"),
+            dir.path().join("img/b.latent")
+        ))
+    );
+    // The swap for label 0 moves the latents with their images.
+    assert_eq!(pairs[1].chosen, dir.path().join("img/b.png"));
+    assert_eq!(
+        pairs[1].latents,
+        Some((
+            dir.path().join("img/b.latent"),
+            dir.path().join("img/a.latent")
+        ))
+    );
+    let mut ds = PairDataset::new(PairSource::Manifest(pairs), 0, false);
+    let batch = ds.next_batch(2).unwrap();
+    let (c, r) = batch[1].latents.as_ref().unwrap();
+    assert_eq!(c.dims(), &[4, 2, 3]);
+    assert_eq!(max_abs_diff(c, &z(-2.0)), 0.0);
+    assert_eq!(max_abs_diff(r, &z(1.0)), 0.0);
+
+    // One latent without the other, and a missing latent file, name the line and the key.
+    let m = write_manifest(
+        dir.path(),
+        &[
+            r#"{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png", "chosen_latent": "img/a.latent"}"#,
+        ],
+    );
+    let e = err_text(load_manifest(&m, &ManifestOptions::default()));
+    assert!(
+        e.contains("manifest.jsonl:1") && e.contains("\"rejected_latent\""),
+        "{e}"
+    );
+    let m = write_manifest(
+        dir.path(),
+        &[
+            r#"{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png", "chosen_latent": "img/a.latent", "rejected_latent": "img/none.latent"}"#,
+        ],
+    );
+    let e = err_text(load_manifest(&m, &ManifestOptions::default()));
+    assert!(
+        e.contains("manifest.jsonl:1") && e.contains("none.latent"),
+        "{e}"
+    );
 }
 
 #[test]

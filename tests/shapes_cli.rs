@@ -203,6 +203,36 @@ fn make_prefs_on_tiny_sd() {
     let (pairs, skipped) = load_manifest(&manifest, &ManifestOptions::default()).unwrap();
     assert_eq!(pairs.len(), 2);
     assert!(skipped.is_empty());
+    // Each image's sampler latent is stored next to it and decodes to its PNG.
+    let sd = diffpref::pipelines::loading::StableDiffusion::load(
+        &model,
+        &diffpref::pipelines::loading::LoadOptions::default(),
+    )
+    .unwrap();
+    for (p, l) in pairs.iter().zip(&lines) {
+        let (c, _) = p.latents.as_ref().expect("make-prefs names the latents");
+        assert_eq!(c, &out.join(l["chosen_latent"].as_str().unwrap()), "{l}");
+        let z = diffpref::data::latents::load_latent(c)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let img = sd.vae.decode_to_image01(&z).unwrap();
+        let png = diffpref::imaging::load_image(&p.chosen).unwrap();
+        let png = diffpref::imaging::images_to_tensor(&[png], &candle_core::Device::Cpu).unwrap();
+        let d = (img - png)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d < 0.02,
+            "latent of {} decodes {d} away from the PNG",
+            p.source
+        );
+    }
     // Same arguments, same files.
     let same = dir.path().join("same");
     run(&same);
@@ -242,6 +272,54 @@ fn make_prefs_on_tiny_sd() {
             - (m["reward_chosen"].as_f64().unwrap() + m["reward_rejected"].as_f64().unwrap());
         assert!(d.abs() < 0.02, "{l} vs {m}");
     }
+    // --candidates 3 keeps the best and the worst of a superset of the two samples: gaps never shrink.
+    let three = dir.path().join("three");
+    ok(&diffpref(&[
+        "data",
+        "make-prefs",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--pairs",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        three.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--batch-size",
+        "2",
+        "--candidates",
+        "3",
+    ]));
+    let gap = |v: &serde_json::Value| {
+        (v["reward_chosen"].as_f64().unwrap() - v["reward_rejected"].as_f64().unwrap()).abs()
+    };
+    let text3 = std::fs::read_to_string(three.join("manifest.jsonl")).unwrap();
+    for (m, t) in text2.lines().zip(text3.lines()) {
+        let (m, t): (serde_json::Value, serde_json::Value) = (
+            serde_json::from_str(m).unwrap(),
+            serde_json::from_str(t).unwrap(),
+        );
+        assert!(gap(&t) >= gap(&m) - 0.02, "{t} vs {m}");
+    }
+    let bad = diffpref(&[
+        "data",
+        "make-prefs",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--pairs",
+        "1",
+        "--out",
+        three.to_str().unwrap(),
+        "--candidates",
+        "1",
+    ]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--candidates"));
     // score --pairs agrees with the manifest's rewards.
     let json = ok(&diffpref(&[
         "score",

@@ -295,3 +295,104 @@ fn kto_on_an_unpaired_manifest_starts_at_one_half() {
     let err = format!("{:#}", train(&not_kto, None).unwrap_err());
     assert!(err.contains("kto"), "{err}");
 }
+
+/// Adds `chosen_latent`/`rejected_latent` to every line of `manifest`: the scaled VAE posterior modes of the
+/// images (what `vae_posterior = "mode"` trains on), stored as `make-prefs` stores sampler latents.
+fn add_mode_latents(manifest: &Path) {
+    use diffpref::pipelines::loading::{LoadOptions, StableDiffusion};
+    let model =
+        StableDiffusion::load(&fixtures().join("tiny-sd"), &LoadOptions::default()).unwrap();
+    let dir = manifest.parent().unwrap();
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(manifest).unwrap().lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in ["chosen", "rejected"] {
+            let rel = v[key].as_str().unwrap().to_string();
+            let img = diffpref::imaging::load_image(&dir.join(&rel)).unwrap();
+            let x = diffpref::data::preprocess::image_to_tensor(&img)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let z = model
+                .vae
+                .scale_latents(&model.vae.encode(&x).unwrap().mode())
+                .unwrap()
+                .get(0)
+                .unwrap();
+            let name = format!("{rel}.latent.safetensors");
+            diffpref::data::latents::save_latent(&dir.join(&name), &z).unwrap();
+            v[format!("{key}_latent")] = serde_json::Value::String(name);
+        }
+        out.push(v.to_string());
+    }
+    std::fs::write(manifest, out.join("\n") + "\n").unwrap();
+}
+
+fn first_record(cfg: &TrainConfig) -> serde_json::Value {
+    let s = train(cfg, None).unwrap();
+    diffpref::train::metrics::read_metrics(&s.metrics).unwrap()[0].clone()
+}
+
+#[test]
+fn stored_latents_replace_the_vae_encodings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(&tmp.path().join("pairs"), 2);
+    add_mode_latents(&m);
+    let run = |name: &str, edit: &dyn Fn(&mut TrainConfig)| {
+        let mut cfg = config(&tmp.path().join(name), &m, 1);
+        edit(&mut cfg);
+        first_record(&cfg)
+    };
+    // Stored latents equal to the posterior modes: the same errors as encoding with vae_posterior = "mode"
+    // (up to the f16 storage), and unlike a posterior sample.
+    let stored = run("stored", &|_| {});
+    let mode = run("mode", &|c| {
+        c.data.stored_latents = false;
+        c.data.vae_posterior = diffpref::train::pairwise::VaePosterior::Mode;
+    });
+    let sample = run("sample", &|c| c.data.stored_latents = false);
+    let rel = |a: &serde_json::Value, b: &serde_json::Value, k: &str| {
+        let (a, b) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+        (a - b).abs() / b.abs()
+    };
+    let (d_mode, d_sample) = (
+        rel(&stored, &mode, "ref_mse_w") + rel(&stored, &mode, "ref_mse_l"),
+        rel(&stored, &sample, "ref_mse_w") + rel(&stored, &sample, "ref_mse_l"),
+    );
+    println!(
+        "relative change of the errors: vs mode {d_mode:.2e}, vs a posterior sample {d_sample:.2e}"
+    );
+    assert!(d_mode < 1e-3, "{stored} vs {mode}");
+    assert!(d_sample > 10.0 * d_mode, "{stored} vs {sample}");
+
+    // Stored latents of another size, or with random flips, are errors that say what to change.
+    let err = format!(
+        "{:#}",
+        train(
+            &{
+                let mut c = config(&tmp.path().join("big"), &m, 1);
+                c.data.resolution = 64;
+                c
+            },
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("pairs.jsonl:") && err.contains("data.resolution"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        train(
+            &{
+                let mut c = config(&tmp.path().join("flip"), &m, 1);
+                c.data.random_flip = true;
+                c
+            },
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("random_flip"), "{err}");
+}

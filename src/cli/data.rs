@@ -12,8 +12,9 @@
 //!   shapes ground-truth reward ([`ShapesReward`]), keeps the best and the worst (in sampling order) and
 //!   labels the pair by a Bradley–Terry draw: the first image is preferred with
 //!   probability `σ((r_a − r_b) / T)`, drawn from a seeded stream. It writes `img/NNNNN-a.png`,
-//!   `img/NNNNN-b.png` and `manifest.jsonl`, one line per pair:
-//!   `{"prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "p_chosen"}` (paths relative to
+//!   `img/NNNNN-b.png`, their sampler latents `img/NNNNN-{a,b}.latent.safetensors` (what `train dpo` trains
+//!   on, see [`crate::data::latents`]) and `manifest.jsonl`, one line per pair: `{"prompt", "chosen",
+//!   "rejected", "chosen_latent", "rejected_latent", "reward_chosen", "reward_rejected", "p_chosen"}` (paths relative to
 //!   the manifest; `train dpo` and `score --pairs` read it). Every file is written atomically; the same
 //!   arguments give the same files.
 //! * `render` draws the ground truth: one scene per caption of `--prompts` (or `--random N` random scenes),
@@ -23,6 +24,7 @@
 
 use super::common::{write_atomic, ComputeArgs};
 use super::generate::{load_model, parse_scheduler, progress};
+use crate::data::latents::save_latent;
 use crate::data::shapes::{parse_caption, random_spec, Scene};
 use crate::imaging::{images_to_tensor, save_png, tensor_to_images};
 use crate::train::rng::Rng;
@@ -250,16 +252,20 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
             let (ja, jb) = best_and_worst(group);
             let (ra, rb) = (group[ja] as f64, group[jb] as f64);
             let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
-            for (name, j) in names.iter().zip([ja, jb]) {
+            let latent_names = [
+                format!("img/{i:05}-a.latent.safetensors"),
+                format!("img/{i:05}-b.latent.safetensors"),
+            ];
+            for ((name, latent_name), j) in names.iter().zip(&latent_names).zip([ja, jb]) {
                 save_png(&images[k_c * k + j], a.out.join(name))?;
+                save_latent(&a.out.join(latent_name), &out.latents.get(k_c * k + j)?)?;
             }
             let p_a = preference_probability(ra, rb, a.temperature);
             let a_wins = labels.uniform() < p_a;
-            let (chosen, rejected, rc, rr, pc) = if a_wins {
-                (&names[0], &names[1], ra, rb, p_a)
-            } else {
-                (&names[1], &names[0], rb, ra, 1.0 - p_a)
-            };
+            let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
+            let (chosen, rejected) = (&names[w], &names[l]);
+            let (rc, rr) = if a_wins { (ra, rb) } else { (rb, ra) };
+            let pc = if a_wins { p_a } else { 1.0 - p_a };
             sum_r += ra + rb;
             if rc > rr {
                 agree += 1;
@@ -268,6 +274,8 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
                 "prompt": prompts[k_c * k],
                 "chosen": chosen,
                 "rejected": rejected,
+                "chosen_latent": latent_names[w],
+                "rejected_latent": latent_names[l],
                 "reward_chosen": rc,
                 "reward_rejected": rr,
                 "p_chosen": pc,

@@ -5,6 +5,7 @@
 //! on the seed and the epoch number: seeking to a position needs no random state, and a resumed run sees the
 //! same pairs in the same order as an uninterrupted one.
 
+use crate::data::latents::load_latent;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
@@ -190,12 +191,22 @@ impl PairDataset {
                     .with_context(|| format!("{}: key \"chosen\"", p.source))?;
                 let rejected = load_image(&p.rejected)
                     .with_context(|| format!("{}: key \"rejected\"", p.source))?;
+                let latents = match &p.latents {
+                    Some((c, r)) => Some((
+                        load_latent(c)
+                            .with_context(|| format!("{}: key \"chosen_latent\"", p.source))?,
+                        load_latent(r)
+                            .with_context(|| format!("{}: key \"rejected_latent\"", p.source))?,
+                    )),
+                    None => None,
+                };
                 Ok(PairImages {
                     prompt: p.prompt.clone(),
                     chosen,
                     rejected,
                     label: p.label,
                     source: p.source.clone(),
+                    latents,
                 })
             }
             PairSource::Pickapic(index_) => index_.get(index),

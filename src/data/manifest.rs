@@ -16,6 +16,9 @@
 //!   below 0.5 swaps the two images (and becomes `1 - label`), so the winner always comes first, as Pick-a-Pic's
 //!   `label_0 = 0` does. A label of 0.5 is a tie: dropped by default like the official Diffusion-DPO loader, kept
 //!   with `drop_ties: false` (conservative DPO / label smoothing).
+//! * `chosen_latent` and `rejected_latent` (optional, together): the images' stored sampler latents (see
+//!   [`crate::data::latents`]; `data make-prefs` writes them). `train dpo` trains on them instead of VAE
+//!   encodings of the PNGs (`[data] stored_latents`).
 //! * Blank lines and lines whose first non-blank character is `#` are skipped.
 //!
 //! # Unpaired (KTO) manifests
@@ -48,6 +51,9 @@ pub struct PreferencePair {
     pub label: f32,
     /// Where the pair came from, `"file:line"` (1-based line).
     pub source: String,
+    /// The stored sampler latents of `chosen` and `rejected` (keys `"chosen_latent"`, `"rejected_latent"`;
+    /// see [`crate::data::latents`]), when the manifest names them.
+    pub latents: Option<(PathBuf, PathBuf)>,
 }
 
 impl PreferencePair {
@@ -265,8 +271,29 @@ fn parse_pair(
             chosen.display()
         );
     }
+    let mut latents =
+        match (
+            obj.contains_key("chosen_latent"),
+            obj.contains_key("rejected_latent"),
+        ) {
+            (false, false) => None,
+            (true, true) => Some((
+                image_path(src, obj, "chosen_latent", base, opts.check_images)?,
+                image_path(src, obj, "rejected_latent", base, opts.check_images)?,
+            )),
+            (has_chosen, _) => {
+                bail!(
+            "{src}: key \"{}\" is given without \"{}\" (a pair's stored latents come together)",
+            if has_chosen { "chosen_latent" } else { "rejected_latent" },
+            if has_chosen { "rejected_latent" } else { "chosen_latent" },
+        )
+            }
+        };
     if label < 0.5 - TIE_EPS {
         std::mem::swap(&mut chosen, &mut rejected);
+        if let Some((c, r)) = latents.as_mut() {
+            std::mem::swap(c, r);
+        }
         label = 1.0 - label;
     }
     Ok(PreferencePair {
@@ -275,6 +302,7 @@ fn parse_pair(
         rejected,
         label: label as f32,
         source: src.to_string(),
+        latents,
     })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod dataset;
+pub mod latents;
 pub mod manifest;
 pub mod pickapic;
 pub mod preprocess;

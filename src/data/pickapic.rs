@@ -38,7 +38,7 @@ type GroupImages = Arc<Vec<Result<ImageBytes>>>;
 const TIE_EPS: f64 = 1e-6;
 
 /// A preference pair with decoded images; `chosen` is the preferred one.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct PairImages {
     pub prompt: String,
     pub chosen: RgbImage,
@@ -47,6 +47,28 @@ pub struct PairImages {
     pub label: f32,
     /// Where the pair came from: `"file row N"` (parquet) or `"file:line"` (manifest).
     pub source: String,
+    /// Stored sampler latents of `chosen` and `rejected` (`[C, h, w]` f32 each), when the manifest names them.
+    pub latents: Option<(candle_core::Tensor, candle_core::Tensor)>,
+}
+
+impl PartialEq for PairImages {
+    /// Field by field; stored latents compare by shape and values.
+    fn eq(&self, other: &Self) -> bool {
+        fn same(a: &candle_core::Tensor, b: &candle_core::Tensor) -> bool {
+            let v = |t: &candle_core::Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ok();
+            a.dims() == b.dims() && v(a).is_some() && v(a) == v(b)
+        }
+        self.prompt == other.prompt
+            && self.chosen == other.chosen
+            && self.rejected == other.rejected
+            && self.label == other.label
+            && self.source == other.source
+            && match (&self.latents, &other.latents) {
+                (None, None) => true,
+                (Some((a, b)), Some((c, d))) => same(a, c) && same(b, d),
+                _ => false,
+            }
+    }
 }
 
 /// Options for reading Pick-a-Pic shards.
@@ -517,6 +539,7 @@ fn build_pair(m: RowMeta, jpg_0: &[u8], jpg_1: &[u8], source: String) -> Result<
         rejected,
         label: m.label,
         source,
+        latents: None,
     })
 }
 

@@ -92,6 +92,11 @@ pub struct DataConfig {
     /// weight (such as the shapes world's, std ~0.5 of the latent spread) adds an independent draw to the
     /// winner and the loser that swamps their difference, and `mode` removes it. Default `sample`.
     pub vae_posterior: VaePosterior,
+    /// Train on the stored sampler latents a manifest names (`chosen_latent`/`rejected_latent`, written by
+    /// `data make-prefs`) instead of VAE encodings of the PNGs, when every pair of a batch has them. They are
+    /// exactly what the model sampled; re-encoding an 8-bit decode does not give them back (see
+    /// [`crate::data::latents`]). Needs `random_flip = false` and images at `resolution`. Default true.
+    pub stored_latents: bool,
 }
 
 /// `[data] vae_posterior`: a posterior sample or its mode.
@@ -118,6 +123,7 @@ impl Default for DataConfig {
             cache_dir: None,
             shuffle: true,
             vae_posterior: VaePosterior::Sample,
+            stored_latents: true,
         }
     }
 }
@@ -605,6 +611,8 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
     .with_context(|| format!("loading {}", model_dir.display()))?;
     let sched_cfg = SchedulerConfig::from_file(&model.scheduler_config_path)?;
     let schedule = NoiseSchedule::new(&sched_cfg)?;
+    let vae_factor = model.vae_scale_factor();
+    let latent_channels = model.unet.config().in_channels;
     let t_band = cfg
         .loss
         .timestep_band(sched_cfg.num_train_timesteps as u64)?;
@@ -971,14 +979,28 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                         .map(|(x, pp)| (ImageId::Bytes(x.rejected.as_raw()), &pp.transform)),
                 )
                 .collect();
-            let latents = training_latents(
-                &model,
-                latent_cache.as_ref(),
-                &images,
-                &ids,
-                cfg.data.vae_posterior,
-                &mut data_rng,
-            )?;
+            let stored = if cfg.data.stored_latents {
+                stored_pair_latents(
+                    &pairs,
+                    &images,
+                    latent_channels,
+                    vae_factor,
+                    cfg.data.random_flip,
+                )?
+            } else {
+                None
+            };
+            let latents = match stored {
+                Some(z) => z.to_device(&device)?.to_dtype(dtype)?,
+                None => training_latents(
+                    &model,
+                    latent_cache.as_ref(),
+                    &images,
+                    &ids,
+                    cfg.data.vae_posterior,
+                    &mut data_rng,
+                )?,
+            };
             let p = pairs.len();
             let (lw, ll) = (latents.narrow(0, 0, p)?, latents.narrow(0, p, p)?);
             let prompts: Vec<&str> = pairs
@@ -1270,6 +1292,71 @@ fn sdxl_added_cond(
             .context("SDXL training needs pooled text embeddings")?,
         time_ids: Tensor::from_vec(ids, (transforms.len(), 6), model.device())?.to_dtype(dtype)?,
     }))
+}
+
+/// The stored sampler latents of a batch, `[chosen…; rejected…]` (`[2P, C, h, w]`, f32 on the CPU), when
+/// every pair has them; `None` when none has. Each must have the shape of the VAE latent of the batch's
+/// preprocessed `images` (`[2P, 3, H, W]`, VAE downsampling `vae_factor`).
+fn stored_pair_latents(
+    pairs: &[crate::data::PairImages],
+    images: &Tensor,
+    channels: usize,
+    vae_factor: usize,
+    random_flip: bool,
+) -> Result<Option<Tensor>> {
+    let with = pairs.iter().filter(|p| p.latents.is_some()).count();
+    if with == 0 {
+        return Ok(None);
+    }
+    if random_flip {
+        bail!(
+            "the pairs name stored latents (e.g. {}), which cannot be flipped: set data.random_flip = false, \
+             or data.stored_latents = false to encode the PNGs instead",
+            pairs[0].source
+        );
+    }
+    if with != pairs.len() {
+        let missing: Vec<&str> = pairs
+            .iter()
+            .filter(|p| p.latents.is_none())
+            .map(|p| p.source.as_str())
+            .collect();
+        bail!(
+            "some pairs name stored latents and some do not (without: {}); give every pair \
+             chosen_latent/rejected_latent, or set data.stored_latents = false",
+            missing.join(", ")
+        );
+    }
+    let (_, _, h, w) = images.dims4()?;
+    let want = (h / vae_factor, w / vae_factor);
+    let mut all = Vec::with_capacity(2 * pairs.len());
+    for pick_rejected in [false, true] {
+        for p in pairs {
+            let (c, r) = p.latents.as_ref().expect("checked above");
+            let z = if pick_rejected { r } else { c };
+            let (zc, zh, zw) = z.dims3()?;
+            if zc != channels {
+                bail!(
+                    "{}: the stored {} latent has {zc} channels, the UNet takes {channels}",
+                    p.source,
+                    if pick_rejected { "rejected" } else { "chosen" }
+                );
+            }
+            if (zh, zw) != want {
+                bail!(
+                    "{}: the stored {} latent is {zh}x{zw} but images at data.resolution {h}x{w} have \
+                     {}x{} latents (set data.resolution to the size the pairs were sampled at, or \
+                     data.stored_latents = false)",
+                    p.source,
+                    if pick_rejected { "rejected" } else { "chosen" },
+                    want.0,
+                    want.1
+                );
+            }
+            all.push(z.clone());
+        }
+    }
+    Ok(Some(Tensor::stack(&all, 0)?))
 }
 
 /// Scaled VAE latents of `images` (`[B, 3, H, W]`, image `i` identified by `ids[i]` for the cache): the
