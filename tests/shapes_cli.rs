@@ -143,8 +143,9 @@ fn make_prefs_on_tiny_sd() {
     let prompts = dir.path().join("prompts.txt");
     std::fs::write(&prompts, CAPTIONS).unwrap();
     let model = fixtures().join("tiny-sd");
-    let run = |out: &Path| {
-        ok(&diffpref(&[
+    // `data make-prefs` for two pairs of 2-step samples, seed 5, with `extra` arguments.
+    let make = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
             "data",
             "make-prefs",
             "--model",
@@ -159,10 +160,11 @@ fn make_prefs_on_tiny_sd() {
             out.to_str().unwrap(),
             "--seed",
             "5",
-            "--batch-size",
-            "1",
-        ]))
+        ];
+        args.extend_from_slice(extra);
+        ok(&diffpref(&args))
     };
+    let run = |out: &Path| make(out, &["--batch-size", "1"]);
     let out = dir.path().join("prefs");
     let stdout = run(&out);
     assert!(stdout.contains("2 pairs"), "{stdout}");
@@ -246,24 +248,7 @@ fn make_prefs_on_tiny_sd() {
     );
     // A batch of two pairs samples the same pairs as two batches of one (up to float rounding).
     let again = dir.path().join("again");
-    ok(&diffpref(&[
-        "data",
-        "make-prefs",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--pairs",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        again.to_str().unwrap(),
-        "--seed",
-        "5",
-        "--batch-size",
-        "2",
-    ]));
+    make(&again, &["--batch-size", "2"]);
     let text2 = std::fs::read_to_string(again.join("manifest.jsonl")).unwrap();
     for (l, m) in lines.iter().zip(text2.lines()) {
         let m: serde_json::Value = serde_json::from_str(m).unwrap();
@@ -274,26 +259,7 @@ fn make_prefs_on_tiny_sd() {
     }
     // --candidates 3 keeps the best and the worst of a superset of the two samples: gaps never shrink.
     let three = dir.path().join("three");
-    ok(&diffpref(&[
-        "data",
-        "make-prefs",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--pairs",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        three.to_str().unwrap(),
-        "--seed",
-        "5",
-        "--batch-size",
-        "2",
-        "--candidates",
-        "3",
-    ]));
+    make(&three, &["--batch-size", "2", "--candidates", "3"]);
     let gap = |v: &serde_json::Value| {
         (v["reward_chosen"].as_f64().unwrap() - v["reward_rejected"].as_f64().unwrap()).abs()
     };
