@@ -308,7 +308,7 @@ fn add_mode_latents(manifest: &Path) {
         let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
         for key in ["chosen", "rejected"] {
             let rel = v[key].as_str().unwrap().to_string();
-            let img = diffpref::imaging::load_image(&dir.join(&rel)).unwrap();
+            let img = diffpref::imaging::load_image(dir.join(&rel)).unwrap();
             let x = diffpref::data::preprocess::image_to_tensor(&img)
                 .unwrap()
                 .unsqueeze(0)
