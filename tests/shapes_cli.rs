@@ -162,9 +162,9 @@ fn make_prefs_on_tiny_sd() {
             "5",
         ];
         args.extend_from_slice(extra);
-        ok(&diffpref(&args))
+        diffpref(&args)
     };
-    let run = |out: &Path| make(out, &["--batch-size", "1"]);
+    let run = |out: &Path| ok(&make(out, &["--batch-size", "1"]));
     let out = dir.path().join("prefs");
     let stdout = run(&out);
     assert!(stdout.contains("2 pairs"), "{stdout}");
@@ -248,7 +248,7 @@ fn make_prefs_on_tiny_sd() {
     );
     // A batch of two pairs samples the same pairs as two batches of one (up to float rounding).
     let again = dir.path().join("again");
-    make(&again, &["--batch-size", "2"]);
+    ok(&make(&again, &["--batch-size", "2"]));
     let text2 = std::fs::read_to_string(again.join("manifest.jsonl")).unwrap();
     for (l, m) in lines.iter().zip(text2.lines()) {
         let m: serde_json::Value = serde_json::from_str(m).unwrap();
@@ -259,7 +259,7 @@ fn make_prefs_on_tiny_sd() {
     }
     // --candidates 3 keeps the best and the worst of a superset of the two samples: gaps never shrink.
     let three = dir.path().join("three");
-    make(&three, &["--batch-size", "2", "--candidates", "3"]);
+    ok(&make(&three, &["--batch-size", "2", "--candidates", "3"]));
     let gap = |v: &serde_json::Value| {
         (v["reward_chosen"].as_f64().unwrap() - v["reward_rejected"].as_f64().unwrap()).abs()
     };
@@ -271,20 +271,7 @@ fn make_prefs_on_tiny_sd() {
         );
         assert!(gap(&t) >= gap(&m) - 0.02, "{t} vs {m}");
     }
-    let bad = diffpref(&[
-        "data",
-        "make-prefs",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--pairs",
-        "1",
-        "--out",
-        three.to_str().unwrap(),
-        "--candidates",
-        "1",
-    ]);
+    let bad = make(&dir.path().join("bad"), &["--candidates", "1"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--candidates"));
     // score --pairs agrees with the manifest's rewards.
     let json = ok(&diffpref(&[

@@ -264,7 +264,7 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
             let a_wins = labels.uniform() < p_a;
             let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
             let (chosen, rejected) = (&names[w], &names[l]);
-            let (rc, rr) = if a_wins { (ra, rb) } else { (rb, ra) };
+            let (rc, rr) = ([ra, rb][w], [ra, rb][l]);
             let pc = if a_wins { p_a } else { 1.0 - p_a };
             sum_r += ra + rb;
             if rc > rr {

@@ -433,21 +433,15 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
 pub fn run(a: ScoreArgs) -> Result<()> {
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
-    let weights = match (&a.weights, a.reward) {
-        (Some(w), _) => w.as_str(),
-        (None, RewardKind::Shapes) => "",
-        (None, k) => {
-            bail!("--reward {k:?} needs --weights PATH (the model folder, weights file or hub id)")
-        }
-    };
-    let reward = load_reward(
+    let reward = load_reward_opt(
         a.reward,
-        weights,
+        a.weights.as_deref(),
         a.clip.as_deref(),
         a.tokenizer.as_deref(),
         dtype,
         &device,
-    )?;
+    )
+    .context("--weights (the model folder, weights file or hub id)")?;
     if let Some(p) = &a.pairs {
         return run_pairs(&a, reward.as_ref(), &device, p);
     }

@@ -12,7 +12,6 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// The tensor name inside a latent file.
@@ -48,36 +47,18 @@ pub fn load_latent(path: &Path) -> Result<Tensor> {
     Ok(t)
 }
 
-/// Writes `latent` (`[C, h, w]`) to `path` as f16, atomically (a temporary file, then a rename).
+/// Writes `latent` (`[C, h, w]`) to `path` as f16, atomically.
 pub fn save_latent(path: &Path, latent: &Tensor) -> Result<()> {
     if latent.rank() != 3 {
         bail!("a stored latent must be [C, h, w], got {:?}", latent.dims());
     }
-    let t = latent
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F16)?
-        .contiguous()?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("latent"),
-        std::process::id()
-    ));
-    candle_core::safetensors::save(&HashMap::from([(LATENT_KEY.to_string(), t)]), &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    crate::cli::common::save_safetensors(path, &[(LATENT_KEY, latent.to_dtype(DType::F16)?)])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn round_trip_and_errors() {

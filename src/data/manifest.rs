@@ -271,24 +271,25 @@ fn parse_pair(
             chosen.display()
         );
     }
-    let mut latents =
-        match (
-            obj.contains_key("chosen_latent"),
-            obj.contains_key("rejected_latent"),
-        ) {
-            (false, false) => None,
-            (true, true) => Some((
-                image_path(src, obj, "chosen_latent", base, opts.check_images)?,
-                image_path(src, obj, "rejected_latent", base, opts.check_images)?,
-            )),
-            (has_chosen, _) => {
-                bail!(
-            "{src}: key \"{}\" is given without \"{}\" (a pair's stored latents come together)",
-            if has_chosen { "chosen_latent" } else { "rejected_latent" },
-            if has_chosen { "rejected_latent" } else { "chosen_latent" },
-        )
-            }
-        };
+    let has = |key: &str| obj.contains_key(key);
+    let mut latents = match (has("chosen_latent"), has("rejected_latent")) {
+        (false, false) => None,
+        (true, true) => Some((
+            image_path(src, obj, "chosen_latent", base, opts.check_images)?,
+            image_path(src, obj, "rejected_latent", base, opts.check_images)?,
+        )),
+        (has_chosen, _) => {
+            let (given, missing) = if has_chosen {
+                ("chosen_latent", "rejected_latent")
+            } else {
+                ("rejected_latent", "chosen_latent")
+            };
+            bail!(
+                "{src}: key \"{given}\" is given without \"{missing}\" \
+                 (a pair's stored latents come together)"
+            )
+        }
+    };
     if label < 0.5 - TIE_EPS {
         std::mem::swap(&mut chosen, &mut rejected);
         if let Some((c, r)) = latents.as_mut() {

@@ -611,7 +611,9 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
     .with_context(|| format!("loading {}", model_dir.display()))?;
     let sched_cfg = SchedulerConfig::from_file(&model.scheduler_config_path)?;
     let schedule = NoiseSchedule::new(&sched_cfg)?;
-    let vae_factor = model.vae_scale_factor();
+    // The latent size of a training image (square, `data.resolution` pixels) and the UNet's input channels,
+    // which stored latents must match.
+    let latent_side = cfg.data.resolution as usize / model.vae_scale_factor();
     let latent_channels = model.unet.config().in_channels;
     let t_band = cfg
         .loss
@@ -960,46 +962,40 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                         .with_context(|| format!("pair {}", p.source))?,
                 );
             }
-            let images: Vec<&Tensor> = pre
-                .iter()
-                .map(|p| &p.chosen)
-                .chain(pre.iter().map(|p| &p.rejected))
-                .collect();
-            let images = Tensor::stack(&images, 0)?
-                .to_device(&device)?
-                .to_dtype(dtype)?;
-            let ids: Vec<(ImageId, &Transform)> = pairs
-                .iter()
-                .zip(&pre)
-                .map(|(x, pp)| (ImageId::Bytes(x.chosen.as_raw()), &pp.transform))
-                .chain(
-                    pairs
-                        .iter()
-                        .zip(&pre)
-                        .map(|(x, pp)| (ImageId::Bytes(x.rejected.as_raw()), &pp.transform)),
-                )
-                .collect();
             let stored = if cfg.data.stored_latents {
-                stored_pair_latents(
-                    &pairs,
-                    &images,
-                    latent_channels,
-                    vae_factor,
-                    cfg.data.random_flip,
-                )?
+                stored_pair_latents(&pairs, latent_channels, latent_side, cfg.data.random_flip)?
             } else {
                 None
             };
             let latents = match stored {
                 Some(z) => z.to_device(&device)?.to_dtype(dtype)?,
-                None => training_latents(
-                    &model,
-                    latent_cache.as_ref(),
-                    &images,
-                    &ids,
-                    cfg.data.vae_posterior,
-                    &mut data_rng,
-                )?,
+                None => {
+                    let images: Vec<&Tensor> = pre
+                        .iter()
+                        .map(|p| &p.chosen)
+                        .chain(pre.iter().map(|p| &p.rejected))
+                        .collect();
+                    let images = Tensor::stack(&images, 0)?
+                        .to_device(&device)?
+                        .to_dtype(dtype)?;
+                    let ids: Vec<(ImageId, &Transform)> =
+                        pairs
+                            .iter()
+                            .zip(&pre)
+                            .map(|(x, pp)| (ImageId::Bytes(x.chosen.as_raw()), &pp.transform))
+                            .chain(pairs.iter().zip(&pre).map(|(x, pp)| {
+                                (ImageId::Bytes(x.rejected.as_raw()), &pp.transform)
+                            }))
+                            .collect();
+                    training_latents(
+                        &model,
+                        latent_cache.as_ref(),
+                        &images,
+                        &ids,
+                        cfg.data.vae_posterior,
+                        &mut data_rng,
+                    )?
+                }
             };
             let p = pairs.len();
             let (lw, ll) = (latents.narrow(0, 0, p)?, latents.narrow(0, p, p)?);
@@ -1294,14 +1290,13 @@ fn sdxl_added_cond(
     }))
 }
 
-/// The stored sampler latents of a batch, `[chosen…; rejected…]` (`[2P, C, h, w]`, f32 on the CPU), when
-/// every pair has them; `None` when none has. Each must have the shape of the VAE latent of the batch's
-/// preprocessed `images` (`[2P, 3, H, W]`, VAE downsampling `vae_factor`).
+/// The stored sampler latents of a batch, `[chosen…; rejected…]` (`[2P, C, side, side]`, f32 on the CPU), when
+/// every pair has them; `None` when none has. Each must be `[channels, side, side]`, the latent of a training
+/// image at `data.resolution`.
 fn stored_pair_latents(
     pairs: &[crate::data::PairImages],
-    images: &Tensor,
     channels: usize,
-    vae_factor: usize,
+    side: usize,
     random_flip: bool,
 ) -> Result<Option<Tensor>> {
     let with = pairs.iter().filter(|p| p.latents.is_some()).count();
@@ -1327,30 +1322,24 @@ fn stored_pair_latents(
             missing.join(", ")
         );
     }
-    let (_, _, h, w) = images.dims4()?;
-    let want = (h / vae_factor, w / vae_factor);
     let mut all = Vec::with_capacity(2 * pairs.len());
-    for pick_rejected in [false, true] {
+    for (which, rejected) in [("chosen", false), ("rejected", true)] {
         for p in pairs {
             let (c, r) = p.latents.as_ref().expect("checked above");
-            let z = if pick_rejected { r } else { c };
+            let z = if rejected { r } else { c };
             let (zc, zh, zw) = z.dims3()?;
             if zc != channels {
                 bail!(
-                    "{}: the stored {} latent has {zc} channels, the UNet takes {channels}",
-                    p.source,
-                    if pick_rejected { "rejected" } else { "chosen" }
+                    "{}: the stored {which} latent has {zc} channels, the UNet takes {channels}",
+                    p.source
                 );
             }
-            if (zh, zw) != want {
+            if (zh, zw) != (side, side) {
                 bail!(
-                    "{}: the stored {} latent is {zh}x{zw} but images at data.resolution {h}x{w} have \
-                     {}x{} latents (set data.resolution to the size the pairs were sampled at, or \
+                    "{}: the stored {which} latent is {zh}x{zw} but images at data.resolution have \
+                     {side}x{side} latents (set data.resolution to the size the pairs were sampled at, or \
                      data.stored_latents = false)",
-                    p.source,
-                    if pick_rejected { "rejected" } else { "chosen" },
-                    want.0,
-                    want.1
+                    p.source
                 );
             }
             all.push(z.clone());
@@ -1396,16 +1385,21 @@ fn training_latents(
     Ok(model.vae.scale_latents(&z)?.detach())
 }
 
-/// One uniform integer timestep per sample from the band `[lo, hi)`, then the noise of `shape` (in that
-/// order from the stream, so resumed runs draw the same numbers).
+/// One uniform integer timestep from the band `[lo, hi)` ([`DpoLossConfig::timestep_band`]).
+fn draw_timestep(rng: &mut Rng, (lo, hi): (u64, u64)) -> i64 {
+    (lo + rng.below(hi - lo)) as i64
+}
+
+/// One timestep per sample from `band`, then the noise of `shape` (in that order from the stream, so resumed
+/// runs draw the same numbers).
 fn draw_timesteps_and_noise(
     rng: &mut Rng,
-    (lo, hi): (u64, u64),
+    band: (u64, u64),
     shape: &[usize],
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let n = shape[0];
-    let t: Vec<i64> = (0..n).map(|_| (lo + rng.below(hi - lo)) as i64).collect();
+    let t: Vec<i64> = (0..n).map(|_| draw_timestep(rng, band)).collect();
     let t = Tensor::from_vec(t, n, device)?;
     let noise = rng.normal_tensor(shape, device)?;
     Ok((t, noise))
@@ -1511,7 +1505,7 @@ pub fn evaluate_pairs(
         },
     )?;
     let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(&model.scheduler_config_path)?)?;
-    let (t_lo, t_hi) = cfg
+    let t_band = cfg
         .loss
         .timestep_band(schedule.alphas_cumprod().len() as u64)?;
     let set = match lora {
@@ -1561,7 +1555,7 @@ pub fn evaluate_pairs(
             cfg.data.resolution as usize,
             cfg.data.resolution as usize,
         )?;
-        let t = Tensor::new(&[(t_lo + rng.below(t_hi - t_lo)) as i64], &device)?;
+        let t = Tensor::new(&[draw_timestep(&mut rng, t_band)], &device)?;
         let noise = rng.normal_tensor(
             &latents.dims()[1..].iter().fold(vec![1], |mut v, d| {
                 v.push(*d);
