@@ -153,3 +153,76 @@ fn loss_family_properties() {
         .0;
     assert!((l.to_scalar::<f32>().unwrap() - 0.5).abs() < 1e-6);
 }
+
+#[test]
+fn sft_anchor_adds_the_winner_error_to_every_pairwise_loss() {
+    // Two pairs, ω = (1, 2) (the anchor ignores ω): the anchor is λ·mean(m_θʷ).
+    let mut e = errors(&[0.1, 0.2], &[0.3, 0.1], &[0.1, 0.2], &[0.3, 0.1]);
+    e.weight = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+    let loss = |kind, sft_weight| {
+        pair_loss(
+            &DpoLossConfig {
+                kind,
+                sft_weight,
+                ..Default::default()
+            },
+            &e,
+            None,
+        )
+        .unwrap()
+        .0
+        .to_scalar::<f32>()
+        .unwrap() as f64
+    };
+    let anchor = (0.1 + 0.2) / 2.0;
+    for kind in [
+        LossKind::Sigmoid,
+        LossKind::Ipo,
+        LossKind::Hinge,
+        LossKind::Simpo,
+    ] {
+        let (plain, anchored) = (loss(kind, 0.0), loss(kind, 0.3));
+        assert!(
+            (anchored - plain - 0.3 * anchor).abs() < 1e-6,
+            "{kind:?}: {plain} -> {anchored}"
+        );
+    }
+    // SFT is the anchor itself: no second copy.
+    assert_eq!(loss(LossKind::Sft, 0.0), loss(LossKind::Sft, 0.3));
+    // The anchor's gradient pulls only on the winner's error.
+    let mw = candle_core::Var::new(&[0.1f32, 0.2], &Device::Cpu).unwrap();
+    let ml = candle_core::Var::new(&[0.3f32, 0.1], &Device::Cpu).unwrap();
+    let grad = |sft_weight: f64| {
+        let e2 = PairErrors {
+            model_w: mw.as_tensor().clone(),
+            model_l: ml.as_tensor().clone(),
+            ..e.clone()
+        };
+        let cfg = DpoLossConfig {
+            sft_weight,
+            ..Default::default()
+        };
+        let g = pair_loss(&cfg, &e2, None).unwrap().0.backward().unwrap();
+        (
+            g.get(mw.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            g.get(ml.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+        )
+    };
+    let ((w0, l0), (w1, l1)) = (grad(0.0), grad(1000.0));
+    for i in 0..2 {
+        // d(λ·mean(m))/dm_i = λ/2 for two pairs.
+        assert!(
+            (w1[i] - w0[i] - 500.0).abs() < 1e-2,
+            "{} vs {}",
+            w1[i],
+            w0[i]
+        );
+        assert!((l1[i] - l0[i]).abs() < 1e-3);
+    }
+    assert!(DpoLossConfig {
+        sft_weight: -1.0,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+}

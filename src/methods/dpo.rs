@@ -24,7 +24,7 @@
 //! - `hinge` (SLiC): `max(0, 1 − z)`;
 //! - `ipo`: `(h·ω − 1/β)²` (IPO with τ = β/2; the target margin is in MSE units);
 //! - `robust` (Chowdhury et al.): `[(1−ε)(−log σ(z)) − ε(−log σ(−z))] / (1 − 2ε)`;
-//! - `simpo` (reference-free): `−log σ(−(β/2)·ω·(m_θʷ − m_θˡ) − γ)`, plus `sft_weight · m_θʷ` (CPO-style anchor);
+//! - `simpo` (reference-free): `−log σ(−(β/2)·ω·(m_θʷ − m_θˡ) − γ)`;
 //! - `mapo` (reference-free, Hong et al.): `m_θʷ − β_M log σ(T (s(m_θʷ) − s(m_θˡ)))`, `s(m) = γm/(e^{γm} − 1)`,
 //!   T = 1000 (β_M = `mapo_beta` 0.1, γ = `mapo_gamma` 0.5);
 //! - `kto` (Diffusion-KTO, on the pair's images as one desirable and one undesirable sample):
@@ -32,6 +32,12 @@
 //!   (no ½ inside, as the KTO code; β default 1000 there);
 //! - `sft`: `m_θʷ` (supervised fine-tuning on winners).
 //!
+//! **SFT anchor** (`sft_weight` = λ, default 0), added to every pairwise loss above but `sft`:
+//! `L + λ·mean(m_θʷ)` (CPO's form, Xu et al. 2024; RPO's negative log-likelihood term on the chosen sample, Pang
+//! et al. 2024 — the diffusion ELBO makes `m_θʷ` the chosen image's NLL up to constants). It counters the drift
+//! where DPO lets both errors rise. Scale: at z = 0 the sigmoid loss pulls on `m_θʷ` with weight k/2
+//! (k = β/2 or β), so λ must be of that order (thousands at β = 5000) to compete with it.
+
 //! Timestep weighting ω(t) (off by default, as in every reference implementation): `min_snr` gives
 //! `min(SNR(t), γ)/SNR(t)` for ε-prediction and `min(SNR(t), γ)/(SNR(t)+1)` for v-prediction.
 
@@ -98,7 +104,8 @@ pub struct DpoLossConfig {
     pub label_smoothing: f64,
     /// SimPO margin γ (default 0).
     pub simpo_gamma: f64,
-    /// Weight of the SFT anchor `m_θʷ` added to `simpo` (default 0).
+    /// Weight λ of the SFT anchor `λ·mean(m_θʷ)` added to every pairwise loss but `sft` (default 0; see the
+    /// module docs).
     pub sft_weight: f64,
     /// MaPO β_M (default 0.1).
     pub mapo_beta: f64,
@@ -163,6 +170,12 @@ impl DpoLossConfig {
             bail!(
                 "loss.label_smoothing must be in [0, 0.5) (got {})",
                 self.label_smoothing
+            );
+        }
+        if !self.sft_weight.is_finite() || self.sft_weight < 0.0 {
+            bail!(
+                "loss.sft_weight must be a finite number >= 0 (got {})",
+                self.sft_weight
             );
         }
         Ok(())
@@ -263,10 +276,7 @@ pub fn pair_loss(
             let b = (log_sigmoid(&z.neg()?)?.neg()? * eps)?;
             ((a - b)? / (1.0 - 2.0 * eps))?.mean_all()?
         }
-        LossKind::Simpo => {
-            let l = log_sigmoid(&(&z - cfg.simpo_gamma)?)?.neg()?.mean_all()?;
-            (l + (mw.mean_all()? * cfg.sft_weight)?)?
-        }
+        LossKind::Simpo => log_sigmoid(&(&z - cfg.simpo_gamma)?)?.neg()?.mean_all()?,
         LossKind::Mapo => {
             let g = cfg.mapo_gamma;
             let s = |m: &Tensor| -> Result<Tensor> {
@@ -291,6 +301,11 @@ pub fn pair_loss(
             (((dw.neg()? + 1.0)? + (dl.neg()? + 1.0)?)? * 0.5)?.mean_all()?
         }
         LossKind::Sft => mw.mean_all()?,
+    };
+    let loss = if cfg.sft_weight != 0.0 && cfg.kind != LossKind::Sft {
+        (loss + (mw.mean_all()? * cfg.sft_weight)?)?
+    } else {
+        loss
     };
     let zs: Vec<f32> = z.to_vec1()?;
     let acc = zs

@@ -1484,8 +1484,9 @@ pub fn load_trained_lora(model: &StableDiffusion, path: &Path, scale: f64) -> Re
     LoraSet::load(&model.unet, path, LoadMode::Frozen { scale })
 }
 
-/// Mean DPO statistics of a model (optionally with a trained LoRA, at scale 1) on every pair of `cfg`'s data,
-/// `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws for any weights, so a trained LoRA and
+/// Mean DPO statistics of a model (optionally with a trained LoRA, at scale 1) on every pair of `cfg`'s data
+/// (its stored latents when the manifest names them and `data.stored_latents` is on, else the VAE posterior
+/// modes of its images), `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws for any weights, so a trained LoRA and
 /// the base model are compared on equal terms. The reference is the base model.
 pub fn evaluate_pairs(
     cfg: &TrainConfig,
@@ -1542,13 +1543,28 @@ pub fn evaluate_pairs(
     let mut all = Vec::new();
     for _ in 0..dataset.len() * draws.max(1) {
         let pair = dataset.next_batch(1)?.remove(0);
-        let pre = preprocess_pair(&pair.chosen, &pair.rejected, &pcfg, &mut rng)?;
-        let images = Tensor::stack(&[&pre.chosen, &pre.rejected], 0)?
-            .to_device(&device)?
-            .to_dtype(dtype)?;
-        let latents = model
-            .vae
-            .scale_latents(&model.vae.encode(&images)?.mode())?;
+        let stored = if cfg.data.stored_latents {
+            stored_pair_latents(
+                std::slice::from_ref(&pair),
+                model.unet.config().in_channels,
+                cfg.data.resolution as usize / model.vae_scale_factor(),
+                false,
+            )?
+        } else {
+            None
+        };
+        let latents = match stored {
+            Some(z) => z.to_device(&device)?.to_dtype(dtype)?,
+            None => {
+                let pre = preprocess_pair(&pair.chosen, &pair.rejected, &pcfg, &mut rng)?;
+                let images = Tensor::stack(&[&pre.chosen, &pre.rejected], 0)?
+                    .to_device(&device)?
+                    .to_dtype(dtype)?;
+                model
+                    .vae
+                    .scale_latents(&model.vae.encode(&images)?.mode())?
+            }
+        };
         let embeds = model.encode_prompts(&[pair.prompt.as_str()])?;
         let added = model.added_cond(
             &embeds,
