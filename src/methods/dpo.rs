@@ -114,8 +114,10 @@ pub struct DpoLossConfig {
     /// Timestep weighting ω(t) (default none).
     pub timestep_weighting: TimestepWeighting,
     /// Training timesteps are drawn uniformly from `[lo, hi)` (kohya's `min_timestep`/`max_timestep`);
-    /// default: every timestep of the scheduler. A high band (e.g. `[300, 1000]`) concentrates the
-    /// preference signal on composition, where colours, shapes and layout are decided.
+    /// default: every timestep of the scheduler. A high band concentrates training on composition, where
+    /// colours, shapes and layout are decided: on the shapes world the DPO gradient's signal-to-noise ratio per
+    /// pair is ~1e-2 for t in [700, 850) and below detection under t = 550, where the per-draw variance is
+    /// 10–100× larger, so the embedded default trains on `[700, 1000]`.
     pub timestep_range: Option<[u64; 2]>,
 }
 
