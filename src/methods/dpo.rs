@@ -37,7 +37,7 @@
 //! et al. 2024 — the diffusion ELBO makes `m_θʷ` the chosen image's NLL up to constants). It counters the drift
 //! where DPO lets both errors rise. Scale: at z = 0 the sigmoid loss pulls on `m_θʷ` with weight k/2
 //! (k = β/2 or β), so λ must be of that order (thousands at β = 5000) to compete with it.
-
+//!
 //! Timestep weighting ω(t) (off by default, as in every reference implementation): `min_snr` gives
 //! `min(SNR(t), γ)/SNR(t)` for ε-prediction and `min(SNR(t), γ)/(SNR(t)+1)` for v-prediction.
 

@@ -962,11 +962,13 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                         .with_context(|| format!("pair {}", p.source))?,
                 );
             }
-            let stored = if cfg.data.stored_latents {
-                stored_pair_latents(&pairs, latent_channels, latent_side, cfg.data.random_flip)?
-            } else {
-                None
-            };
+            let stored = stored_pair_latents(
+                cfg.data.stored_latents,
+                &pairs,
+                latent_channels,
+                latent_side,
+                cfg.data.random_flip,
+            )?;
             let latents = match stored {
                 Some(z) => z.to_device(&device)?.to_dtype(dtype)?,
                 None => {
@@ -1291,16 +1293,18 @@ fn sdxl_added_cond(
 }
 
 /// The stored sampler latents of a batch, `[chosen…; rejected…]` (`[2P, C, side, side]`, f32 on the CPU), when
-/// every pair has them; `None` when none has. Each must be `[channels, side, side]`, the latent of a training
-/// image at `data.resolution`.
+/// `use_stored` (`data.stored_latents`) is on and every pair has them; `None` when it is off or no pair has them
+/// (then the images are encoded). Each must be `[channels, side, side]`, the latent of a training image at
+/// `data.resolution`.
 fn stored_pair_latents(
+    use_stored: bool,
     pairs: &[crate::data::PairImages],
     channels: usize,
     side: usize,
     random_flip: bool,
 ) -> Result<Option<Tensor>> {
     let with = pairs.iter().filter(|p| p.latents.is_some()).count();
-    if with == 0 {
+    if !use_stored || with == 0 {
         return Ok(None);
     }
     if random_flip {
@@ -1486,8 +1490,9 @@ pub fn load_trained_lora(model: &StableDiffusion, path: &Path, scale: f64) -> Re
 
 /// Mean DPO statistics of a model (optionally with a trained LoRA, at scale 1) on every pair of `cfg`'s data
 /// (its stored latents when the manifest names them and `data.stored_latents` is on, else the VAE posterior
-/// modes of its images), `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws for any weights, so a trained LoRA and
-/// the base model are compared on equal terms. The reference is the base model.
+/// modes of its images), `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws
+/// for any weights, so a trained LoRA and the base model are compared on equal terms. The reference is the base
+/// model.
 pub fn evaluate_pairs(
     cfg: &TrainConfig,
     lora: Option<&Path>,
@@ -1540,19 +1545,18 @@ pub fn evaluate_pairs(
         ..PreprocessConfig::new(cfg.data.resolution)
     };
     let mut rng = Rng::derive(seed, "evaluate");
+    let latent_side = cfg.data.resolution as usize / model.vae_scale_factor();
+    let latent_channels = model.unet.config().in_channels;
     let mut all = Vec::new();
     for _ in 0..dataset.len() * draws.max(1) {
         let pair = dataset.next_batch(1)?.remove(0);
-        let stored = if cfg.data.stored_latents {
-            stored_pair_latents(
-                std::slice::from_ref(&pair),
-                model.unet.config().in_channels,
-                cfg.data.resolution as usize / model.vae_scale_factor(),
-                false,
-            )?
-        } else {
-            None
-        };
+        let stored = stored_pair_latents(
+            cfg.data.stored_latents,
+            std::slice::from_ref(&pair),
+            latent_channels,
+            latent_side,
+            false,
+        )?;
         let latents = match stored {
             Some(z) => z.to_device(&device)?.to_dtype(dtype)?,
             None => {
