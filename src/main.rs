@@ -7,6 +7,15 @@ use clap::Parser;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // candle-core 0.11 asks for its thread count on every matmul and, unless RAYON_NUM_THREADS is set, counts
+    // the physical cores by parsing /proc/cpuinfo each time (~5% of sampling). Count them once, as it would.
+    // Set before any thread exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            num_cpus::get_physical().max(1).to_string(),
+        );
+    }
     let cli = diffpref::cli::Cli::parse();
     if let Err(e) = diffpref::cli::run(cli) {
         eprintln!("error: {e:#}");
