@@ -34,6 +34,7 @@ fn errors(mw: &[f32], ml: &[f32], rw: &[f32], rl: &[f32]) -> PairErrors {
         ref_w: Some(t(rw)),
         ref_l: Some(t(rl)),
         weight: Tensor::ones(mw.len(), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        uncond_drift: None,
     }
 }
 
@@ -225,4 +226,64 @@ fn sft_anchor_adds_the_winner_error_to_every_pairwise_loss() {
     }
     .validate()
     .is_err());
+}
+
+#[test]
+fn uncond_anchor_adds_gamma_times_the_mean_drift() {
+    let drift = candle_core::Var::new(&[0.02f32, 0.04], &Device::Cpu).unwrap();
+    let e = PairErrors {
+        uncond_drift: Some(drift.as_tensor().clone()),
+        ..errors(&[0.1, 0.2], &[0.3, 0.1], &[0.12, 0.2], &[0.3, 0.1])
+    };
+    let run = |kind, uncond_anchor| {
+        let cfg = DpoLossConfig {
+            kind,
+            uncond_anchor,
+            ..Default::default()
+        };
+        cfg.validate().unwrap();
+        let (l, s) = pair_loss(&cfg, &e, None).unwrap();
+        (l, s.uncond_drift)
+    };
+    for kind in [LossKind::Sigmoid, LossKind::Ipo, LossKind::Kto] {
+        let (plain, d0) = run(kind, 0.0);
+        let (anchored, d1) = run(kind, 100.0);
+        let (plain, anchored) = (
+            plain.to_scalar::<f32>().unwrap() as f64,
+            anchored.to_scalar::<f32>().unwrap() as f64,
+        );
+        // γ·mean(drift) = 100 · 0.03.
+        assert!((anchored - plain - 3.0).abs() < 1e-5, "{kind:?}: {plain} -> {anchored}");
+        assert!((d0 - 0.03).abs() < 1e-7 && (d1 - 0.03).abs() < 1e-7);
+        // d(γ·mean(drift))/d drift_i = γ/P.
+        let g = run(kind, 100.0).0.backward().unwrap();
+        let g = g.get(drift.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert!(g.iter().all(|&v| (v - 50.0).abs() < 1e-4), "{g:?}");
+    }
+    // Without unconditional predictions the anchor adds nothing.
+    let none = errors(&[0.1, 0.2], &[0.3, 0.1], &[0.12, 0.2], &[0.3, 0.1]);
+    let cfg = DpoLossConfig {
+        uncond_anchor: 100.0,
+        ..Default::default()
+    };
+    let (a, s) = pair_loss(&cfg, &none, None).unwrap();
+    let (b, _) = pair_loss(&DpoLossConfig::default(), &none, None).unwrap();
+    assert_eq!(a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    assert_eq!(s.uncond_drift, 0.0);
+    // Negative or non-finite weights, and reference-free kinds, are refused by name.
+    for (kind, w) in [
+        (LossKind::Sigmoid, -1.0),
+        (LossKind::Sigmoid, f64::NAN),
+        (LossKind::Simpo, 10.0),
+    ] {
+        let err = DpoLossConfig {
+            kind,
+            uncond_anchor: w,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("loss.uncond_anchor"), "{err}");
+    }
 }

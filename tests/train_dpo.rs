@@ -217,10 +217,38 @@ fn sdxl_style_model_trains_with_micro_conditioning() {
     let mut cfg = config(tmp.path(), &m, 2);
     cfg.model = fixtures().join("tiny-sdxl").display().to_string();
     cfg.data.random_flip = true;
+    // With the unconditional anchor: the empty prompt's pooled embedding and micro-conditioning go through too.
+    cfg.loss.uncond_anchor = 1e4;
     let s = train(&cfg, None).unwrap();
     let records = diffpref::train::metrics::read_metrics(&s.metrics).unwrap();
     assert!((records[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+    assert_eq!(records[0]["uncond_drift"].as_f64(), Some(0.0));
     assert!(s.weights.exists());
+}
+
+/// Held-out unconditional drift of a LoRA trained on the red/blue pairs with and without the anchor.
+#[test]
+fn uncond_anchor_holds_the_unconditional_prediction_at_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 2);
+    let drift = |name: &str, anchor: f64| {
+        let mut cfg = config(&tmp.path().join(name), &m, 12);
+        cfg.optim.lr = 3e-3;
+        cfg.loss.uncond_anchor = anchor;
+        let s = train(&cfg, None).unwrap();
+        let records = diffpref::train::metrics::read_metrics(&s.metrics).unwrap();
+        // Zero-initialised adapters: no drift, loss ln 2 (the anchor adds nothing yet).
+        assert!((records[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+        let e = evaluate_pairs(&cfg, Some(&s.weights), 5, 4).unwrap();
+        println!("{name}: {e:?}");
+        assert!(e.implicit_acc > 0.5, "{name}: accuracy {}", e.implicit_acc);
+        e.uncond_drift
+    };
+    let (free, held) = (drift("free", 0.0), drift("held", 1e5));
+    assert!(free > 0.0, "training moved nothing: {free}");
+    assert!(held < 0.3 * free, "anchored drift {held} vs {free} without");
+    let base = evaluate_pairs(&config(tmp.path(), &m, 1), None, 5, 1).unwrap();
+    assert_eq!(base.uncond_drift, 0.0);
 }
 
 #[test]

@@ -578,6 +578,7 @@ pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
             timesteps: &t,
             encoder_hidden_states: &ehs,
             added: added.as_ref(),
+            uncond: None,
         };
         let mut opt = AdamW::with_lr(1e-5);
         let mut device_used = 0u64;

@@ -38,6 +38,13 @@
 //! where DPO lets both errors rise. Scale: at z = 0 the sigmoid loss pulls on `m_θʷ` with weight k/2
 //! (k = β/2 or β), so λ must be of that order (thousands at β = 5000) to compete with it.
 //!
+//! **Unconditional anchor** (`uncond_anchor` = γ, default 0): `L + γ·mean‖f_θ(x_tʷ, t, ∅) − f_ref(x_tʷ, t, ∅)‖²`
+//! (mean over C, H, W; ∅ the empty prompt's embedding, zeros where the model forces them) on the winners'
+//! noisy latents of the batch. DPO trains the conditional prediction only, but sampling uses classifier-free
+//! guidance, `f_u + w·(f_c − f_u)`: whatever the adapters do to the unconditional branch `f_u` enters with
+//! weight `1 − w` (−6.5 at w = 7.5) and adds noise to every guided sample. Holding `f_u` at the reference's
+//! makes the guided change `w·δf_c`, the trained one. Same scale as λ above (thousands at β = 5000).
+//!
 //! Timestep weighting ω(t) (off by default, as in every reference implementation): `min_snr` gives
 //! `min(SNR(t), γ)/SNR(t)` for ε-prediction and `min(SNR(t), γ)/(SNR(t)+1)` for v-prediction.
 
@@ -107,6 +114,9 @@ pub struct DpoLossConfig {
     /// Weight λ of the SFT anchor `λ·mean(m_θʷ)` added to every pairwise loss but `sft` (default 0; see the
     /// module docs).
     pub sft_weight: f64,
+    /// Weight γ of the unconditional anchor `γ·mean‖f_θ(x_tʷ, t, ∅) − f_ref(x_tʷ, t, ∅)‖²` (default 0; see the
+    /// module docs). Needs a loss with a reference.
+    pub uncond_anchor: f64,
     /// MaPO β_M (default 0.1).
     pub mapo_beta: f64,
     /// MaPO γ of the bounded link s(m) (default 0.5).
@@ -130,6 +140,7 @@ impl Default for DpoLossConfig {
             label_smoothing: 0.0,
             simpo_gamma: 0.0,
             sft_weight: 0.0,
+            uncond_anchor: 0.0,
             mapo_beta: 0.1,
             mapo_gamma: 0.5,
             timestep_weighting: TimestepWeighting::None,
@@ -180,6 +191,19 @@ impl DpoLossConfig {
                 self.sft_weight
             );
         }
+        if !self.uncond_anchor.is_finite() || self.uncond_anchor < 0.0 {
+            bail!(
+                "loss.uncond_anchor must be a finite number >= 0 (got {})",
+                self.uncond_anchor
+            );
+        }
+        if self.uncond_anchor > 0.0 && !self.kind.needs_reference() {
+            bail!(
+                "loss.uncond_anchor = {} needs a reference model, and loss `{:?}` has none",
+                self.uncond_anchor,
+                self.kind
+            );
+        }
         Ok(())
     }
 }
@@ -194,6 +218,9 @@ pub struct PairErrors {
     pub ref_l: Option<Tensor>,
     /// ω(t) per pair (ones without weighting).
     pub weight: Tensor,
+    /// `mean_{C,H,W} (f_θ(x_tʷ, t, ∅) − f_ref(x_tʷ, t, ∅))²` per pair `[P]`, when the batch has unconditional
+    /// embeddings (for `uncond_anchor`).
+    pub uncond_drift: Option<Tensor>,
 }
 
 /// Scalar statistics of one batch (all f64, means over pairs).
@@ -211,6 +238,8 @@ pub struct DpoStats {
     pub model_mse_l: f64,
     pub ref_mse_w: f64,
     pub ref_mse_l: f64,
+    /// Mean unconditional drift (0 without unconditional embeddings).
+    pub uncond_drift: f64,
     pub pairs: usize,
 }
 
@@ -309,6 +338,11 @@ pub fn pair_loss(
     } else {
         loss
     };
+    let drift = e.uncond_drift.as_ref().map(f).transpose()?;
+    let loss = match &drift {
+        Some(d) if cfg.uncond_anchor != 0.0 => (loss + (d.mean_all()? * cfg.uncond_anchor)?)?,
+        _ => loss,
+    };
     let zs: Vec<f32> = z.to_vec1()?;
     let acc = zs
         .iter()
@@ -329,6 +363,7 @@ pub fn pair_loss(
         margin: mean(&z)?,
         model_mse_w: mean(&mw)?,
         model_mse_l: mean(&ml)?,
+        uncond_drift: drift.as_ref().map(mean).transpose()?.unwrap_or(0.0),
         pairs: p,
         ..Default::default()
     };
@@ -361,6 +396,9 @@ pub struct PairBatch<'a> {
     pub encoder_hidden_states: &'a Tensor,
     /// SDXL micro-conditioning per pair.
     pub added: Option<&'a AddedCond>,
+    /// The empty prompt's conditioning per pair (`[P, T, D]`, and SDXL's micro-conditioning), for the
+    /// unconditional anchor; `None` skips its forward passes.
+    pub uncond: Option<(&'a Tensor, Option<&'a AddedCond>)>,
 }
 
 /// The reference model of a DPO step.
@@ -373,8 +411,28 @@ pub enum Reference<'a> {
     None,
 }
 
-fn repeat2(t: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::cat(&[t, t], 0)?)
+/// The policy's prediction (with graph) and, unless reference-free, the reference's (detached) for `noisy` at
+/// `t` (one batched forward each).
+fn predictions(
+    policy: &UNet2DConditionModel,
+    reference: &Reference,
+    noisy: &Tensor,
+    t: &Tensor,
+    ehs: &Tensor,
+    added: Option<&AddedCond>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let pred = policy.forward(noisy, t, ehs, added)?;
+    let ref_pred = match reference {
+        Reference::Adapters { set_enabled } => {
+            set_enabled(false);
+            let r = policy.forward(&noisy.detach(), t, &ehs.detach(), added);
+            set_enabled(true);
+            Some(r?.detach())
+        }
+        Reference::Frozen(u) => Some(u.forward(noisy, t, ehs, added)?.detach()),
+        Reference::None => None,
+    };
+    Ok((pred, ref_pred))
 }
 
 /// Runs the policy (with graph) and the reference (without) on `x0` noised with `noise` at `t` (one batched
@@ -394,26 +452,15 @@ pub fn single_errors(
     let noise = noise.to_dtype(DType::F32)?;
     let noisy = schedule.add_noise(&x0, &noise, t)?;
     let target = schedule.target(&x0, &noise, t)?;
-    let pred = policy.forward(&noisy, t, ehs, added)?;
+    let (pred, ref_pred) = predictions(policy, reference, &noisy, t, ehs, added)?;
     let m = per_sample_mse(&pred, &target)?;
-    let ref_m = match reference {
-        Reference::Adapters { set_enabled } => {
-            set_enabled(false);
-            let r = policy.forward(&noisy.detach(), t, &ehs.detach(), added);
-            set_enabled(true);
-            Some(per_sample_mse(&r?.detach(), &target)?)
-        }
-        Reference::Frozen(u) => Some(per_sample_mse(
-            &u.forward(&noisy, t, ehs, added)?.detach(),
-            &target,
-        )?),
-        Reference::None => None,
-    };
+    let ref_m = ref_pred.map(|r| per_sample_mse(&r, &target)).transpose()?;
     Ok((m, ref_m))
 }
 
 /// Runs the policy (with graph) and the reference (without) on `[winners; losers]` (one batched forward each,
-/// size 2P) and returns the per-pair errors.
+/// size 2P; 3P with the winners again under the unconditional embedding when the batch has one) and returns the
+/// per-pair errors.
 pub fn pair_errors(
     policy: &UNet2DConditionModel,
     reference: &Reference,
@@ -422,27 +469,50 @@ pub fn pair_errors(
     b: &PairBatch,
 ) -> Result<PairErrors> {
     let p = b.latents_w.dim(0)?;
-    let x0 = Tensor::cat(&[b.latents_w, b.latents_l], 0)?.to_dtype(DType::F32)?;
-    let noise = repeat2(&b.noise.to_dtype(DType::F32)?)?;
-    let t = repeat2(b.timesteps)?;
-    let ehs = repeat2(b.encoder_hidden_states)?;
-    let added = match b.added {
-        Some(a) => Some(AddedCond {
-            text_embeds: repeat2(&a.text_embeds)?,
-            time_ids: repeat2(&a.time_ids)?,
-        }),
-        None => None,
+    let lw = b.latents_w.to_dtype(DType::F32)?;
+    let ll = b.latents_l.to_dtype(DType::F32)?;
+    let noise = b.noise.to_dtype(DType::F32)?;
+    let copies = if b.uncond.is_some() { 3 } else { 2 };
+    let x0 = match copies {
+        3 => Tensor::cat(&[&lw, &ll, &lw], 0)?,
+        _ => Tensor::cat(&[&lw, &ll], 0)?,
     };
-    let (m, ref_m) = single_errors(
-        policy,
-        reference,
-        schedule,
-        &x0,
-        &noise,
-        &t,
-        &ehs,
-        added.as_ref(),
-    )?;
+    let noise = Tensor::cat(&vec![&noise; copies], 0)?;
+    let t = Tensor::cat(&vec![b.timesteps; copies], 0)?;
+    let mut ehs = vec![b.encoder_hidden_states; 2];
+    ehs.extend(b.uncond.map(|(u, _)| u));
+    let ehs = Tensor::cat(&ehs, 0)?;
+    let added = match b.added {
+        None => None,
+        Some(a) => {
+            let mut parts = vec![a, a];
+            match b.uncond {
+                Some((_, Some(ua))) => parts.push(ua),
+                Some((_, None)) => bail!("the unconditional batch has no SDXL micro-conditioning"),
+                None => {}
+            }
+            let cat = |f: fn(&AddedCond) -> &Tensor| {
+                Tensor::cat(&parts.iter().map(|&a| f(a)).collect::<Vec<_>>(), 0)
+            };
+            Some(AddedCond {
+                text_embeds: cat(|a| &a.text_embeds)?,
+                time_ids: cat(|a| &a.time_ids)?,
+            })
+        }
+    };
+    let noisy = schedule.add_noise(&x0, &noise, &t)?;
+    let target = schedule.target(&x0, &noise, &t)?;
+    let (pred, ref_pred) = predictions(policy, reference, &noisy, &t, &ehs, added.as_ref())?;
+    let m = per_sample_mse(&pred.narrow(0, 0, 2 * p)?, &target.narrow(0, 0, 2 * p)?)?;
+    let ref_m = ref_pred
+        .as_ref()
+        .map(|r| per_sample_mse(&r.narrow(0, 0, 2 * p)?, &target.narrow(0, 0, 2 * p)?))
+        .transpose()?;
+    let uncond_drift = match (copies, &ref_pred) {
+        (3, Some(r)) => Some(per_sample_mse(&pred.narrow(0, 2 * p, p)?, &r.narrow(0, 2 * p, p)?)?),
+        (3, None) => bail!("the unconditional anchor needs a reference model"),
+        _ => None,
+    };
     let weight = timestep_weight(schedule, weighting, b.timesteps)?;
     Ok(PairErrors {
         model_w: m.narrow(0, 0, p)?,
@@ -450,6 +520,7 @@ pub fn pair_errors(
         ref_w: ref_m.as_ref().map(|r| r.narrow(0, 0, p)).transpose()?,
         ref_l: ref_m.as_ref().map(|r| r.narrow(0, p, p)).transpose()?,
         weight,
+        uncond_drift,
     })
 }
 
@@ -580,6 +651,7 @@ pub fn check_golden(
         timesteps: &t,
         encoder_hidden_states: &ehs,
         added: None,
+        uncond: None,
     };
     let scale = ctx.tolerance_scale;
     let mut out = Vec::new();

@@ -657,6 +657,10 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
 
     // Data.
     let (mut data, report) = if let Some(m) = &cfg.data.unpaired_manifest {
+        ensure!(
+            cfg.loss.uncond_anchor == 0.0,
+            "loss.uncond_anchor works on pairs; data.unpaired_manifest trains single images (set it to 0)"
+        );
         let opts = ManifestOptions {
             drop_ties: false,
             check_images: true,
@@ -828,6 +832,11 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         },
         (None, Some(r)) => Reference::Frozen(r),
         (None, None) => unreachable!("full fine-tuning keeps a reference"),
+    };
+    let uncond_embeds = if cfg.loss.uncond_anchor > 0.0 {
+        Some(unconditional_embeds(&model)?)
+    } else {
+        None
     };
 
     let save_checkpoint = |step: u64,
@@ -1013,6 +1022,17 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             };
             let transforms: Vec<&Transform> = pre.iter().map(|x| &x.transform).collect();
             let added = sdxl_added_cond(&model, &embeds, &transforms, dtype)?;
+            let uncond = match &uncond_embeds {
+                Some(u) => {
+                    let e = PromptEmbeds {
+                        hidden_states: u.hidden_states.repeat((p, 1, 1))?,
+                        pooled: u.pooled.as_ref().map(|x| x.repeat((p, 1))).transpose()?,
+                    };
+                    let added = sdxl_added_cond(&model, &e, &transforms, dtype)?;
+                    Some((e.hidden_states, added))
+                }
+                None => None,
+            };
             let (t, noise) = draw_timesteps_and_noise(&mut noise_rng, t_band, lw.dims(), &device)?;
             let labels = Tensor::from_vec(
                 pairs.iter().map(|x| x.label).collect::<Vec<f32>>(),
@@ -1026,6 +1046,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                 timesteps: &t,
                 encoder_hidden_states: &embeds.hidden_states.detach(),
                 added: added.as_ref(),
+                uncond: uncond.as_ref().map(|(h, a)| (h, a.as_ref())),
             };
             let errors = pair_errors(
                 &model.unet,
@@ -1077,6 +1098,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                 ("model_mse_l", s.model_mse_l),
                 ("ref_mse_w", s.ref_mse_w),
                 ("ref_mse_l", s.ref_mse_l),
+                ("uncond_drift", s.uncond_drift),
                 ("grad_norm", grad_norm),
                 ("lr", lr),
                 ("pairs_per_s", pairs_per_s),
@@ -1292,6 +1314,17 @@ fn sdxl_added_cond(
     }))
 }
 
+/// The empty prompt's conditioning `[1, T, D]` as the sampler's unconditional branch sees it (zeros where the
+/// model forces them), for the unconditional anchor.
+fn unconditional_embeds(model: &StableDiffusion) -> Result<PromptEmbeds> {
+    let e = model.encode_prompts(&[""])?;
+    Ok(if model.force_zeros_for_empty_prompt {
+        e.zeros_like()?
+    } else {
+        e
+    })
+}
+
 /// The stored sampler latents of a batch, `[chosen…; rejected…]` (`[2P, C, side, side]`, f32 on the CPU), when
 /// `use_stored` (`data.stored_latents`) is on and every pair has them; `None` when it is off or no pair has them
 /// (then the images are encoded). Each must be `[channels, side, side]`, the latent of a training image at
@@ -1422,6 +1455,7 @@ fn mean_stats(v: &[DpoStats]) -> DpoStats {
         model_mse_l: m(|s| s.model_mse_l),
         ref_mse_w: m(|s| s.ref_mse_w),
         ref_mse_l: m(|s| s.ref_mse_l),
+        uncond_drift: m(|s| s.uncond_drift),
         pairs: v.iter().map(|s| s.pairs).sum(),
     }
 }
@@ -1492,7 +1526,7 @@ pub fn load_trained_lora(model: &StableDiffusion, path: &Path, scale: f64) -> Re
 /// (its stored latents when the manifest names them and `data.stored_latents` is on, else the VAE posterior
 /// modes of its images), `draws` times each, with fixed noise and timesteps drawn from `seed` — the same draws
 /// for any weights, so a trained LoRA and the base model are compared on equal terms. The reference is the base
-/// model.
+/// model; `uncond_drift` is how far the weights moved the unconditional prediction on the winners.
 pub fn evaluate_pairs(
     cfg: &TrainConfig,
     lora: Option<&Path>,
@@ -1547,6 +1581,12 @@ pub fn evaluate_pairs(
     let mut rng = Rng::derive(seed, "evaluate");
     let latent_side = cfg.data.resolution as usize / model.vae_scale_factor();
     let latent_channels = model.unet.config().in_channels;
+    let uncond = unconditional_embeds(&model)?;
+    let uncond_added = model.added_cond(
+        &uncond,
+        cfg.data.resolution as usize,
+        cfg.data.resolution as usize,
+    )?;
     let mut all = Vec::new();
     for _ in 0..dataset.len() * draws.max(1) {
         let pair = dataset.next_batch(1)?.remove(0);
@@ -1590,6 +1630,7 @@ pub fn evaluate_pairs(
             timesteps: &t,
             encoder_hidden_states: &embeds.hidden_states,
             added: added.as_ref(),
+            uncond: Some((&uncond.hidden_states, uncond_added.as_ref())),
         };
         let reference = if set.is_some() {
             Reference::Adapters {
