@@ -253,7 +253,10 @@ fn uncond_anchor_adds_gamma_times_the_mean_drift() {
             anchored.to_scalar::<f32>().unwrap() as f64,
         );
         // γ·mean(drift) = 100 · 0.03.
-        assert!((anchored - plain - 3.0).abs() < 1e-5, "{kind:?}: {plain} -> {anchored}");
+        assert!(
+            (anchored - plain - 3.0).abs() < 1e-5,
+            "{kind:?}: {plain} -> {anchored}"
+        );
         assert!((d0 - 0.03).abs() < 1e-7 && (d1 - 0.03).abs() < 1e-7);
         // d(γ·mean(drift))/d drift_i = γ/P.
         let g = run(kind, 100.0).0.backward().unwrap();

@@ -509,7 +509,10 @@ pub fn pair_errors(
         .map(|r| per_sample_mse(&r.narrow(0, 0, 2 * p)?, &target.narrow(0, 0, 2 * p)?))
         .transpose()?;
     let uncond_drift = match (copies, &ref_pred) {
-        (3, Some(r)) => Some(per_sample_mse(&pred.narrow(0, 2 * p, p)?, &r.narrow(0, 2 * p, p)?)?),
+        (3, Some(r)) => Some(per_sample_mse(
+            &pred.narrow(0, 2 * p, p)?,
+            &r.narrow(0, 2 * p, p)?,
+        )?),
         (3, None) => bail!("the unconditional anchor needs a reference model"),
         _ => None,
     };
