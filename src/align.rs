@@ -92,6 +92,11 @@ pub fn run_align(
         }
         let mut c = cfg.clone();
         c.loss.kind = kind;
+        // The unconditional anchor holds the base model's prediction, so it needs a reference: the
+        // reference-free methods (simpo, mapo, sft) train without it.
+        if !kind.needs_reference() {
+            c.loss.uncond_anchor = 0.0;
+        }
         c.output_dir = dir;
         c.resume = false;
         c.eval.prompts = None;

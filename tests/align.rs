@@ -19,10 +19,13 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         format!("data.cache_dir={:?}", cache.display().to_string()),
     ])
     .unwrap();
-    let report = run_align(&cfg, &["dpo".into()], out.path(), false).unwrap();
+    // simpo is reference-free: it trains without the default's unconditional anchor instead of failing.
+    assert!(cfg.loss.uncond_anchor > 0.0);
+    let report = run_align(&cfg, &["dpo".into(), "simpo".into()], out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 2, "{table}");
+    assert_eq!(report.rows.len(), 3, "{table}");
+    assert_eq!(report.rows[2].method, "simpo");
     let (base, dpo) = (&report.rows[0], &report.rows[1]);
     assert_eq!((base.method.as_str(), dpo.method.as_str()), ("base", "dpo"));
     assert!(base.difference.is_none() && base.win_rate.is_none());
