@@ -50,6 +50,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
+use diffpref_pipelines::loading::PromptEmbeds;
 use diffpref_pipelines::models::unet::{AddedCond, UNet2DConditionModel};
 use diffpref_pipelines::schedulers::NoiseSchedule;
 use serde::{Deserialize, Serialize};
@@ -396,9 +397,10 @@ pub struct PairBatch<'a> {
     pub encoder_hidden_states: &'a Tensor,
     /// SDXL micro-conditioning per pair.
     pub added: Option<&'a AddedCond>,
-    /// The empty prompt's conditioning per pair (`[P, T, D]`, and SDXL's micro-conditioning), for the
-    /// unconditional anchor; `None` skips its forward passes.
-    pub uncond: Option<(&'a Tensor, Option<&'a AddedCond>)>,
+    /// The empty prompt's embeddings (`[1, T, D]`, SDXL's pooled `[1, P]`), shared by every pair, for the
+    /// unconditional anchor (with the pairs' own micro-conditioning, as the guided sampler gives both branches);
+    /// `None` skips its forward passes.
+    pub uncond: Option<&'a PromptEmbeds>,
 }
 
 /// The reference model of a DPO step.
@@ -469,36 +471,33 @@ pub fn pair_errors(
     b: &PairBatch,
 ) -> Result<PairErrors> {
     let p = b.latents_w.dim(0)?;
-    let lw = b.latents_w.to_dtype(DType::F32)?;
-    let ll = b.latents_l.to_dtype(DType::F32)?;
-    let noise = b.noise.to_dtype(DType::F32)?;
-    let copies = if b.uncond.is_some() { 3 } else { 2 };
-    let x0 = match copies {
-        3 => Tensor::cat(&[&lw, &ll, &lw], 0)?,
-        _ => Tensor::cat(&[&lw, &ll], 0)?,
-    };
-    let noise = Tensor::cat(&vec![&noise; copies], 0)?;
-    let t = Tensor::cat(&vec![b.timesteps; copies], 0)?;
-    let mut ehs = vec![b.encoder_hidden_states; 2];
-    ehs.extend(b.uncond.map(|(u, _)| u));
-    let ehs = Tensor::cat(&ehs, 0)?;
-    let added = match b.added {
-        None => None,
-        Some(a) => {
-            let mut parts = vec![a, a];
-            match b.uncond {
-                Some((_, Some(ua))) => parts.push(ua),
-                Some((_, None)) => bail!("the unconditional batch has no SDXL micro-conditioning"),
-                None => {}
-            }
-            let cat = |f: fn(&AddedCond) -> &Tensor| {
-                Tensor::cat(&parts.iter().map(|&a| f(a)).collect::<Vec<_>>(), 0)
-            };
-            Some(AddedCond {
-                text_embeds: cat(|a| &a.text_embeds)?,
-                time_ids: cat(|a| &a.time_ids)?,
-            })
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let (lw, ll) = (f32(b.latents_w)?, f32(b.latents_l)?);
+    // Rows: winners and losers under the prompt, then (for the anchor) the winners under the empty prompt.
+    let mut x0 = vec![&lw, &ll];
+    let mut ehs = vec![b.encoder_hidden_states.clone(); 2];
+    let mut pooled = b.added.map(|a| vec![a.text_embeds.clone(); 2]);
+    if let Some(u) = b.uncond {
+        x0.push(&lw);
+        ehs.push(u.hidden_states.repeat((p, 1, 1))?);
+        if let Some(v) = pooled.as_mut() {
+            let up = u.pooled.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("the empty prompt has no pooled embedding (SDXL)")
+            })?;
+            v.push(up.repeat((p, 1))?);
         }
+    }
+    let rows = x0.len();
+    let x0 = Tensor::cat(&x0, 0)?;
+    let noise = Tensor::cat(&vec![f32(b.noise)?; rows], 0)?;
+    let t = Tensor::cat(&vec![b.timesteps; rows], 0)?;
+    let ehs = Tensor::cat(&ehs, 0)?;
+    let added = match (b.added, pooled) {
+        (Some(a), Some(v)) => Some(AddedCond {
+            text_embeds: Tensor::cat(&v, 0)?,
+            time_ids: Tensor::cat(&vec![&a.time_ids; rows], 0)?,
+        }),
+        _ => None,
     };
     let noisy = schedule.add_noise(&x0, &noise, &t)?;
     let target = schedule.target(&x0, &noise, &t)?;
@@ -508,13 +507,13 @@ pub fn pair_errors(
         .as_ref()
         .map(|r| per_sample_mse(&r.narrow(0, 0, 2 * p)?, &target.narrow(0, 0, 2 * p)?))
         .transpose()?;
-    let uncond_drift = match (copies, &ref_pred) {
-        (3, Some(r)) => Some(per_sample_mse(
+    let uncond_drift = match (b.uncond, &ref_pred) {
+        (Some(_), Some(r)) => Some(per_sample_mse(
             &pred.narrow(0, 2 * p, p)?,
             &r.narrow(0, 2 * p, p)?,
         )?),
-        (3, None) => bail!("the unconditional anchor needs a reference model"),
-        _ => None,
+        (Some(_), None) => bail!("the unconditional anchor needs a reference model"),
+        (None, _) => None,
     };
     let weight = timestep_weight(schedule, weighting, b.timesteps)?;
     Ok(PairErrors {

@@ -1022,17 +1022,6 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
             };
             let transforms: Vec<&Transform> = pre.iter().map(|x| &x.transform).collect();
             let added = sdxl_added_cond(&model, &embeds, &transforms, dtype)?;
-            let uncond = match &uncond_embeds {
-                Some(u) => {
-                    let e = PromptEmbeds {
-                        hidden_states: u.hidden_states.repeat((p, 1, 1))?,
-                        pooled: u.pooled.as_ref().map(|x| x.repeat((p, 1))).transpose()?,
-                    };
-                    let added = sdxl_added_cond(&model, &e, &transforms, dtype)?;
-                    Some((e.hidden_states, added))
-                }
-                None => None,
-            };
             let (t, noise) = draw_timesteps_and_noise(&mut noise_rng, t_band, lw.dims(), &device)?;
             let labels = Tensor::from_vec(
                 pairs.iter().map(|x| x.label).collect::<Vec<f32>>(),
@@ -1046,7 +1035,7 @@ pub fn train(cfg: &TrainConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
                 timesteps: &t,
                 encoder_hidden_states: &embeds.hidden_states.detach(),
                 added: added.as_ref(),
-                uncond: uncond.as_ref().map(|(h, a)| (h, a.as_ref())),
+                uncond: uncond_embeds.as_ref(),
             };
             let errors = pair_errors(
                 &model.unet,
@@ -1582,11 +1571,6 @@ pub fn evaluate_pairs(
     let latent_side = cfg.data.resolution as usize / model.vae_scale_factor();
     let latent_channels = model.unet.config().in_channels;
     let uncond = unconditional_embeds(&model)?;
-    let uncond_added = model.added_cond(
-        &uncond,
-        cfg.data.resolution as usize,
-        cfg.data.resolution as usize,
-    )?;
     let mut all = Vec::new();
     for _ in 0..dataset.len() * draws.max(1) {
         let pair = dataset.next_batch(1)?.remove(0);
@@ -1630,7 +1614,7 @@ pub fn evaluate_pairs(
             timesteps: &t,
             encoder_hidden_states: &embeds.hidden_states,
             added: added.as_ref(),
-            uncond: Some((&uncond.hidden_states, uncond_added.as_ref())),
+            uncond: Some(&uncond),
         };
         let reference = if set.is_some() {
             Reference::Adapters {
