@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release --example train_dpo`
 
-use diffpref::train::pairwise::{evaluate_pairs, train, TrainConfig};
+use diffpref::methods::pairwise::{evaluate_pairs, train, DpoConfig};
 use std::path::Path;
 
 /// A small preference set: the chosen image has a red square, the rejected one a blue square.
@@ -28,19 +28,17 @@ fn make_pairs(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
 fn main() -> anyhow::Result<()> {
     let dir = Path::new("out/example-dpo");
     let manifest = make_pairs(dir)?;
-    let mut cfg = TrainConfig {
-        model: "tests/fixtures/tiny-sd".into(),
-        output_dir: dir.join("run"),
-        resume: false,
-        ..Default::default()
-    };
+    let mut cfg = DpoConfig::default();
+    cfg.run.model = "tests/fixtures/tiny-sd".into();
+    cfg.run.output_dir = Some(dir.join("run"));
+    cfg.run.resume = false;
     cfg.data.manifest = Some(manifest);
     cfg.data.resolution = 32;
-    cfg.optim.lr = 3e-3;
-    cfg.optim.batch_size = 2;
-    cfg.optim.max_steps = 20;
-    cfg.lora.rank = 4;
-    let _ = std::fs::remove_dir_all(&cfg.output_dir);
+    cfg.run.optim.lr = 3e-3;
+    cfg.run.optim.batch_size = 2;
+    cfg.run.optim.max_steps = 20;
+    cfg.run.lora.rank = 4;
+    let _ = std::fs::remove_dir_all(cfg.output_dir());
     let summary = train(&cfg, None)?;
     println!("trained LoRA: {}", summary.weights.display());
     let base = evaluate_pairs(&cfg, None, 1, 4)?;

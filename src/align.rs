@@ -7,13 +7,13 @@
 //! `robust`, `simpo`, `mapo`, `kto`, `sft`), trained as a LoRA by [`crate::train::pairwise::train`] with the
 //! configuration's data, optimizer and budget, into `OUT/<method>/` (replaced on every run).
 
+use crate::engine::config::TrainMode;
 use crate::eval::{
     compare, comparison_grid, read_prompts, sample_and_score, summarize, SampleOptions, Samples,
 };
 use crate::methods::dpo::LossKind;
-use crate::train::pairwise::{train, TrainConfig, TrainMode};
+use crate::methods::pairwise::{train, DpoConfig};
 use anyhow::{bail, ensure, Context, Result};
-use diffpref_pipelines::loading::{resolve_model, LoadOptions, StableDiffusion};
 use diffpref_rewards::metrics::MeanCi;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -62,16 +62,17 @@ pub struct AlignReport {
 /// Runs the benchmark: `cfg` gives the model, data, optimizer (its `max_steps` is the budget) and `[eval]`
 /// (prompts, reward, samples); `methods` the rows after the base row.
 pub fn run_align(
-    cfg: &TrainConfig,
+    cfg: &DpoConfig,
     methods: &[String],
     out: &Path,
     progress: bool,
 ) -> Result<AlignReport> {
     ensure!(
-        cfg.mode == TrainMode::Lora,
+        cfg.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
     let prompts_file = cfg
+        .run
         .eval
         .prompts
         .as_ref()
@@ -97,11 +98,11 @@ pub fn run_align(
         if !kind.needs_reference() {
             c.loss.uncond_anchor = 0.0;
         }
-        c.output_dir = dir;
-        c.resume = false;
-        c.eval.prompts = None;
-        c.validation.every = 0;
-        c.log.progress = progress;
+        c.run.output_dir = Some(dir);
+        c.run.resume = false;
+        c.run.eval.prompts = None;
+        c.run.validation.every = 0;
+        c.run.log.progress = progress;
         let t0 = Instant::now();
         let s = train(&c, None).with_context(|| format!("training {name}"))?;
         if s.interrupted {
@@ -111,27 +112,16 @@ pub fn run_align(
     }
 
     // Evaluate the base model and each LoRA on the same prompts and noise.
-    let kind = cfg.eval.reward_kind()?;
-    let prompts = read_prompts(prompts_file, kind == crate::cli::score::RewardKind::Shapes)
-        .context("[eval] prompts")?;
-    let device = crate::cli::common::parse_device(&cfg.device)?;
-    let dtype = crate::cli::common::parse_dtype(&cfg.dtype)?;
-    let reward = cfg.eval.load_reward(&device)?;
-    let model_dir = resolve_model(&cfg.model, cfg.variant.as_deref())?;
-    let model = StableDiffusion::load(
-        &model_dir,
-        &LoadOptions {
-            dtype,
-            device,
-            variant: cfg.variant.clone(),
-        },
-    )
-    .with_context(|| format!("loading {}", model_dir.display()))?;
-    let opts: SampleOptions = cfg.eval.sample_options()?;
+    let prompts =
+        read_prompts(prompts_file, cfg.run.eval.reward.is_shapes()).context("[eval] prompts")?;
+    let device = cfg.run.device.device()?;
+    let reward = cfg.run.eval.load_reward(&device)?;
+    let (model, _) = crate::engine::run::load_model(&cfg.run)?;
+    let opts: SampleOptions = cfg.run.eval.sample_options();
     let n = prompts.len() * opts.samples_per_prompt;
     let sample = |what: &str| -> Result<(Samples, f64)> {
         let pb = if progress {
-            crate::cli::generate::progress(n, what)
+            crate::train::metrics::count_bar(n, what)
         } else {
             indicatif::ProgressBar::hidden()
         };
@@ -177,7 +167,7 @@ pub fn run_align(
     }
     let mut grid_sets: Vec<(&str, &Samples)> = vec![("base", &base)];
     grid_sets.extend(sets.iter().map(|(n, s)| (n.as_str(), s)));
-    let grid = comparison_grid(&grid_sets, cfg.eval.grid_prompts, 2)?;
+    let grid = comparison_grid(&grid_sets, cfg.run.eval.grid_prompts, 2)?;
     let grid_path = out.join("grid.png");
     crate::imaging::save_png(&grid, &grid_path)?;
     let report_path = out.join("align.json");
@@ -190,16 +180,16 @@ pub fn run_align(
         grid: grid_path,
     };
     let doc = serde_json::json!({
-        "model": cfg.model,
+        "model": cfg.run.model,
         "data": cfg.data.manifest,
         "prompts_file": prompts_file,
-        "budget_steps": cfg.optim.max_steps,
-        "batch_size": cfg.optim.batch_size,
-        "lr": cfg.optim.lr,
+        "budget_steps": cfg.run.optim.max_steps,
+        "batch_size": cfg.run.optim.batch_size,
+        "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,
         "report": &report,
     });
-    crate::cli::common::write_atomic(&report_path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+    crate::io::write_json(&report_path, &doc)?;
     Ok(report)
 }
 

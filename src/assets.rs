@@ -5,7 +5,7 @@
 //! The assets folder is found, in order, at `$DIFFPREF_ASSETS`, at `./assets` (running from a checkout), and
 //! at the `assets/` of the checkout the binary was built from.
 
-use crate::train::pairwise::TrainConfig;
+use crate::methods::pairwise::DpoConfig;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
@@ -52,15 +52,23 @@ fn resolve(path: &str, assets: &Path) -> String {
 
 /// The default DPO run on the shapes world with `overrides` applied (`--set key=value`); its `assets/` paths
 /// point at [`assets_dir`].
-pub fn default_dpo_config(overrides: &[String]) -> Result<TrainConfig> {
-    let mut cfg = TrainConfig::from_toml(DEFAULT_DPO_TOML, DEFAULT_DPO_PATH, overrides)?;
+pub fn default_dpo_config(overrides: &[String]) -> Result<DpoConfig> {
+    let mut cfg = DpoConfig::from_toml(DEFAULT_DPO_TOML, DEFAULT_DPO_PATH, overrides)?;
     let assets = assets_dir()?;
-    cfg.model = resolve(&cfg.model, &assets);
-    if let Some(m) = &cfg.data.manifest {
-        cfg.data.manifest = Some(resolve(&m.display().to_string(), &assets).into());
-    }
-    if let Some(p) = &cfg.eval.prompts {
-        cfg.eval.prompts = Some(resolve(&p.display().to_string(), &assets).into());
-    }
+    resolve_run(&mut cfg.run, &assets);
+    resolve_path(&mut cfg.data.manifest, &assets);
     Ok(cfg)
+}
+
+/// An optional `assets/...` path resolved against `assets`.
+fn resolve_path(p: &mut Option<PathBuf>, assets: &Path) {
+    if let Some(x) = p {
+        *x = resolve(&x.display().to_string(), assets).into();
+    }
+}
+
+/// The model and the held-out prompts of a default run.
+fn resolve_run(run: &mut crate::engine::RunConfig, assets: &Path) {
+    run.model = resolve(&run.model, assets);
+    resolve_path(&mut run.eval.prompts, assets);
 }

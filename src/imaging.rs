@@ -5,10 +5,7 @@
 //! `assets/fonts/LICENSE-DejaVu.txt`) through `ab_glyph`, so the binary does not
 //! depend on any font installed on the host.
 
-use std::fs;
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use ab_glyph::{point, Font, FontRef, GlyphId, PxScale, ScaleFont};
@@ -133,85 +130,14 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
-/// Removes the temporary file on drop unless it was committed (renamed).
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
-        }
-    }
-}
-
-/// Writes `img` as a PNG to `path` atomically.
-///
-/// Parent directories are created; the PNG is written and fsynced into a hidden
-/// temporary file in the same directory, which is then renamed over `path`. A
-/// reader therefore sees either the old file (or none) or the complete new one,
-/// and on error the temporary file is removed.
+/// Writes `img` as a PNG to `path` atomically ([`crate::io::write_atomic_with`]: parent folders are created,
+/// a reader sees the old file or the whole new one, and on error nothing is left behind).
 pub fn save_png(img: &RgbImage, path: impl AsRef<Path>) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let path = path.as_ref();
-    let name = path
-        .file_name()
-        .with_context(|| format!("save_png: {} has no file name", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).with_context(|| {
-        format!(
-            "creating directory {} for {}",
-            dir.display(),
-            path.display()
-        )
-    })?;
-
-    let (tmp_path, file) = loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".{}-{n}-{nanos}.tmp", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-        {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("creating temporary file for {}", path.display()));
-            }
-        }
-    };
-    let mut guard = TempGuard(Some(tmp_path.clone()));
-
-    let mut writer = BufWriter::new(file);
-    img.write_with_encoder(PngEncoder::new(&mut writer))
-        .with_context(|| format!("encoding PNG for {}", path.display()))?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .with_context(|| format!("writing PNG for {}", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing PNG for {}", path.display()))?;
-    drop(file);
-    fs::rename(&tmp_path, path)
-        .with_context(|| format!("renaming temporary file onto {}", path.display()))?;
-    guard.0 = None;
-    // Best effort: persist the directory entry too.
-    #[cfg(unix)]
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::io::write_atomic_with(path, |w| {
+        img.write_with_encoder(PngEncoder::new(w))
+            .with_context(|| format!("encoding PNG for {}", path.display()))
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -11,8 +11,13 @@ pub use diffpref_rewards as rewards;
 pub mod align;
 pub mod assets;
 pub mod cli;
+pub mod config;
 pub mod data;
+pub mod engine;
 pub mod eval;
 pub mod imaging;
+pub mod io;
 pub mod methods;
+
+pub mod scoring;
 pub mod train;

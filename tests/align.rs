@@ -29,7 +29,7 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let (base, dpo) = (&report.rows[0], &report.rows[1]);
     assert_eq!((base.method.as_str(), dpo.method.as_str()), ("base", "dpo"));
     assert!(base.difference.is_none() && base.win_rate.is_none());
-    let prompts = read_prompts(cfg.eval.prompts.as_ref().unwrap(), true).unwrap();
+    let prompts = read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap();
     assert_eq!(report.prompts, prompts.len());
     assert_eq!(base.reward.n, prompts.len() * 2);
     // The paired change is the difference of the two means (same images per row, same noise).
@@ -46,16 +46,16 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
 
     // The base row is reproducible: the same prompts and seeds sampled again give the same mean reward.
     let model = diffpref::pipelines::loading::StableDiffusion::load(
-        cfg.model.as_ref(),
+        cfg.run.model.as_ref(),
         &Default::default(),
     )
     .unwrap();
     let opts = SampleOptions {
         samples_per_prompt: 2,
         steps: 4,
-        guidance: cfg.eval.guidance,
+        guidance: cfg.run.eval.guidance,
         scheduler: None,
-        seed: cfg.eval.seed,
+        seed: cfg.run.eval.seed,
         batch_size: 32,
     };
     let again = sample_and_score(&model, &prompts, &opts, &ShapesReward::new(), None).unwrap();

@@ -3,7 +3,7 @@
 //! collapsing diversity, and writes its report files. About 9 minutes on 2 cores: the suite's longest test.
 
 use diffpref::assets::default_dpo_config;
-use diffpref::train::pairwise::train;
+use diffpref::methods::pairwise::train;
 
 /// As the binary: candle allocates a buffer per op, and glibc's malloc returns large ones to the kernel on
 /// every free.
@@ -26,7 +26,7 @@ fn the_embedded_default_improves_the_held_out_reward_beyond_its_ci() {
     ])
     .unwrap();
     let s = train(&cfg, None).unwrap();
-    assert_eq!(s.steps, cfg.optim.max_steps);
+    assert_eq!(s.steps, cfg.run.optim.max_steps);
     let e = s.eval.expect("the default evaluates on held-out prompts");
     let c = &e.comparison;
     println!(
@@ -42,7 +42,7 @@ fn the_embedded_default_improves_the_held_out_reward_beyond_its_ci() {
         c.difference.ci95,
         c.win_rate
     );
-    assert_eq!(e.samples_per_prompt, cfg.eval.samples);
+    assert_eq!(e.samples_per_prompt, cfg.run.eval.samples);
     assert!(
         c.improved_beyond_ci(),
         "held-out change {:+.4} ± {:.4} is within its 95% interval",

@@ -1,32 +1,32 @@
 //! The documented example config parses, and its defaults are the library's defaults.
 
-use diffpref::train::pairwise::TrainConfig;
+use diffpref::methods::pairwise::DpoConfig;
 
 #[test]
 fn example_config_matches_the_defaults() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dpo.toml");
-    let cfg = TrainConfig::load(Some(&path), &[]).unwrap();
-    let d = TrainConfig::default();
-    assert_eq!(cfg.optim.lr, d.optim.lr);
+    let cfg = DpoConfig::load(Some(&path), &[]).unwrap();
+    let d = DpoConfig::default();
+    assert_eq!(cfg.run.optim.lr, d.run.optim.lr);
     assert_eq!(cfg.loss.beta, d.loss.beta);
-    assert_eq!(cfg.lora, d.lora);
+    assert_eq!(cfg.run.lora, d.run.lora);
     assert_eq!(cfg.data.resolution, d.data.resolution);
-    assert_eq!(cfg.optim.schedule, d.optim.schedule);
-    assert_eq!(cfg.log.keep_last, d.log.keep_last);
+    assert_eq!(cfg.run.optim.schedule, d.run.optim.schedule);
+    assert_eq!(cfg.run.log.keep_last, d.run.log.keep_last);
     assert_eq!(
-        serde_json::to_value(&cfg.validation).unwrap(),
-        serde_json::to_value(&d.validation).unwrap()
+        serde_json::to_value(&cfg.run.validation).unwrap(),
+        serde_json::to_value(&d.run.validation).unwrap()
     );
     assert_eq!(
-        serde_json::to_value(&cfg.eval).unwrap(),
-        serde_json::to_value(&d.eval).unwrap()
+        serde_json::to_value(&cfg.run.eval).unwrap(),
+        serde_json::to_value(&d.run.eval).unwrap()
     );
-    let over = TrainConfig::load(
+    let over = DpoConfig::load(
         Some(&path),
         &["loss.kind=\"ipo\"".into(), "optim.max_steps=7".into()],
     )
     .unwrap();
-    assert_eq!(over.optim.max_steps, 7);
+    assert_eq!(over.run.optim.max_steps, 7);
     assert_eq!(over.loss.kind, diffpref::methods::dpo::LossKind::Ipo);
 }
 
@@ -34,12 +34,12 @@ fn example_config_matches_the_defaults() {
 fn embedded_default_config_points_at_the_shipped_assets() {
     let cfg = diffpref::assets::default_dpo_config(&["optim.max_steps=3".into()]).unwrap();
     cfg.validate().unwrap();
-    assert_eq!(cfg.optim.max_steps, 3);
-    assert!(std::path::Path::new(&cfg.model)
+    assert_eq!(cfg.run.optim.max_steps, 3);
+    assert!(std::path::Path::new(&cfg.run.model)
         .join("model_index.json")
         .exists());
     assert!(cfg.data.manifest.as_ref().unwrap().exists());
-    assert!(cfg.eval.prompts.as_ref().unwrap().exists());
+    assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
     assert!(
         !cfg.data.random_flip,
         "flips would swap left/right captions"

@@ -1,6 +1,6 @@
 //! `train dpo` end to end on the tiny model: ln 2 at step 0, learning, exact resume, bad data, the CLI.
 
-use diffpref::train::pairwise::{evaluate_pairs, train, TrainConfig};
+use diffpref::methods::pairwise::{evaluate_pairs, train, DpoConfig};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
@@ -33,7 +33,7 @@ fn make_pairs(dir: &Path, n: usize) -> PathBuf {
     m
 }
 
-fn config(dir: &Path, manifest: &Path, steps: u64) -> TrainConfig {
+fn config(dir: &Path, manifest: &Path, steps: u64) -> DpoConfig {
     let sets = vec![
         format!("model = \"{}\"", fixtures().join("tiny-sd").display()),
         format!("output_dir = \"{}\"", dir.join("run").display()),
@@ -47,7 +47,7 @@ fn config(dir: &Path, manifest: &Path, steps: u64) -> TrainConfig {
         "log.progress = false".into(),
         "lora.rank = 4".into(),
     ];
-    TrainConfig::load(None, &sets).unwrap()
+    DpoConfig::load(None, &sets).unwrap()
 }
 
 #[test]
@@ -55,8 +55,8 @@ fn zero_initialised_lora_starts_at_ln2_and_training_raises_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(tmp.path(), 2);
     let mut cfg = config(tmp.path(), &m, 40);
-    cfg.optim.lr = 3e-3;
-    cfg.optim.batch_size = 2;
+    cfg.run.optim.lr = 3e-3;
+    cfg.run.optim.batch_size = 2;
     let before = evaluate_pairs(&cfg, None, 11, 8).unwrap();
     assert!(
         (before.loss - std::f64::consts::LN_2).abs() < 1e-6,
@@ -99,7 +99,7 @@ fn a_resumed_run_ends_with_identical_weights() {
     part.data.random_flip = true;
     part.data.caption_dropout = 0.3;
     train(&part, None).unwrap();
-    part.optim.max_steps = 6;
+    part.run.optim.max_steps = 6;
     train(&part, None).unwrap();
     let a = candle_core::safetensors::load(
         straight.join("run/checkpoint-6/trainable.safetensors"),
@@ -156,7 +156,7 @@ fn bad_manifests_and_missing_images_are_named() {
         err.contains("1-l.png") && err.contains("pairs.jsonl:2"),
         "{err}"
     );
-    let bad_key = TrainConfig::load(None, &["optim.learning_rate = 1".into()]).unwrap_err();
+    let bad_key = DpoConfig::load(None, &["optim.learning_rate = 1".into()]).unwrap_err();
     assert!(
         format!("{bad_key:#}").contains("learning_rate"),
         "{bad_key:#}"
@@ -215,7 +215,7 @@ fn sdxl_style_model_trains_with_micro_conditioning() {
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(tmp.path(), 2);
     let mut cfg = config(tmp.path(), &m, 2);
-    cfg.model = fixtures().join("tiny-sdxl").display().to_string();
+    cfg.run.model = fixtures().join("tiny-sdxl").display().to_string();
     cfg.data.random_flip = true;
     // With the unconditional anchor: the empty prompt's pooled embedding and micro-conditioning go through too.
     cfg.loss.uncond_anchor = 1e4;
@@ -233,7 +233,7 @@ fn uncond_anchor_holds_the_unconditional_prediction_at_the_reference() {
     let m = make_pairs(tmp.path(), 2);
     let drift = |name: &str, anchor: f64| {
         let mut cfg = config(&tmp.path().join(name), &m, 12);
-        cfg.optim.lr = 3e-3;
+        cfg.run.optim.lr = 3e-3;
         cfg.loss.uncond_anchor = anchor;
         let s = train(&cfg, None).unwrap();
         let records = diffpref::train::metrics::read_metrics(&s.metrics).unwrap();
@@ -256,8 +256,8 @@ fn full_fine_tuning_trains_every_unet_weight() {
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(tmp.path(), 2);
     let mut cfg = config(tmp.path(), &m, 2);
-    cfg.mode = diffpref::train::pairwise::TrainMode::Full;
-    cfg.optim.lr = 1e-4;
+    cfg.run.mode = diffpref::engine::TrainMode::Full;
+    cfg.run.optim.lr = 1e-4;
     let s = train(&cfg, None).unwrap();
     let w = s.weights.join("diffusion_pytorch_model.safetensors");
     let trained = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
@@ -356,7 +356,7 @@ fn add_mode_latents(manifest: &Path) {
     std::fs::write(manifest, out.join("\n") + "\n").unwrap();
 }
 
-fn first_record(cfg: &TrainConfig) -> serde_json::Value {
+fn first_record(cfg: &DpoConfig) -> serde_json::Value {
     let s = train(cfg, None).unwrap();
     diffpref::train::metrics::read_metrics(&s.metrics).unwrap()[0].clone()
 }
@@ -366,7 +366,7 @@ fn stored_latents_replace_the_vae_encodings() {
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(&tmp.path().join("pairs"), 2);
     add_mode_latents(&m);
-    let run = |name: &str, edit: &dyn Fn(&mut TrainConfig)| {
+    let run = |name: &str, edit: &dyn Fn(&mut DpoConfig)| {
         let mut cfg = config(&tmp.path().join(name), &m, 1);
         edit(&mut cfg);
         first_record(&cfg)
@@ -376,7 +376,7 @@ fn stored_latents_replace_the_vae_encodings() {
     let stored = run("stored", &|_| {});
     let mode = run("mode", &|c| {
         c.data.stored_latents = false;
-        c.data.vae_posterior = diffpref::train::pairwise::VaePosterior::Mode;
+        c.data.vae_posterior = diffpref::methods::pairwise::VaePosterior::Mode;
     });
     let sample = run("sample", &|c| c.data.stored_latents = false);
     let rel = |a: &serde_json::Value, b: &serde_json::Value, k: &str| {

@@ -441,19 +441,18 @@ fn rewards_at(
     Ok(rows)
 }
 
-/// `diffpref bench dpo`: Diffusion-DPO training steps per second. Each step is what `train dpo` does per
-/// optimizer step without data loading: the policy forward on `[winners; losers]` (2b latents) with graph,
-/// the reference forward (LoRA: the same UNet with adapters off; --full: a frozen f32 copy), the sigmoid DPO
-/// loss in f32, backward, and AdamW on the trainable f32 master weights. Latents, noise, timesteps and text
-/// states are random and reused (no data loading, no text encoder, no VAE).
+/// `diffpref bench dpo`: Diffusion-DPO training steps per second, through the training engine's loop
+/// ([`crate::engine::trainer`]). Each step is what `train dpo` does per optimizer step without data loading:
+/// the policy forward on `[winners; losers]` (2b latents) with graph, the reference forward (LoRA: the same
+/// UNet with adapters off; --full: a frozen f32 copy), the sigmoid DPO loss in f32, backward, clipping and AdamW
+/// on the trainable f32 master weights. Latents, noise, timesteps and text states are random and reused (no
+/// data loading, no text encoder, no VAE). One warm-up step, then `--iters` timed ones; no checkpoints.
 pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
-    use crate::methods::dpo::{
-        pair_errors, pair_loss, DpoLossConfig, PairBatch, Reference, TimestepWeighting,
-    };
-    use crate::train::lora::{LoraConfig, LoraSet};
-    use crate::train::optim::{AdamW, Grads};
-    use diffpref_pipelines::models::unet::AddedCond;
-    use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
+    use crate::engine::hooks::Hooks;
+    use crate::engine::policy::Policy;
+    use crate::engine::trainer::{train, TrainerSettings};
+    use crate::train::lora::LoraConfig;
+    use diffpref_pipelines::schedulers::SchedulerConfig;
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
     anyhow::ensure!(
@@ -497,130 +496,67 @@ pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
             None => Params::random(0, dt, &device),
         })
     };
-    let schedule = NoiseSchedule::new(&sched_cfg)?;
-    let num_t = sched_cfg.num_train_timesteps.max(1) as i64;
-    let loss_cfg = DpoLossConfig::default();
-
-    // Policy, reference and the trainable f32 variables.
-    let (policy, frozen, lora, vars) = if a.full {
-        let p = params(DType::F32)?.trainable();
-        let policy = UNet2DConditionModel::new(&p, unet_cfg.clone())?;
-        let frozen = UNet2DConditionModel::new(&params(DType::F32)?, unet_cfg.clone())?;
-        (policy, Some(frozen), None, p.vars())
-    } else {
-        let policy = UNet2DConditionModel::new(&params(dtype)?, unet_cfg.clone())?;
-        let set = LoraSet::attach(
-            &policy,
-            &LoraConfig {
-                rank: a.rank,
-                ..Default::default()
-            },
-            &device,
-        )?;
-        let vars = set.vars();
-        (policy, None, Some(set), vars)
-    };
-    let n_trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let set_enabled = |e: bool| {
-        if let Some(l) = &lora {
-            l.set_enabled(e)
-        }
-    };
-    let reference = match &frozen {
-        Some(u) => Reference::Frozen(u),
-        None => Reference::Adapters {
-            set_enabled: &set_enabled,
-        },
-    };
     let mode = if a.full {
         "full".to_string()
     } else {
         format!("lora r{}", a.rank)
     };
-    let hw = a.latent.unwrap_or_else(|| sample_size(&policy, 64));
-    let c = policy.config().in_channels;
-    let ctx_dim = context_dim(&policy)?;
-    let added_dims = if policy.config().uses_text_time() {
-        let time_dim = policy.config().addition_time_embed_dim.unwrap_or(0);
-        let in_dim = policy
-            .config()
-            .projection_class_embeddings_input_dim
-            .unwrap_or(0);
-        Some(in_dim.saturating_sub(6 * time_dim))
-    } else {
-        None
-    };
     let mut rows = Vec::new();
     for &b in &a.batch {
         let b = b.max(1);
-        let lw = Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?;
-        let ll = Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?;
-        let noise = Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?;
-        let t: Vec<i64> = (0..b as i64).map(|i| (137 * i + 500) % num_t).collect();
-        let t = Tensor::from_vec(t, b, &device)?;
-        let ehs = Tensor::randn(0f32, 1., (b, 77, ctx_dim), &device)?.to_dtype(dtype)?;
-        let added = match added_dims {
-            Some(d) => Some(AddedCond {
-                text_embeds: Tensor::randn(0f32, 1., (b, d), &device)?.to_dtype(dtype)?,
-                time_ids: Tensor::from_vec(
-                    [1024f32, 1024., 0., 0., 1024., 1024.].repeat(b),
-                    (b, 6),
-                    &device,
-                )?
-                .to_dtype(dtype)?,
-            }),
-            None => None,
+        // Policy and reference (fresh per row: every row starts from the same weights).
+        let (unet, policy) = if a.full {
+            let p = params(DType::F32)?.trainable();
+            let unet = UNet2DConditionModel::new(&p, unet_cfg.clone())?;
+            let frozen = UNet2DConditionModel::new(&params(DType::F32)?, unet_cfg.clone())?;
+            (unet, Policy::with_frozen_reference(p.vars(), frozen))
+        } else {
+            let unet = UNet2DConditionModel::new(&params(dtype)?, unet_cfg.clone())?;
+            let lora = LoraConfig {
+                rank: a.rank,
+                ..Default::default()
+            };
+            let policy = Policy::lora(&unet, &lora, 0, &device)?;
+            (unet, policy)
         };
-        let batch = PairBatch {
-            latents_w: &lw,
-            latents_l: &ll,
-            noise: &noise,
-            timesteps: &t,
-            encoder_hidden_states: &ehs,
-            added: added.as_ref(),
-            uncond: None,
-        };
-        let mut opt = AdamW::with_lr(1e-5);
-        let mut device_used = 0u64;
-        let mut last_loss = f64::NAN;
-        let step = |opt: &mut AdamW, device_used: &mut u64| -> Result<f64> {
-            let errors = pair_errors(
-                &policy,
-                &reference,
-                &schedule,
-                TimestepWeighting::None,
-                &batch,
-            )?;
-            let (loss, stats) = pair_loss(&loss_cfg, &errors, None)?;
-            let store = loss.backward()?;
-            sync(&device)?;
-            if let Some(u) = gpu_mem::used_bytes(&device) {
-                *device_used = (*device_used).max(u);
-            }
-            let grads = Grads::from_store(&vars, store)?;
-            opt.step(&vars, &grads)?;
-            drop(grads);
-            sync(&device)?;
-            Ok(stats.loss)
-        };
-        // One warm-up step (kernel loading, cuBLAS handles, AdamW state allocation), then the timed ones.
-        step(&mut opt, &mut device_used)?;
-        let peak_tracked = gpu_mem::reset_peak(&device);
+        let n_trainable: usize = policy.params().iter().map(|(_, v)| v.elem_count()).sum();
+        let hw = a.latent.unwrap_or_else(|| sample_size(&unet, 64));
+        let mut method = BenchDpo::new(unet, &sched_cfg, b, hw, dtype)?;
+        let run_dir = tempfile::tempdir()?;
         let iters = a.iters.max(1);
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            last_loss = step(&mut opt, &mut device_used)?;
-        }
-        let secs = t0.elapsed().as_secs_f64() / iters as f64;
+        let settings = TrainerSettings {
+            optim: crate::engine::config::OptimConfig {
+                lr: 1e-5,
+                batch_size: b,
+                max_steps: iters as u64 + 1,
+                ..Default::default()
+            },
+            log: crate::engine::config::LogConfig {
+                checkpoint_every: 0,
+                progress: false,
+                ..Default::default()
+            },
+            output_dir: run_dir.path().to_path_buf(),
+            resume: false,
+            checkpoints: false,
+            config: serde_json::json!({"bench": "dpo"}),
+        };
+        let outcome = train(&settings, &policy, &mut method, &mut Hooks::none(), None)?;
+        let last_loss = outcome.last_metric("loss").unwrap_or(f64::NAN);
         anyhow::ensure!(
             last_loss.is_finite(),
             "dpo bench: the loss is {last_loss} (b{b}, {mode}, {dtype:?})"
         );
-        let peak = if peak_tracked {
-            gpu_mem::peak_bytes(&device)
-        } else {
-            None
-        };
+        // Step 1 is the warm-up (kernel loading, cuBLAS handles, AdamW state allocation).
+        let records = crate::train::metrics::read_metrics(&outcome.metrics)?;
+        let timed: Vec<f64> = crate::train::metrics::series(&records, "step_s")
+            .into_iter()
+            .filter(|(s, _)| *s > 1.0)
+            .map(|(_, v)| v)
+            .collect();
+        let secs = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
+        let peak = method.peak;
+        let device_used = method.device_used;
         let mut what = format!(
             "dpo {mode} b{b} {hw}x{hw}: {:.3} steps/s, {:.2} pairs/s",
             1.0 / secs,
@@ -653,6 +589,138 @@ pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
         });
     }
     Ok(rows)
+}
+
+/// The DPO step of `bench dpo` as a [`crate::engine::Method`]: one fixed random pair batch.
+struct BenchDpo {
+    unet: UNet2DConditionModel,
+    schedule: diffpref_pipelines::schedulers::NoiseSchedule,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    ehs: Tensor,
+    added: Option<diffpref_pipelines::models::unet::AddedCond>,
+    /// Peak device memory after the warm-up step, and the most memory in use after a step (CUDA).
+    peak: Option<u64>,
+    device_used: u64,
+    peak_tracked: bool,
+}
+
+impl BenchDpo {
+    fn new(
+        unet: UNet2DConditionModel,
+        sched: &diffpref_pipelines::schedulers::SchedulerConfig,
+        b: usize,
+        hw: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        use diffpref_pipelines::models::unet::AddedCond;
+        let device = unet.device().clone();
+        let num_t = sched.num_train_timesteps.max(1) as i64;
+        let c = unet.config().in_channels;
+        let ctx_dim = context_dim(&unet)?;
+        let added = if unet.config().uses_text_time() {
+            let time_dim = unet.config().addition_time_embed_dim.unwrap_or(0);
+            let in_dim = unet
+                .config()
+                .projection_class_embeddings_input_dim
+                .unwrap_or(0);
+            let d = in_dim.saturating_sub(6 * time_dim);
+            Some(AddedCond {
+                text_embeds: Tensor::randn(0f32, 1., (b, d), &device)?.to_dtype(dtype)?,
+                time_ids: Tensor::from_vec(
+                    [1024f32, 1024., 0., 0., 1024., 1024.].repeat(b),
+                    (b, 6),
+                    &device,
+                )?
+                .to_dtype(dtype)?,
+            })
+        } else {
+            None
+        };
+        let t: Vec<i64> = (0..b as i64).map(|i| (137 * i + 500) % num_t).collect();
+        Ok(BenchDpo {
+            schedule: diffpref_pipelines::schedulers::NoiseSchedule::new(sched)?,
+            latents_w: Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?,
+            latents_l: Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?,
+            noise: Tensor::randn(0f32, 1., (b, c, hw, hw), &device)?,
+            timesteps: Tensor::from_vec(t, b, &device)?,
+            ehs: Tensor::randn(0f32, 1., (b, 77, ctx_dim), &device)?.to_dtype(dtype)?,
+            added,
+            unet,
+            peak: None,
+            device_used: 0,
+            peak_tracked: false,
+        })
+    }
+}
+
+impl crate::engine::Method for BenchDpo {
+    fn name(&self) -> &str {
+        "bench-dpo"
+    }
+
+    fn unit(&self) -> &str {
+        "pairs"
+    }
+
+    fn micro_step(
+        &mut self,
+        ctx: &crate::engine::StepContext<'_>,
+    ) -> Result<crate::engine::MicroStep> {
+        use crate::methods::dpo::{
+            pair_errors, pair_loss, DpoLossConfig, PairBatch, TimestepWeighting,
+        };
+        let batch = PairBatch {
+            latents_w: &self.latents_w,
+            latents_l: &self.latents_l,
+            noise: &self.noise,
+            timesteps: &self.timesteps,
+            encoder_hidden_states: &self.ehs,
+            added: self.added.as_ref(),
+            uncond: None,
+        };
+        let errors = pair_errors(
+            &self.unet,
+            ctx.policy.reference().as_ref(),
+            &self.schedule,
+            TimestepWeighting::None,
+            &batch,
+        )?;
+        let (loss, _) = pair_loss(&DpoLossConfig::default(), &errors, None)?;
+        Ok(crate::engine::MicroStep {
+            loss,
+            metrics: Vec::new(),
+            units: self.latents_w.dim(0)?,
+            about: "random pairs".into(),
+        })
+    }
+
+    fn after_step(
+        &mut self,
+        ctx: &crate::engine::StepContext<'_>,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let device = self.unet.device().clone();
+        sync(&device)?;
+        if let Some(u) = gpu_mem::used_bytes(&device) {
+            self.device_used = self.device_used.max(u);
+        }
+        if ctx.step == 0 {
+            self.peak_tracked = gpu_mem::reset_peak(&device);
+        } else if self.peak_tracked {
+            self.peak = gpu_mem::peak_bytes(&device);
+        }
+        Ok(Vec::new())
+    }
+
+    fn state(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn load_state(&mut self, _state: serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -780,7 +848,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "iters": a.iters,
             "rows": rows,
         });
-        super::common::write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+        crate::io::write_json(path, &doc)?;
     }
     Ok(())
 }
@@ -788,11 +856,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// `bench align`: see [`crate::align`].
 fn align(a: &BenchArgs) -> Result<()> {
     let cfg = match &a.config {
-        Some(p) => crate::train::pairwise::TrainConfig::load(Some(p), &a.overrides)?,
+        Some(p) => crate::methods::pairwise::DpoConfig::load(Some(p), &a.overrides)?,
         None => crate::assets::default_dpo_config(&a.overrides)?,
     };
     cfg.validate()?;
-    let report = crate::align::run_align(&cfg, &a.methods, &a.out, cfg.log.progress)?;
+    let report = crate::align::run_align(&cfg, &a.methods, &a.out, cfg.run.log.progress)?;
     print!("{}", crate::align::format_table(&report));
     println!(
         "report: {}\ngrid: {}",

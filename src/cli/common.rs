@@ -3,7 +3,6 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use std::path::{Path, PathBuf};
 
 /// `--device cpu|cuda[:N]` and `--dtype f32|bf16|f16`.
 #[derive(Args, Clone, Debug)]
@@ -74,45 +73,4 @@ pub fn slug(text: &str, max: usize) -> String {
     } else {
         s.trim_end_matches('-').to_string()
     }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
-/// Writes named tensors as safetensors, atomically.
-pub fn save_safetensors(path: &Path, tensors: &[(&str, candle_core::Tensor)]) -> Result<()> {
-    let map: std::collections::HashMap<String, candle_core::Tensor> = tensors
-        .iter()
-        .map(|(k, v)| Ok(((*k).to_string(), v.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    candle_core::safetensors::save(&map, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
 }

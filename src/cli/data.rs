@@ -22,11 +22,12 @@
 //! * `prompts` draws distinct random captions, none of those in the `--exclude` files (how the demo set's
 //!   training prompts and the held-out prompts in `assets/shapes/` were made).
 
-use super::common::{write_atomic, ComputeArgs};
+use super::common::ComputeArgs;
 use super::generate::{load_model, parse_scheduler, progress};
 use crate::data::latents::save_latent;
 use crate::data::shapes::{parse_caption, random_spec, Scene};
 use crate::imaging::{images_to_tensor, save_png, tensor_to_images};
+use crate::io::write_atomic;
 use crate::train::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};

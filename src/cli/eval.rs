@@ -12,14 +12,15 @@
 //! [`crate::eval`] for the definitions). Writes `OUT/eval.json` (every figure, per-prompt means and the
 //! settings) and `OUT/grid.png` (rows: prompts; columns: samples of the base, then of the LoRA model).
 
-use super::common::{write_atomic, ComputeArgs};
+use super::common::ComputeArgs;
 use super::generate::{load_model, parse_scheduler, progress};
-use super::score::{load_reward_opt, RewardKind};
 use crate::eval::{
     compare, comparison_grid, fmt_ci, per_prompt, read_prompts, sample_and_score, summarize,
     SampleOptions, Samples,
 };
 use crate::imaging::save_png;
+use crate::io::write_atomic;
+use crate::scoring::{load_reward_opt, RewardKind};
 use crate::train::lora::{attach_lora_files, lora_specs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -110,8 +111,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.samples == 0 {
         bail!("--samples must be at least 1");
     }
-    let prompts =
-        read_prompts(&a.prompts, a.reward.reward == RewardKind::Shapes).context("--prompts")?;
+    let prompts = read_prompts(&a.prompts, a.reward.reward.is_shapes()).context("--prompts")?;
     let specs = lora_specs(&a.loras, &a.lora_scales)?;
     let reward = a.reward.load(&a.compute)?;
     let model = load_model(&a.model, a.variant.as_deref(), &a.compute)?;

@@ -1,14 +1,14 @@
 //! `diffpref generate`: text-to-image with optional per-step trace and x₀ strips.
 
-use super::common::{save_safetensors, slug, ComputeArgs};
+use super::common::{slug, ComputeArgs};
 use crate::imaging;
+use crate::io::save_safetensors;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use diffpref_pipelines::loading::{resolve_model, LoadOptions, StableDiffusion};
 use diffpref_pipelines::pipeline::{GenerateOptions, Pipeline, StepView};
 use diffpref_pipelines::schedulers::SchedulerKind;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `diffpref generate`.
@@ -96,6 +96,8 @@ pub fn read_init_latents(path: &Path) -> Result<Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
+pub use crate::train::metrics::count_bar as progress;
+
 pub fn parse_scheduler(s: &Option<String>) -> Result<Option<SchedulerKind>> {
     match s {
         None => Ok(None),
@@ -117,17 +119,6 @@ pub fn load_model(
         variant: variant.map(|s| s.to_string()),
     };
     StableDiffusion::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))
-}
-
-pub fn progress(n: usize, msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new(n as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    pb
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {

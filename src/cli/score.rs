@@ -27,31 +27,14 @@
 
 use super::common::ComputeArgs;
 use crate::imaging::{images_to_tensor, load_image};
+use crate::scoring::{load_reward_opt, RewardKind};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use clap::{Args, ValueEnum};
-use diffpref_rewards::clip::{has_own_config, ClipConfig, ClipLoadOptions};
+use clap::Args;
 use diffpref_rewards::metrics::{pair_accuracy, PairAccuracy};
-use diffpref_rewards::{source, Aesthetic, ClipReward, ClipScoring, Reward};
+use diffpref_rewards::Reward;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// The reward models `diffpref score` knows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RewardKind {
-    /// CLIP score: 100 · max(cos, 0).
-    Clip,
-    /// LAION aesthetic predictor v2 (needs --clip).
-    Aesthetic,
-    /// PickScore: exp(logit_scale) · cos.
-    Pickscore,
-    /// HPSv2 / HPSv2.1: cos.
-    Hps,
-    /// ImageReward.
-    Imagereward,
-    /// The shapes world's ground-truth reward (from pixels; needs no --weights).
-    Shapes,
-}
 
 /// Arguments of `diffpref score`.
 #[derive(Args, Debug)]
@@ -92,73 +75,6 @@ pub struct ScoreArgs {
     pub json: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
-}
-
-/// Loads the reward named by `kind`.
-pub fn load_reward(
-    kind: RewardKind,
-    weights: &str,
-    clip: Option<&str>,
-    tokenizer: Option<&Path>,
-    dtype: DType,
-    device: &Device,
-) -> Result<Box<dyn Reward>> {
-    let scoring = match kind {
-        RewardKind::Clip => ClipScoring::ClipScore,
-        RewardKind::Pickscore => ClipScoring::PickScore,
-        RewardKind::Hps => ClipScoring::Hps,
-        RewardKind::Aesthetic => {
-            let clip = clip.context(
-                "--reward aesthetic needs --clip PATH: the CLIP backbone folder (ViT-L/14 CLIPModel for the \
-                 LAION head); --weights names the head folder (model.safetensors + config.json)",
-            )?;
-            let head = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
-            let backbone = source::resolve(clip).with_context(|| format!("--clip {clip}"))?;
-            return Ok(Box::new(Aesthetic::load(&head, &backbone, dtype, device)?));
-        }
-        RewardKind::Imagereward => {
-            let dir = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
-            return Ok(Box::new(
-                diffpref_rewards::imagereward::ImageReward::load(&dir, dtype, device)
-                    .with_context(|| format!("loading ImageReward from {}", dir.display()))?,
-            ));
-        }
-        RewardKind::Shapes => {
-            return Ok(Box::new(diffpref_rewards::shapes::ShapesReward::new()));
-        }
-    };
-    let path = source::resolve(weights).with_context(|| format!("--weights {weights}"))?;
-    let mut opts = ClipLoadOptions {
-        tokenizer: tokenizer.map(|t| t.to_path_buf()),
-        ..Default::default()
-    };
-    if scoring == ClipScoring::Hps && !has_own_config(&path) {
-        eprintln!(
-            "note: {} has no open_clip_config.json: using open_clip's ViT-H-14 config (HPSv2's architecture)",
-            path.display()
-        );
-        opts.fallback_config = Some(ClipConfig::open_clip_vit_h_14());
-    }
-    Ok(Box::new(ClipReward::load(
-        &path, scoring, &opts, dtype, device,
-    )?))
-}
-
-/// [`load_reward`] with optional weights: `shapes` needs none, every other reward fails naming the kind.
-pub fn load_reward_opt(
-    kind: RewardKind,
-    weights: Option<&str>,
-    clip: Option<&str>,
-    tokenizer: Option<&Path>,
-    dtype: DType,
-    device: &Device,
-) -> Result<Box<dyn Reward>> {
-    let weights = match (kind, weights) {
-        (RewardKind::Shapes, _) => "",
-        (_, Some(w)) => w,
-        (k, None) => bail!("reward {k:?} needs weights (the reward model)"),
-    };
-    load_reward(kind, weights, clip, tokenizer, dtype, device)
 }
 
 fn is_image_file(p: &Path) -> bool {

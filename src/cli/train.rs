@@ -2,8 +2,8 @@
 
 use super::eval::print_comparison;
 use crate::assets::{default_dpo_config, DEFAULT_DPO_PATH};
+use crate::methods::pairwise::{train, DpoConfig};
 use crate::train::checkpoint::StopFlag;
-use crate::train::pairwise::{train, TrainConfig};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -39,12 +39,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     match a.method {
         Method::Dpo(c) => {
             let cfg = match &c.config {
-                Some(path) => TrainConfig::load(Some(path), &c.overrides)?,
+                Some(path) => DpoConfig::load(Some(path), &c.overrides)?,
                 None => {
                     let cfg = default_dpo_config(&c.overrides)?;
                     eprintln!(
                         "no --config: the embedded default ({DEFAULT_DPO_PATH}): a DPO LoRA on {} with {}",
-                        cfg.model,
+                        cfg.run.model,
                         cfg.data
                             .manifest
                             .as_ref()
@@ -59,10 +59,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if s.interrupted {
                 println!("interrupted; resume with the same command");
             }
-            if let Some(l) = &s.last {
+            if let (Some(loss), Some(acc), Some(margin)) = (
+                s.last_metric("loss"),
+                s.last_metric("implicit_acc"),
+                s.last_metric("reward_margin"),
+            ) {
                 println!(
-                    "step {}: loss {:.4}, implicit accuracy {:.3}, reward margin {:.4}",
-                    s.steps, l.loss, l.implicit_acc, l.margin
+                    "step {}: loss {loss:.4}, implicit accuracy {acc:.3}, reward margin {margin:.4}",
+                    s.steps
                 );
             }
             if let Some(e) = &s.eval {

@@ -52,7 +52,7 @@ pub fn save_latent(path: &Path, latent: &Tensor) -> Result<()> {
     if latent.rank() != 3 {
         bail!("a stored latent must be [C, h, w], got {:?}", latent.dims());
     }
-    crate::cli::common::save_safetensors(path, &[(LATENT_KEY, latent.to_dtype(DType::F16)?)])
+    crate::io::save_safetensors(path, &[(LATENT_KEY, latent.to_dtype(DType::F16)?)])
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@
 //! Timestep weighting ω(t) (off by default, as in every reference implementation): `min_snr` gives
 //! `min(SNR(t), γ)/SNR(t)` for ε-prediction and `min(SNR(t), γ)/(SNR(t)+1)` for v-prediction.
 
+use crate::engine::policy::{Policy, Reference};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use diffpref_pipelines::loading::PromptEmbeds;
@@ -403,37 +404,20 @@ pub struct PairBatch<'a> {
     pub uncond: Option<&'a PromptEmbeds>,
 }
 
-/// The reference model of a DPO step.
-pub enum Reference<'a> {
-    /// The policy UNet with its adapters switched off by `set_enabled(false)` (LoRA training).
-    Adapters { set_enabled: &'a dyn Fn(bool) },
-    /// A separate frozen UNet (full fine-tuning).
-    Frozen(&'a UNet2DConditionModel),
-    /// Reference-free losses.
-    None,
-}
-
-/// The policy's prediction (with graph) and, unless reference-free, the reference's (detached) for `noisy` at
-/// `t` (one batched forward each).
+/// The policy's prediction (with graph) and, with a reference, the reference's (detached) for `noisy` at `t`
+/// (one batched forward each).
 fn predictions(
     policy: &UNet2DConditionModel,
-    reference: &Reference,
+    reference: Option<&Reference>,
     noisy: &Tensor,
     t: &Tensor,
     ehs: &Tensor,
     added: Option<&AddedCond>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let pred = policy.forward(noisy, t, ehs, added)?;
-    let ref_pred = match reference {
-        Reference::Adapters { set_enabled } => {
-            set_enabled(false);
-            let r = policy.forward(&noisy.detach(), t, &ehs.detach(), added);
-            set_enabled(true);
-            Some(r?.detach())
-        }
-        Reference::Frozen(u) => Some(u.forward(noisy, t, ehs, added)?.detach()),
-        Reference::None => None,
-    };
+    let ref_pred = reference
+        .map(|r| r.predict(policy, noisy, t, ehs, added))
+        .transpose()?;
     Ok((pred, ref_pred))
 }
 
@@ -442,7 +426,7 @@ fn predictions(
 #[allow(clippy::too_many_arguments)]
 pub fn single_errors(
     policy: &UNet2DConditionModel,
-    reference: &Reference,
+    reference: Option<&Reference>,
     schedule: &NoiseSchedule,
     x0: &Tensor,
     noise: &Tensor,
@@ -465,7 +449,7 @@ pub fn single_errors(
 /// per-pair errors.
 pub fn pair_errors(
     policy: &UNet2DConditionModel,
-    reference: &Reference,
+    reference: Option<&Reference>,
     schedule: &NoiseSchedule,
     weighting: TimestepWeighting,
     b: &PairBatch,
@@ -667,10 +651,11 @@ pub fn check_golden(
             dev,
         )?
         .trainable();
-        let policy = UNet2DConditionModel::new(&params, cfg.clone())?;
+        let unet = UNet2DConditionModel::new(&params, cfg.clone())?;
+        let policy = Policy::with_frozen_reference(Vec::new(), reference.clone());
         let errors = pair_errors(
-            &policy,
-            &Reference::Frozen(&reference),
+            &unet,
+            policy.reference().as_ref(),
             &schedule,
             TimestepWeighting::None,
             &batch,

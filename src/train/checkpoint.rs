@@ -11,6 +11,7 @@
 //! A folder named `checkpoint-<step>` without `state.json` is never reported as a checkpoint. `.tmp` leftovers
 //! of an interrupted save are ignored and removed by [`latest`] / [`list`].
 
+use crate::io::{sync_dir, sync_tree};
 use candle_core::{Device, Tensor, Var};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -199,29 +200,6 @@ pub fn load_state(dir: &Path) -> Result<serde_json::Value> {
         .with_context(|| format!("reading checkpoint state {}", path.display()))?;
     serde_json::from_str(&text)
         .with_context(|| format!("checkpoint state {} is not valid JSON", path.display()))
-}
-
-fn sync_tree(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        if path.is_dir() {
-            sync_tree(&path)?;
-        } else {
-            fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("syncing {}", path.display()))?;
-        }
-    }
-    sync_dir(dir);
-    Ok(())
-}
-
-/// Best effort: persists a directory's entries.
-fn sync_dir(dir: &Path) {
-    #[cfg(unix)]
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -1367,34 +1367,14 @@ fn header_dtypes(file: &Path) -> Result<HashMap<String, safetensors::Dtype>> {
         .collect()
 }
 
-fn temp_path(path: &Path) -> PathBuf {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ))
-}
-
 fn serialize_atomic<'a>(
     path: &Path,
     tensors: Vec<(String, OutTensor<'a>)>,
     meta: HashMap<String, String>,
 ) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let tmp = temp_path(path);
-    if let Err(e) = safetensors::serialize_to_file(tensors, Some(meta), &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("cannot write {}: {e}", tmp.display());
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("cannot move {} to {}: {e}", tmp.display(), path.display())
+    crate::io::write_atomic_path(path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(meta), tmp)
+            .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))
     })
 }
 
@@ -1408,14 +1388,6 @@ fn write_safetensors_atomic(
         .map(|(k, t)| Ok((k, OutTensor::from_tensor(&t)?)))
         .collect::<Result<Vec<_>>>()?;
     serialize_atomic(path, tensors, meta)
-}
-
-fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
-    let bytes = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
-    let tmp = temp_path(dst);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dst)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), dst.display()))
 }
 
 /// What [`merge_into_unet_weights`] changed.
@@ -1545,7 +1517,7 @@ pub fn merge_into_unet_weights_variant(
         out,
         meta,
     )?;
-    copy_atomic(&config, &out_dir.join("config.json"))?;
+    crate::io::copy_atomic(&config, &out_dir.join("config.json"))?;
     Ok(MergeSummary {
         merged_layers,
         tensors,

@@ -11,8 +11,8 @@ use image::{Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use super::optim::write_atomic;
 use crate::imaging::{draw_text, line_height, save_png, text_width};
+use crate::io::write_atomic;
 
 /// Conventional file name of the metrics log in a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -170,17 +170,17 @@ impl TrainProgress {
         TrainProgress { bar }
     }
 
-    /// Reports that `step` optimizer steps are done, with the latest loss, accuracy (if the method has one) and
-    /// learning rate.
-    pub fn update(&self, step: u64, loss: f64, acc: Option<f64>, lr: f64) {
+    /// Reports that `step` optimizer steps are done, with the latest loss, one more figure of the method (e.g.
+    /// `("acc", implicit accuracy)`) and the learning rate.
+    pub fn update(&self, step: u64, loss: f64, extra: Option<(&str, f64)>, lr: f64) {
         self.bar.set_position(step);
-        self.bar.set_message(Self::message(loss, acc, lr));
+        self.bar.set_message(Self::message(loss, extra, lr));
     }
 
-    fn message(loss: f64, acc: Option<f64>, lr: f64) -> String {
+    fn message(loss: f64, extra: Option<(&str, f64)>, lr: f64) -> String {
         let mut m = format!("loss {loss:.4}");
-        if let Some(a) = acc {
-            m.push_str(&format!(" acc {a:.3}"));
+        if let Some((name, v)) = extra {
+            m.push_str(&format!(" {name} {v:.3}"));
         }
         m.push_str(&format!(" lr {lr:.2e}"));
         m
@@ -203,6 +203,18 @@ impl TrainProgress {
     pub fn finish(&self) {
         self.bar.finish();
     }
+}
+
+/// A bar counting `n` items (images sampled, samples scored) with rate and ETA, labelled `msg`.
+pub fn count_bar(n: usize, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(n as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid progress template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
 }
 
 // ---------------------------------------------------------------------------
@@ -495,7 +507,7 @@ mod tests {
     fn progress_bar_message() {
         let p = TrainProgress::hidden(100, 10);
         assert_eq!(p.position(), 10);
-        p.update(11, 0.123456, Some(0.5), 1e-4);
+        p.update(11, 0.123456, Some(("acc", 0.5)), 1e-4);
         assert_eq!(p.position(), 11);
         assert_eq!(p.message_text(), "loss 0.1235 acc 0.500 lr 1.00e-4");
         p.update(12, 0.1, None, 0.0);

@@ -1,12 +1,11 @@
-//! The training core shared by every method: adapters (LoRA), optimizer and schedules, checkpoints, metrics,
-//! random streams.
+//! The training building blocks the [engine](crate::engine) assembles: adapters (LoRA), optimizer and
+//! schedules, EMA, checkpoints, metrics, random streams; and `pretrain` (a small SD model from scratch).
 
 pub mod checkpoint;
 pub mod ema;
 pub mod lora;
 pub mod metrics;
 pub mod optim;
-pub mod pairwise;
 pub mod pretrain;
 pub mod rng;
 pub mod schedule;

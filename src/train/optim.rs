@@ -548,7 +548,7 @@ pub(crate) fn save_f32_safetensors(
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let bytes = safetensors::serialize(views, Some(metadata))
         .with_context(|| format!("serialising {}", path.display()))?;
-    write_atomic(path, &bytes)
+    crate::io::write_atomic(path, &bytes)
 }
 
 /// Reads an f32 safetensors file into CPU tensors plus its metadata. Errors name the file (and the key of a
@@ -579,38 +579,6 @@ pub(crate) fn load_f32_safetensors(
         out.insert(name, t);
     }
     Ok((out, meta))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory, fsynced and renamed into place.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let res = (|| -> Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} onto {}", tmp.display(), path.display()))?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }
 
 #[cfg(test)]

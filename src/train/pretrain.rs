@@ -20,12 +20,15 @@
 //!   `text_model.`-prefixed names), `tokenizer/` (copied from `tokenizer`), `scheduler/` (DDIM, SD1.5), written in
 //!   a temporary sibling folder and renamed into place.
 
+use crate::config::DeviceSpec;
 use crate::data::shapes::Scene;
-use crate::train::checkpoint::{self, load_vars, Checkpointer, StopFlag};
-use crate::train::ema::{Ema, EmaConfig};
-use crate::train::metrics::{MetricsWriter, TrainProgress};
-use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, Grads};
-use crate::train::pairwise::apply_override;
+use crate::engine::config::{LogConfig, OptimConfig};
+use crate::engine::hooks::Hooks;
+use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
+use crate::engine::policy::Policy;
+use crate::engine::trainer::{train, TrainerSettings};
+use crate::io::{save_safetensors, write_dir_atomic, write_json};
+use crate::train::checkpoint::StopFlag;
 use crate::train::rng::Rng;
 use crate::train::schedule::{LrSchedule, ScheduleKind};
 use anyhow::{bail, ensure, Context, Result};
@@ -261,7 +264,7 @@ pub struct PretrainConfig {
     /// Seed of the init and of every random stream. Default 0.
     pub seed: u64,
     /// cpu | cuda | cuda:N. Default cpu.
-    pub device: String,
+    pub device: DeviceSpec,
     /// Continue from the latest checkpoints in `run_dir`. Default true.
     pub resume: bool,
     /// dtype of the exported safetensors: f32 | f16. Default f32.
@@ -283,7 +286,7 @@ impl Default for PretrainConfig {
             run_dir: PathBuf::from("runs/pretrain"),
             tokenizer: PathBuf::from("tests/fixtures/clip-tokenizer"),
             seed: 0,
-            device: "cpu".into(),
+            device: DeviceSpec::Cpu,
             resume: true,
             save_dtype: "f32".into(),
             data: PretrainData::default(),
@@ -304,22 +307,7 @@ impl Default for PretrainConfig {
 impl PretrainConfig {
     /// Reads a TOML config (or the defaults) and applies `--set key=value` overrides; unknown keys are errors.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<PretrainConfig> {
-        let mut doc: toml::Table = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config {}", p.display()))?
-                .parse()
-                .with_context(|| format!("{}: invalid TOML", p.display()))?,
-            None => toml::Table::new(),
-        };
-        for o in overrides {
-            apply_override(&mut doc, o)?;
-        }
-        let what = path
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "the configuration".into());
-        toml::Value::Table(doc)
-            .try_into()
-            .with_context(|| format!("{what}: invalid pretraining configuration"))
+        crate::config::load_toml(path, overrides)
     }
 
     pub fn output_dir(&self) -> PathBuf {
@@ -595,14 +583,6 @@ impl Shapes {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct StageState {
-    step: u64,
-    noise_rng: Rng,
-    data_rng: Rng,
-    config: Value,
-}
-
 fn tensors_of(params: &[(String, Var)]) -> HashMap<String, Tensor> {
     params
         .iter()
@@ -611,212 +591,138 @@ fn tensors_of(params: &[(String, Var)]) -> HashMap<String, Tensor> {
 }
 
 fn save_tensors(path: &Path, map: &HashMap<String, Tensor>, dtype: DType) -> Result<()> {
-    let conv: HashMap<String, Tensor> = map
+    let conv: Vec<(String, Tensor)> = map
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&conv, path)
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn write_json(path: &Path, v: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)? + "\n")
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Writes a folder atomically: `fill(tmp)` then rename over `dst` (an existing `dst` is replaced).
-fn write_dir_atomically(dst: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = dst
-        .file_name()
-        .context("output folder has no name")?
-        .to_string_lossy()
-        .to_string();
-    let parent = dst.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dst.exists() {
-        std::fs::rename(dst, &old)
-            .with_context(|| format!("cannot move the old {} aside", dst.display()))?;
-    }
-    std::fs::rename(&tmp, dst)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dst.display()))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    Ok(())
-}
-
-/// One stage's training loop: resume, steps, checkpoints, metrics, progress, final EMA copy.
-struct Stage<'a> {
-    name: &'static str,
-    dir: PathBuf,
-    cfg: &'a StageConfig,
-    log: &'a PretrainLog,
-    resume: bool,
-    seed: u64,
-    config_json: Value,
+    save_safetensors(path, &conv)
 }
 
 /// The outcome of one step: the loss to backpropagate (scalar) and extra metrics.
 type StepOut = (Tensor, Vec<(&'static str, f64)>);
 
-impl Stage<'_> {
-    /// Runs the stage to `cfg.steps`; returns (last loss of this invocation, interrupted).
-    fn run(
-        &self,
-        params: &[(String, Var)],
-        stop: &StopFlag,
-        mut step_fn: impl FnMut(&mut Rng, &mut Rng) -> Result<StepOut>,
-    ) -> Result<(Option<f64>, bool)> {
-        let c = self.cfg;
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("cannot create {}", self.dir.display()))?;
-        let mut opt = AdamW::new(AdamWConfig {
+/// The random streams of a stage (what its checkpoints restore besides the weights).
+#[derive(Serialize, Deserialize)]
+struct StageState {
+    noise_rng: Rng,
+    data_rng: Rng,
+}
+
+/// One pretraining stage as a [`Method`] of the training engine: `step_fn` draws a batch from the two streams
+/// and returns its loss.
+struct StageMethod<F> {
+    name: &'static str,
+    steps: u64,
+    noise_rng: Rng,
+    data_rng: Rng,
+    step_fn: F,
+}
+
+impl<F: FnMut(&mut Rng, &mut Rng) -> Result<StepOut>> Method for StageMethod<F> {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn unit(&self) -> &str {
+        "images"
+    }
+
+    fn on_start(&mut self, ctx: StartContext<'_>) -> Result<()> {
+        if ctx.start_step < self.steps {
+            ctx.progress.println(format!(
+                "stage {}: steps {}..{}",
+                self.name, ctx.start_step, self.steps
+            ));
+        }
+        Ok(())
+    }
+
+    fn micro_step(&mut self, ctx: &StepContext<'_>) -> Result<MicroStep> {
+        let (loss, metrics) = (self.step_fn)(&mut self.noise_rng, &mut self.data_rng)?;
+        Ok(MicroStep {
+            loss,
+            metrics,
+            units: ctx.batch_size,
+            about: format!("stage {}", self.name),
+        })
+    }
+
+    fn state(&self) -> Result<Value> {
+        Ok(serde_json::to_value(StageState {
+            noise_rng: self.noise_rng.clone(),
+            data_rng: self.data_rng.clone(),
+        })?)
+    }
+
+    fn load_state(&mut self, state: Value) -> Result<()> {
+        let s: StageState = serde_json::from_value(state)?;
+        self.noise_rng = s.noise_rng;
+        self.data_rng = s.data_rng;
+        Ok(())
+    }
+}
+
+/// One stage's run through the engine's loop (resume, steps, checkpoints in `dir`, metrics, progress, the
+/// final EMA copy). Returns the last loss and whether Ctrl-C stopped it.
+#[allow(clippy::too_many_arguments)]
+fn run_stage(
+    name: &'static str,
+    dir: PathBuf,
+    c: &StageConfig,
+    log: &PretrainLog,
+    resume: bool,
+    seed: u64,
+    config: Value,
+    params: &[(String, Var)],
+    stop: &StopFlag,
+    step_fn: impl FnMut(&mut Rng, &mut Rng) -> Result<StepOut>,
+) -> Result<(Option<f64>, bool)> {
+    if c.steps == 0 {
+        return Ok((None, false));
+    }
+    let settings = TrainerSettings {
+        optim: OptimConfig {
             lr: c.lr,
+            scale_lr: false,
             beta1: c.beta1,
             beta2: c.beta2,
             eps: c.eps,
             weight_decay: c.weight_decay,
-        });
-        let schedule = LrSchedule::new(c.schedule, c.warmup_steps, c.steps.max(1));
-        schedule.validate()?;
-        let mut ema = if c.ema_decay > 0.0 {
-            Some(Ema::new(
-                params,
-                EmaConfig {
-                    decay: c.ema_decay,
-                    ..Default::default()
-                },
-            )?)
-        } else {
-            None
-        };
-        let mut noise_rng = Rng::derive(self.seed, &format!("pretrain-{}-noise", self.name));
-        let mut data_rng = Rng::derive(self.seed, &format!("pretrain-{}-data", self.name));
-        let mut start = 0;
-        if self.resume {
-            if let Some(dir) = checkpoint::latest(&self.dir)? {
-                let state: StageState = serde_json::from_value(checkpoint::load_state(&dir)?)
-                    .with_context(|| format!("{}: unreadable state.json", dir.display()))?;
-                load_vars(&dir.join("trainable.safetensors"), params)?;
-                opt.load_state(dir.join("optimizer.safetensors"), params)?;
-                if let Some(e) = ema.as_mut() {
-                    e.load(dir.join("ema.safetensors"), params)?;
-                }
-                noise_rng = state.noise_rng;
-                data_rng = state.data_rng;
-                start = state.step;
-                eprintln!(
-                    "{}: resuming from {} (step {start})",
-                    self.name,
-                    dir.display()
-                );
-            }
-        }
-        let checkpointer = Checkpointer::new(self.dir.clone(), self.log.keep_last.max(1));
-        let save = |step: u64, opt: &AdamW, ema: &Option<Ema>, n: &Rng, d: &Rng| {
-            let state = StageState {
-                step,
-                noise_rng: n.clone(),
-                data_rng: d.clone(),
-                config: self.config_json.clone(),
-            };
-            checkpointer.save(step, &serde_json::to_value(&state)?, |dir| {
-                save_tensors(
-                    &dir.join("trainable.safetensors"),
-                    &tensors_of(params),
-                    DType::F32,
-                )?;
-                opt.save_state(dir.join("optimizer.safetensors"))?;
-                if let Some(e) = ema {
-                    e.save(dir.join("ema.safetensors"))?;
-                }
-                Ok(())
-            })
-        };
-        let mut metrics = MetricsWriter::open(
-            self.dir.join("metrics.jsonl"),
-            if start > 0 { Some(start) } else { None },
-        )?;
-        let progress = if self.log.progress {
-            TrainProgress::new(c.steps, start)
-        } else {
-            TrainProgress::hidden(c.steps, start)
-        };
-        if start < c.steps {
-            progress.println(format!("stage {}: steps {start}..{}", self.name, c.steps));
-        }
-        let mut last = None;
-        for step in start..c.steps {
-            if stop.is_set() {
-                let dir = save(step, &opt, &ema, &noise_rng, &data_rng)?;
-                progress.println(format!(
-                    "interrupted: checkpoint saved to {}",
-                    dir.display()
-                ));
-                progress.finish();
-                return Ok((last, true));
-            }
-            let t0 = std::time::Instant::now();
-            let lr = schedule.lr_at(step, c.lr);
-            opt.set_lr(lr);
-            let (loss, extra) = step_fn(&mut noise_rng, &mut data_rng)?;
-            let loss_v = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-            ensure!(
-                loss_v.is_finite(),
-                "stage {}: the loss became {loss_v} at step {}",
-                self.name,
-                step + 1
-            );
-            let mut grads = Grads::from_store(params, loss.backward()?)?;
-            if let Some(bad) = grads.first_non_finite()? {
-                bail!(
-                    "stage {}: non-finite gradient for `{bad}` at step {}",
-                    self.name,
-                    step + 1
-                );
-            }
-            let grad_norm = if c.max_grad_norm > 0.0 {
-                clip_grad_norm(&mut grads, c.max_grad_norm)?
-            } else {
-                grads.global_norm()?
-            };
-            opt.step(params, &grads)?;
-            if let Some(e) = ema.as_mut() {
-                e.update(params)?;
-            }
-            let mut vals: Vec<(&str, f64)> = vec![("loss", loss_v)];
-            vals.extend(extra.iter().map(|(k, v)| (*k, *v)));
-            vals.push(("grad_norm", grad_norm));
-            vals.push(("lr", lr));
-            vals.push(("step_s", t0.elapsed().as_secs_f64()));
-            metrics.log(step + 1, &vals)?;
-            progress.update(step + 1, loss_v, None, lr);
-            last = Some(loss_v);
-            let done = step + 1 == c.steps;
-            if done
-                || (self.log.checkpoint_every > 0
-                    && (step + 1).is_multiple_of(self.log.checkpoint_every))
-            {
-                save(step + 1, &opt, &ema, &noise_rng, &data_rng)?;
-            }
-        }
-        progress.finish();
-        if let Some(e) = &ema {
-            e.copy_to(params)?;
-        }
-        Ok((last, false))
-    }
+            max_grad_norm: c.max_grad_norm,
+            schedule: c.schedule,
+            warmup_steps: c.warmup_steps,
+            batch_size: c.batch_size,
+            grad_accum: 1,
+            max_steps: c.steps,
+            ema_decay: c.ema_decay,
+        },
+        log: LogConfig {
+            checkpoint_every: log.checkpoint_every,
+            keep_last: log.keep_last,
+            progress: log.progress,
+            ..Default::default()
+        },
+        output_dir: dir,
+        resume,
+        checkpoints: true,
+        config,
+    };
+    let mut method = StageMethod {
+        name,
+        steps: c.steps,
+        noise_rng: Rng::derive(seed, &format!("pretrain-{name}-noise")),
+        data_rng: Rng::derive(seed, &format!("pretrain-{name}-data")),
+        step_fn,
+    };
+    let policy = Policy::without_reference(params.to_vec());
+    let out = train(
+        &settings,
+        &policy,
+        &mut method,
+        &mut Hooks::none(),
+        Some(stop.clone()),
+    )?;
+    Ok((out.last_metric("loss"), out.interrupted))
 }
 
 fn mean_of(t: &Tensor) -> Result<f64> {
@@ -861,7 +767,7 @@ fn latent_scaling_factor(
 /// Runs (or resumes) both stages and writes the diffusers folder. `stop` (Ctrl-C) checkpoints and returns.
 pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<PretrainSummary> {
     cfg.validate()?;
-    let device = crate::cli::common::parse_device(&cfg.device)?;
+    let device = cfg.device.device().context("`device`")?;
     let stop = stop.unwrap_or_default();
     let run_dir = cfg.run_dir.clone();
     std::fs::create_dir_all(&run_dir)
@@ -891,37 +797,39 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
         let params = p.vars();
         let loss_cfg = cfg.vae_loss.clone();
         let bs = cfg.vae_train.batch_size;
-        let stage = Stage {
-            name: "vae",
-            dir: run_dir.join("vae"),
-            cfg: &cfg.vae_train,
-            log: &cfg.log,
-            resume: cfg.resume,
-            seed: cfg.seed,
-            config_json: config_json.clone(),
-        };
-        let (last, interrupted) = stage.run(&params, &stop, |noise_rng, data_rng| {
-            let (x, _) = shapes.batch(data_rng, bs, &device)?;
-            let post = vae.encode(&x)?;
-            let eps = noise_rng.normal_tensor(post.mean.dims(), &device)?;
-            let z = post.sample(Some(&eps))?;
-            let rec = vae.decode(&z)?;
-            let diff = (&rec - &x)?;
-            let mse = diff.sqr()?.mean_all()?;
-            let l1 = diff.abs()?.mean_all()?;
-            let kl = post.kl()?.mean_all()?;
-            let mut loss = (&mse + (&kl * loss_cfg.kl_weight)?)?;
-            if loss_cfg.l1_weight > 0.0 {
-                loss = (loss + (&l1 * loss_cfg.l1_weight)?)?;
-            }
-            let extra = vec![
-                ("mse", mean_of(&mse)?),
-                ("l1", mean_of(&l1)?),
-                ("kl", mean_of(&kl)?),
-                ("latent_std", std_of(&z.detach())?),
-            ];
-            Ok((loss, extra))
-        })?;
+        let (last, interrupted) = run_stage(
+            "vae",
+            run_dir.join("vae"),
+            &cfg.vae_train,
+            &cfg.log,
+            cfg.resume,
+            cfg.seed,
+            config_json.clone(),
+            &params,
+            &stop,
+            |noise_rng, data_rng| {
+                let (x, _) = shapes.batch(data_rng, bs, &device)?;
+                let post = vae.encode(&x)?;
+                let eps = noise_rng.normal_tensor(post.mean.dims(), &device)?;
+                let z = post.sample(Some(&eps))?;
+                let rec = vae.decode(&z)?;
+                let diff = (&rec - &x)?;
+                let mse = diff.sqr()?.mean_all()?;
+                let l1 = diff.abs()?.mean_all()?;
+                let kl = post.kl()?.mean_all()?;
+                let mut loss = (&mse + (&kl * loss_cfg.kl_weight)?)?;
+                if loss_cfg.l1_weight > 0.0 {
+                    loss = (loss + (&l1 * loss_cfg.l1_weight)?)?;
+                }
+                let extra = vec![
+                    ("mse", mean_of(&mse)?),
+                    ("l1", mean_of(&l1)?),
+                    ("kl", mean_of(&kl)?),
+                    ("latent_std", std_of(&z.detach())?),
+                ];
+                Ok((loss, extra))
+            },
+        )?;
         summary.vae_loss = last;
         if interrupted {
             summary.interrupted = true;
@@ -931,7 +839,7 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
             latent_scaling_factor(&vae, &shapes, cfg.vae_loss.scale_images, cfg.seed, &device)?;
         eprintln!("vae: latent scaling factor {sf:.5}");
         let map = tensors_of(&params);
-        write_dir_atomically(&vae_final, |d| {
+        write_dir_atomic(&vae_final, |d| {
             save_tensors(
                 &d.join("diffusion_pytorch_model.safetensors"),
                 &map,
@@ -973,41 +881,43 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
     let num_t = schedule.num_train_timesteps() as u64;
     let bs = cfg.unet_train.batch_size;
     let dropout = cfg.data.caption_dropout;
-    let stage = Stage {
-        name: "unet",
-        dir: run_dir.join("unet"),
-        cfg: &cfg.unet_train,
-        log: &cfg.log,
-        resume: cfg.resume,
-        seed: cfg.seed,
+    let (last, interrupted) = run_stage(
+        "unet",
+        run_dir.join("unet"),
+        &cfg.unet_train,
+        &cfg.log,
+        cfg.resume,
+        cfg.seed,
         config_json,
-    };
-    let (last, interrupted) = stage.run(&params, &stop, |noise_rng, data_rng| {
-        let (x, captions) = shapes.batch(data_rng, bs, &device)?;
-        let post = vae.encode(&x)?;
-        let eps = data_rng.normal_tensor(post.mean.dims(), &device)?;
-        let latents = vae.scale_latents(&post.sample(Some(&eps))?)?.detach();
-        let prompts: Vec<&str> = captions
-            .iter()
-            .map(|c| {
-                if dropout > 0.0 && data_rng.uniform() < dropout {
-                    ""
-                } else {
-                    c.as_str()
-                }
-            })
-            .collect();
-        let (ids, _) = tokenizer.encode_batch_on(&prompts, &device)?;
-        let hs = text_encoder.forward(&ids)?.last_hidden_state.detach();
-        let t: Vec<i64> = (0..bs).map(|_| noise_rng.below(num_t) as i64).collect();
-        let t = Tensor::from_vec(t, bs, &device)?;
-        let noise = noise_rng.normal_tensor(latents.dims(), &device)?;
-        let noisy = schedule.add_noise(&latents, &noise, &t)?;
-        let target = schedule.target(&latents, &noise, &t)?;
-        let pred = unet.forward(&noisy, &t, &hs, None)?;
-        let loss = (pred - target)?.sqr()?.mean_all()?;
-        Ok((loss, vec![]))
-    })?;
+        &params,
+        &stop,
+        |noise_rng, data_rng| {
+            let (x, captions) = shapes.batch(data_rng, bs, &device)?;
+            let post = vae.encode(&x)?;
+            let eps = data_rng.normal_tensor(post.mean.dims(), &device)?;
+            let latents = vae.scale_latents(&post.sample(Some(&eps))?)?.detach();
+            let prompts: Vec<&str> = captions
+                .iter()
+                .map(|c| {
+                    if dropout > 0.0 && data_rng.uniform() < dropout {
+                        ""
+                    } else {
+                        c.as_str()
+                    }
+                })
+                .collect();
+            let (ids, _) = tokenizer.encode_batch_on(&prompts, &device)?;
+            let hs = text_encoder.forward(&ids)?.last_hidden_state.detach();
+            let t: Vec<i64> = (0..bs).map(|_| noise_rng.below(num_t) as i64).collect();
+            let t = Tensor::from_vec(t, bs, &device)?;
+            let noise = noise_rng.normal_tensor(latents.dims(), &device)?;
+            let noisy = schedule.add_noise(&latents, &noise, &t)?;
+            let target = schedule.target(&latents, &noise, &t)?;
+            let pred = unet.forward(&noisy, &t, &hs, None)?;
+            let loss = (pred - target)?.sqr()?.mean_all()?;
+            Ok((loss, vec![]))
+        },
+    )?;
     summary.unet_loss = last;
     if interrupted {
         summary.interrupted = true;
@@ -1021,7 +931,7 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
     let vae_map = candle_core::safetensors::load(&vae_files, &Device::Cpu)?;
     let vae_config: Value =
         serde_json::from_str(&std::fs::read_to_string(vae_final.join("config.json"))?)?;
-    write_dir_atomically(&summary.output_dir, |d| {
+    write_dir_atomic(&summary.output_dir, |d| {
         write_json(&d.join("model_index.json"), &model_index_json())?;
         for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             std::fs::create_dir(d.join(sub))?;
