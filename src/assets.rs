@@ -1,10 +1,11 @@
 //! The embedded default: the shapes world shipped in `assets/` (the pretrained `tiny-shapes` model, the demo
-//! preference set, the held-out prompts) and the training configuration that `diffpref train dpo` and
-//! `diffpref bench align` use when given none.
+//! preference set, the held-out prompts) and the training configurations that `diffpref train dpo`,
+//! `diffpref train grpo` and `diffpref bench align` use when given none.
 //!
 //! The assets folder is found, in order, at `$DIFFPREF_ASSETS`, at `./assets` (running from a checkout), and
 //! at the `assets/` of the checkout the binary was built from.
 
+use crate::methods::grpo::GrpoConfig;
 use crate::methods::pairwise::DpoConfig;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -14,6 +15,12 @@ pub const DEFAULT_DPO_TOML: &str = include_str!("../assets/shapes/dpo.toml");
 
 /// Where the default DPO configuration lives in a checkout (for messages).
 pub const DEFAULT_DPO_PATH: &str = "assets/shapes/dpo.toml";
+
+/// The default GRPO configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_GRPO_TOML: &str = include_str!("../assets/shapes/grpo.toml");
+
+/// Where the default GRPO configuration lives in a checkout (for messages).
+pub const DEFAULT_GRPO_PATH: &str = "assets/shapes/grpo.toml";
 
 /// The assets folder (see the module documentation).
 pub fn assets_dir() -> Result<PathBuf> {
@@ -57,6 +64,16 @@ pub fn default_dpo_config(overrides: &[String]) -> Result<DpoConfig> {
     let assets = assets_dir()?;
     resolve_run(&mut cfg.run, &assets);
     resolve_path(&mut cfg.data.manifest, &assets);
+    Ok(cfg)
+}
+
+/// The default GRPO run on the shapes world with `overrides` applied (`--set key=value`); its `assets/` paths
+/// point at [`assets_dir`].
+pub fn default_grpo_config(overrides: &[String]) -> Result<GrpoConfig> {
+    let mut cfg = GrpoConfig::from_toml(DEFAULT_GRPO_TOML, DEFAULT_GRPO_PATH, overrides)?;
+    let assets = assets_dir()?;
+    resolve_run(&mut cfg.run, &assets);
+    resolve_path(&mut cfg.grpo.prompts, &assets);
     Ok(cfg)
 }
 

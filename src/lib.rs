@@ -18,6 +18,6 @@ pub mod eval;
 pub mod imaging;
 pub mod io;
 pub mod methods;
-
+pub mod rollout;
 pub mod scoring;
 pub mod train;

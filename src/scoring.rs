@@ -160,7 +160,7 @@ fn one() -> f64 {
 }
 
 /// `[reward]`: a single reward (`kind`, `weights`, `clip`) or a weighted mix (`mix = [ {kind, weight, ...},
-/// ... ]`). Default: the exact shapes reward.
+/// ... ]`). Neither given: the exact shapes reward.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RewardSpec {
@@ -176,7 +176,7 @@ pub struct RewardSpec {
 impl Default for RewardSpec {
     fn default() -> Self {
         RewardSpec {
-            kind: Some(RewardKind::Shapes),
+            kind: None,
             weights: None,
             clip: None,
             mix: Vec::new(),
@@ -197,8 +197,8 @@ impl RewardSpec {
     /// The terms (one for a single reward). `section` names the table in errors (e.g. `[reward]`).
     pub fn terms(&self, section: &str) -> Result<Vec<RewardTerm>> {
         match (&self.kind, self.mix.is_empty()) {
-            (Some(k), true) => Ok(vec![RewardTerm {
-                kind: *k,
+            (k, true) => Ok(vec![RewardTerm {
+                kind: k.unwrap_or(RewardKind::Shapes),
                 weights: self.weights.clone(),
                 clip: self.clip.clone(),
                 weight: 1.0,
@@ -211,7 +211,6 @@ impl RewardSpec {
                 Ok(self.mix.clone())
             }
             (Some(_), false) => bail!("{section}: give either `kind` or `mix`, not both"),
-            (None, true) => bail!("{section}: needs `kind` (or a weighted `mix`)"),
         }
     }
 

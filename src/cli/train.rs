@@ -1,8 +1,10 @@
 //! `diffpref train <method>`.
 
 use super::eval::print_comparison;
-use crate::assets::{default_dpo_config, DEFAULT_DPO_PATH};
-use crate::methods::pairwise::{train, DpoConfig};
+use crate::assets::{default_dpo_config, default_grpo_config, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH};
+use crate::engine::run::TrainSummary;
+use crate::methods::grpo::GrpoConfig;
+use crate::methods::pairwise::DpoConfig;
 use crate::train::checkpoint::StopFlag;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -21,27 +23,71 @@ pub enum Method {
     /// pairs, with LoRA or full fine-tuning. With no arguments: a LoRA on the embedded shapes-world model
     /// and demo set, with the held-out reward before and after.
     Dpo(ConfigArgs),
+    /// GRPO: group-relative policy optimisation on trajectories sampled during training, scored by any reward
+    /// (or a weighted mix), LoRA or full. With no arguments: a LoRA on the embedded shapes-world model with the
+    /// exact shapes reward, judged on held-out prompts before and after.
+    Grpo(ConfigArgs),
 }
 
-/// `--config FILE.toml [--set key=value ...]`.
+/// `--config FILE.toml [--set key=value ...] [--device D] [--dtype T]`.
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
-    /// TOML configuration (every field and its default: examples/dpo.toml). Without it: the embedded
-    /// shapes-world default (assets/shapes/dpo.toml), with any --set applied on top.
+    /// TOML configuration (every field and its default: examples/<method>.toml). Without it: the embedded
+    /// shapes-world default (assets/shapes/<method>.toml), with any --set applied on top.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override a config field, e.g. `--set optim.lr=1e-4 --set loss.kind=hinge` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Where to compute (the config's `device`): cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Model dtype (the config's `dtype`): f32, bf16 or f16.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ConfigArgs {
+    /// The `--set` overrides with `--device` / `--dtype` first (a later `--set` wins).
+    fn overrides(&self) -> Vec<String> {
+        let mut o = Vec::new();
+        if let Some(d) = &self.device {
+            o.push(format!("device={d:?}"));
+        }
+        if let Some(d) = &self.dtype {
+            o.push(format!("dtype={d:?}"));
+        }
+        o.extend(self.overrides.iter().cloned());
+        o
+    }
+}
+
+fn report(s: &TrainSummary) {
+    if s.interrupted {
+        println!("interrupted; resume with the same command");
+    }
+    if let Some(e) = &s.eval {
+        print_comparison(&e.reward, e.prompts, e.samples_per_prompt, &e.comparison);
+        println!("report: {}", e.report.display());
+        println!("before/after grid: {}", e.grid.display());
+    }
+    println!("weights: {}", s.weights.display());
+    println!("metrics: {}", s.metrics.display());
+    let curves = s.output_dir.join("curves.png");
+    if curves.exists() {
+        println!("curves: {}", curves.display());
+    }
+    println!("wall time: {:.0} s", s.seconds);
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    let stop = StopFlag::install()?;
     match a.method {
         Method::Dpo(c) => {
             let cfg = match &c.config {
-                Some(path) => DpoConfig::load(Some(path), &c.overrides)?,
+                Some(path) => DpoConfig::load(Some(path), &c.overrides())?,
                 None => {
-                    let cfg = default_dpo_config(&c.overrides)?;
+                    let cfg = default_dpo_config(&c.overrides())?;
                     eprintln!(
                         "no --config: the embedded default ({DEFAULT_DPO_PATH}): a DPO LoRA on {} with {}",
                         cfg.run.model,
@@ -54,11 +100,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     cfg
                 }
             };
-            let stop = StopFlag::install()?;
-            let s = train(&cfg, Some(stop))?;
-            if s.interrupted {
-                println!("interrupted; resume with the same command");
-            }
+            let s = crate::methods::pairwise::train(&cfg, Some(stop))?;
             if let (Some(loss), Some(acc), Some(margin)) = (
                 s.last_metric("loss"),
                 s.last_metric("implicit_acc"),
@@ -69,17 +111,34 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     s.steps
                 );
             }
-            if let Some(e) = &s.eval {
-                print_comparison(&e.reward, e.prompts, e.samples_per_prompt, &e.comparison);
-                println!("report: {}", e.report.display());
-                println!("before/after grid: {}", e.grid.display());
+            report(&s);
+            Ok(())
+        }
+        Method::Grpo(c) => {
+            let cfg = match &c.config {
+                Some(path) => GrpoConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_grpo_config(&c.overrides())?;
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_GRPO_PATH}): a GRPO LoRA on {} with the {} reward",
+                        cfg.run.model,
+                        cfg.reward
+                            .terms("[reward]")
+                            .map(|t| t.iter().map(|t| format!("{:?}", t.kind)).collect::<Vec<_>>().join("+"))
+                            .unwrap_or_default()
+                    );
+                    cfg
+                }
+            };
+            let s = crate::methods::grpo::train(&cfg, Some(stop))?;
+            if let (Some(loss), Some(r)) = (s.last_metric("loss"), s.last_metric("reward")) {
+                println!(
+                    "step {}: loss {loss:.5}, training reward {r:.4}, {} reward calls",
+                    s.steps,
+                    s.last_metric("reward_calls").unwrap_or(0.0)
+                );
             }
-            println!("weights: {}", s.weights.display());
-            println!("metrics: {}", s.metrics.display());
-            let curves = s.output_dir.join("curves.png");
-            if curves.exists() {
-                println!("curves: {}", curves.display());
-            }
+            report(&s);
             Ok(())
         }
     }

@@ -95,6 +95,11 @@ pub trait Method {
         Ok(())
     }
 
+    /// Figures of the whole run for the report (`eval.json`), e.g. the reward calls of an online method.
+    fn report(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+
     /// The text-to-image model the validation and evaluation hooks sample (methods without one: `None`).
     fn model(&mut self) -> Option<&mut StableDiffusion> {
         None

@@ -75,8 +75,8 @@ pub fn load_policy(
 /// Runs `method` (whose [`Method::model`] is the model `policy` trains) under `run`'s settings into `out`, then
 /// writes the weights (the EMA ones when kept), the final held-out evaluation (`eval.json`,
 /// `before_after.png`; skipped when interrupted) and `curves.png` (loss, the method's headline figure, the
-/// held-out reward). `config` is the whole configuration, stored in every checkpoint; `eval_extra` adds
-/// fields to `eval.json`.
+/// held-out reward). `config` is the whole configuration, stored in every checkpoint; the method's
+/// [`Method::report`] and the wall time go into `eval.json`.
 pub fn run(
     run: &RunConfig,
     out: &Path,
@@ -84,7 +84,6 @@ pub fn run(
     policy: &Policy,
     method: &mut dyn Method,
     config: serde_json::Value,
-    eval_extra: serde_json::Value,
     stop: Option<StopFlag>,
 ) -> Result<TrainSummary> {
     let t0 = std::time::Instant::now();
@@ -106,9 +105,10 @@ pub fn run(
     let weights = policy.export(out, run.log.lora_format, model_dir)?;
     let eval = match (&hooks.evaluation, outcome.interrupted) {
         (Some(e), false) => {
-            let mut extra = eval_extra;
+            let mut extra = method.report();
             if let Some(o) = extra.as_object_mut() {
                 o.insert("method".into(), method.name().into());
+                o.insert("train_seconds".into(), t0.elapsed().as_secs_f64().into());
             }
             let model = method
                 .model()

@@ -5,5 +5,6 @@
 //! * [`grpo`] — `train grpo`, group-relative policy optimisation on sampled trajectories.
 
 pub mod dpo;
+pub mod grpo;
 
 pub mod pairwise;

@@ -648,7 +648,6 @@ pub fn train(cfg: &DpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
         &policy,
         &mut method,
         serde_json::to_value(cfg)?,
-        serde_json::json!({}),
         stop,
     )
 }
