@@ -1,32 +1,58 @@
 //! The alignment benchmark behind `diffpref bench align`: the base model against each preference method
-//! trained from it at the same optimizer-step budget, all evaluated on the same held-out prompts and initial
-//! noise with the same reward (see [`crate::eval`] for the figures). One row per method; the default setting
-//! is the embedded shapes world ([`crate::assets::default_dpo_config`]).
+//! trained from it, all evaluated on the same held-out prompts and initial noise with the same reward (see
+//! [`crate::eval`] for the figures). One row per method, with its training wall time and reward calls; the
+//! default setting is the embedded shapes world ([`crate::assets`]).
 //!
-//! Each method is a member of the Diffusion-DPO loss family (`dpo` = the sigmoid loss, `ipo`, `hinge`,
-//! `robust`, `simpo`, `mapo`, `kto`, `sft`), trained as a LoRA by [`crate::train::pairwise::train`] with the
-//! configuration's data, optimizer and budget, into `OUT/<method>/` (replaced on every run).
+//! Methods: the Diffusion-DPO loss family (`dpo` = the sigmoid loss, `ipo`, `hinge`, `robust`, `simpo`,
+//! `mapo`, `kto`, `sft`), trained as LoRAs by [`crate::methods::pairwise::train`] with the DPO configuration's
+//! data, optimizer and budget; and `grpo`, trained by [`crate::methods::grpo::train`] with the GRPO
+//! configuration (its own budget: online methods are compared at their own defaults). Each trains into
+//! `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the DPO configuration's, and
+//! the GRPO configuration must name the same model.
 
 use crate::engine::config::TrainMode;
 use crate::eval::{
     compare, comparison_grid, read_prompts, sample_and_score, summarize, SampleOptions, Samples,
 };
 use crate::methods::dpo::LossKind;
-use crate::methods::pairwise::{train, DpoConfig};
+use crate::methods::grpo::GrpoConfig;
+use crate::methods::pairwise::DpoConfig;
 use anyhow::{bail, ensure, Context, Result};
 use diffpref_rewards::metrics::MeanCi;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// The loss kind of a method name (`dpo` is the sigmoid loss).
-pub fn method_kind(name: &str) -> Result<LossKind> {
+/// A row's method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlignMethod {
+    /// A member of the DPO loss family.
+    Pairwise(LossKind),
+    Grpo,
+}
+
+/// The method of a name (`dpo` is the sigmoid loss).
+pub fn method_of(name: &str) -> Result<AlignMethod> {
+    if name == "grpo" {
+        return Ok(AlignMethod::Grpo);
+    }
     let kind = if name == "dpo" { "sigmoid" } else { name };
-    serde_json::from_value(serde_json::Value::String(kind.into())).map_err(|_| {
-        anyhow::anyhow!(
-            "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto or sft"
-        )
-    })
+    serde_json::from_value(serde_json::Value::String(kind.into()))
+        .map(AlignMethod::Pairwise)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft or grpo"
+            )
+        })
+}
+
+/// The configurations the rows train with.
+#[derive(Clone, Debug)]
+pub struct AlignConfigs {
+    /// The DPO family's run, and the evaluation of every row (model, `[eval]`).
+    pub dpo: DpoConfig,
+    /// The `grpo` row's run.
+    pub grpo: GrpoConfig,
 }
 
 /// One row of the table.
@@ -43,6 +69,8 @@ pub struct AlignRow {
     pub steps: u64,
     pub train_seconds: f64,
     pub eval_seconds: f64,
+    /// Images scored by the training reward (online methods).
+    pub reward_calls: Option<u64>,
     /// The trained LoRA.
     pub weights: Option<PathBuf>,
 }
@@ -59,16 +87,18 @@ pub struct AlignReport {
     pub grid: PathBuf,
 }
 
-/// Runs the benchmark: `cfg` gives the model, data, optimizer (its `max_steps` is the budget) and `[eval]`
-/// (prompts, reward, samples); `methods` the rows after the base row.
+/// Runs the benchmark: `cfgs.dpo` gives the model, data, optimizer (its `max_steps` is the DPO family's budget)
+/// and `[eval]` (prompts, reward, samples) of every row, `cfgs.grpo` the `grpo` row's run; `methods` the rows
+/// after the base row.
 pub fn run_align(
-    cfg: &DpoConfig,
+    cfgs: &AlignConfigs,
     methods: &[String],
     out: &Path,
     progress: bool,
 ) -> Result<AlignReport> {
+    let cfg = &cfgs.dpo;
     ensure!(
-        cfg.run.mode == TrainMode::Lora,
+        cfg.run.mode == TrainMode::Lora && cfgs.grpo.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
     let prompts_file = cfg
@@ -79,8 +109,16 @@ pub fn run_align(
         .context("bench align needs [eval] prompts (the held-out prompts)")?;
     let kinds = methods
         .iter()
-        .map(|m| method_kind(m))
+        .map(|m| method_of(m))
         .collect::<Result<Vec<_>>>()?;
+    if kinds.contains(&AlignMethod::Grpo) {
+        ensure!(
+            cfgs.grpo.run.model == cfg.run.model,
+            "bench align: the GRPO configuration trains {} but the rows are evaluated on {}",
+            cfgs.grpo.run.model,
+            cfg.run.model
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 
     // Train every method first (each run loads its own model).
@@ -91,24 +129,44 @@ pub fn run_align(
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
-        let mut c = cfg.clone();
-        c.loss.kind = kind;
-        // The unconditional anchor holds the base model's prediction, so it needs a reference: the
-        // reference-free methods (simpo, mapo, sft) train without it.
-        if !kind.needs_reference() {
-            c.loss.uncond_anchor = 0.0;
-        }
-        c.run.output_dir = Some(dir);
-        c.run.resume = false;
-        c.run.eval.prompts = None;
-        c.run.validation.every = 0;
-        c.run.log.progress = progress;
+        let quiet = |r: &mut crate::engine::RunConfig| {
+            r.output_dir = Some(dir.clone());
+            r.resume = false;
+            r.eval.prompts = None;
+            r.validation.every = 0;
+            r.log.progress = progress;
+        };
         let t0 = Instant::now();
-        let s = train(&c, None).with_context(|| format!("training {name}"))?;
+        let s = match kind {
+            AlignMethod::Pairwise(kind) => {
+                let mut c = cfg.clone();
+                c.loss.kind = kind;
+                // The unconditional anchor holds the base model's prediction, so it needs a reference: the
+                // reference-free methods (simpo, mapo, sft) train without it.
+                if !kind.needs_reference() {
+                    c.loss.uncond_anchor = 0.0;
+                }
+                quiet(&mut c.run);
+                crate::methods::pairwise::train(&c, None)
+            }
+            AlignMethod::Grpo => {
+                let mut c = cfgs.grpo.clone();
+                quiet(&mut c.run);
+                crate::methods::grpo::train(&c, None)
+            }
+        }
+        .with_context(|| format!("training {name}"))?;
         if s.interrupted {
             bail!("training {name} was interrupted");
         }
-        trained.push((name.clone(), s.weights, s.steps, t0.elapsed().as_secs_f64()));
+        let calls = s.last_metric("reward_calls").map(|c| c as u64);
+        trained.push((
+            name.clone(),
+            s.weights,
+            s.steps,
+            t0.elapsed().as_secs_f64(),
+            calls,
+        ));
     }
 
     // Evaluate the base model and each LoRA on the same prompts and noise.
@@ -142,10 +200,11 @@ pub fn run_align(
         steps: 0,
         train_seconds: 0.0,
         eval_seconds: base_s,
+        reward_calls: None,
         weights: None,
     }];
     let mut sets = Vec::new();
-    for (name, weights, steps, train_s) in &trained {
+    for (name, weights, steps, train_s, calls) in &trained {
         let lora = crate::train::lora::LoraSet::load_into(&model.unet, weights, 1.0)
             .with_context(|| format!("loading {}", weights.display()))?;
         let (s, eval_s) = sample(&format!("eval {name}"))?;
@@ -161,6 +220,7 @@ pub fn run_align(
             steps: *steps,
             train_seconds: *train_s,
             eval_seconds: eval_s,
+            reward_calls: *calls,
             weights: Some(weights.clone()),
         });
         sets.push((name.clone(), s));
@@ -184,6 +244,7 @@ pub fn run_align(
         "data": cfg.data.manifest,
         "prompts_file": prompts_file,
         "budget_steps": cfg.run.optim.max_steps,
+        "grpo_steps": cfgs.grpo.run.optim.max_steps,
         "batch_size": cfg.run.optim.batch_size,
         "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,
@@ -200,8 +261,16 @@ pub fn format_table(r: &AlignReport) -> String {
         r.reward, r.prompts, r.samples_per_prompt
     );
     s.push_str(&format!(
-        "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9} {:>8}\n",
-        "method", "steps", "reward", "change", "win rate vs base", "diversity", "train s", "eval s"
+        "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9} {:>8} {:>12}\n",
+        "method",
+        "steps",
+        "reward",
+        "change",
+        "win rate vs base",
+        "diversity",
+        "train s",
+        "eval s",
+        "reward calls"
     ));
     for row in &r.rows {
         let change = row
@@ -216,8 +285,12 @@ pub fn format_table(r: &AlignReport) -> String {
             .diversity
             .map(|d| format!("{d:.4}"))
             .unwrap_or_else(|| "-".into());
+        let calls = row
+            .reward_calls
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9.1} {:>8.1}\n",
+            "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9.1} {:>8.1} {:>12}\n",
             row.method,
             row.steps,
             format!("{:.4} ± {:.4}", row.reward.mean, row.reward.ci95),
@@ -225,7 +298,8 @@ pub fn format_table(r: &AlignReport) -> String {
             win,
             div,
             row.train_seconds,
-            row.eval_seconds
+            row.eval_seconds,
+            calls
         ));
     }
     s

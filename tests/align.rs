@@ -1,8 +1,8 @@
 //! `diffpref bench align` on the embedded shapes world, in small: the base row and a DPO row evaluated on the
 //! same held-out prompts and noise, with paired differences, win rates, diversity and the report files.
 
-use diffpref::align::{format_table, run_align};
-use diffpref::assets::default_dpo_config;
+use diffpref::align::{format_table, run_align, AlignConfigs};
+use diffpref::assets::{default_dpo_config, default_grpo_config};
 use diffpref::eval::{read_prompts, sample_and_score, SampleOptions};
 use diffpref::rewards::shapes::ShapesReward;
 
@@ -21,11 +21,35 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     .unwrap();
     // simpo is reference-free: it trains without the default's unconditional anchor instead of failing.
     assert!(cfg.loss.uncond_anchor > 0.0);
-    let report = run_align(&cfg, &["dpo".into(), "simpo".into()], out.path(), false).unwrap();
+    // GRPO in small: one round of 2 prompts x 2 samples, one optimizer step.
+    let grpo = default_grpo_config(&[
+        "log.progress=false".into(),
+        "optim.max_steps=1".into(),
+        "optim.batch_size=4".into(),
+        "grpo.prompts_per_round=2".into(),
+        "grpo.group_size=2".into(),
+        "grpo.train_timesteps=1".into(),
+        "rollout.steps=4".into(),
+    ])
+    .unwrap();
+    let cfgs = AlignConfigs {
+        dpo: cfg.clone(),
+        grpo,
+    };
+    let methods = ["dpo".into(), "simpo".into(), "grpo".into()];
+    let report = run_align(&cfgs, &methods, out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 3, "{table}");
+    assert_eq!(report.rows.len(), 4, "{table}");
     assert_eq!(report.rows[2].method, "simpo");
+    let g = &report.rows[3];
+    assert_eq!(
+        (g.method.as_str(), g.steps, g.reward_calls),
+        ("grpo", 1, Some(4))
+    );
+    assert!(g.difference.is_some() && g.weights.as_ref().unwrap().exists());
+    assert!(table.contains("reward calls"), "{table}");
+    assert!(report.rows[1].reward_calls.is_none());
     let (base, dpo) = (&report.rows[0], &report.rows[1]);
     assert_eq!((base.method.as_str(), dpo.method.as_str()), ("base", "dpo"));
     assert!(base.difference.is_none() && base.win_rate.is_none());

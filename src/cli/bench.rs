@@ -74,13 +74,18 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
-    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft).
+    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo).
     #[arg(long = "method", default_values_t = ["dpo".to_string()])]
     pub methods: Vec<String>,
-    /// align: training configuration (default: the embedded shapes-world one).
+    /// align: the DPO family's training configuration, whose model and `[eval]` judge every row (default:
+    /// the embedded shapes-world one, assets/shapes/dpo.toml).
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    /// align: configuration overrides, e.g. `--set optim.max_steps=200` (the step budget).
+    /// align: the `grpo` row's configuration (default: assets/shapes/grpo.toml).
+    #[arg(long)]
+    pub grpo_config: Option<std::path::PathBuf>,
+    /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
+    /// every method's configuration, `loss.*` / `data.*` to DPO's, `grpo.*` / `rollout.*` / `reward.*` to GRPO's.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// align: output folder (one subfolder per method, align.json, grid.png).
@@ -853,14 +858,41 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `--set` overrides of `bench align` for the DPO and the GRPO configuration (by the key's section).
+fn split_overrides(overrides: &[String]) -> (Vec<String>, Vec<String>) {
+    let (mut dpo, mut grpo) = (Vec::new(), Vec::new());
+    for o in overrides {
+        let key = o.split(['.', '=']).next().unwrap_or("").trim();
+        match key {
+            "loss" | "data" => dpo.push(o.clone()),
+            "grpo" | "rollout" | "reward" => grpo.push(o.clone()),
+            _ => {
+                dpo.push(o.clone());
+                grpo.push(o.clone());
+            }
+        }
+    }
+    (dpo, grpo)
+}
+
 /// `bench align`: see [`crate::align`].
 fn align(a: &BenchArgs) -> Result<()> {
-    let cfg = match &a.config {
-        Some(p) => crate::methods::pairwise::DpoConfig::load(Some(p), &a.overrides)?,
-        None => crate::assets::default_dpo_config(&a.overrides)?,
+    let (dpo_over, grpo_over) = split_overrides(&a.overrides);
+    let dpo = match &a.config {
+        Some(p) => crate::methods::pairwise::DpoConfig::load(Some(p), &dpo_over)?,
+        None => crate::assets::default_dpo_config(&dpo_over)?,
     };
-    cfg.validate()?;
-    let report = crate::align::run_align(&cfg, &a.methods, &a.out, cfg.run.log.progress)?;
+    dpo.validate()?;
+    let grpo = match &a.grpo_config {
+        Some(p) => crate::methods::grpo::GrpoConfig::load(Some(p), &grpo_over)?,
+        None => crate::assets::default_grpo_config(&grpo_over)?,
+    };
+    if a.methods.iter().any(|m| m == "grpo") {
+        grpo.validate()?;
+    }
+    let progress = dpo.run.log.progress;
+    let cfgs = crate::align::AlignConfigs { dpo, grpo };
+    let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));
     println!(
         "report: {}\ngrid: {}",
@@ -878,6 +910,22 @@ fn align(a: &BenchArgs) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn align_overrides_go_to_the_configurations_that_have_their_keys() {
+        let o: Vec<String> = [
+            "optim.max_steps=3",
+            "loss.beta=100",
+            "grpo.group_size=4",
+            "seed=2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (d, g) = split_overrides(&o);
+        assert_eq!(d, ["optim.max_steps=3", "loss.beta=100", "seed=2"]);
+        assert_eq!(g, ["optim.max_steps=3", "grpo.group_size=4", "seed=2"]);
+    }
+
     fn args(suite: Suite) -> BenchArgs {
         BenchArgs {
             suite,
@@ -891,6 +939,7 @@ mod tests {
             rank: 4,
             methods: vec!["dpo".into()],
             config: None,
+            grpo_config: None,
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,

@@ -97,24 +97,8 @@ fn merge(a: MergeArgs) -> Result<()> {
             );
         }
     }
-    let parent = a
-        .out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = a
-        .out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("merged");
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("cannot remove {}", tmp.display()))?;
-    }
-    let result = (|| -> Result<usize> {
+    let mut merged = 0;
+    crate::io::write_dir_atomic(&a.out, |tmp| {
         for entry in
             std::fs::read_dir(&model).with_context(|| format!("cannot read {}", model.display()))?
         {
@@ -127,8 +111,6 @@ fn merge(a: MergeArgs) -> Result<()> {
             if from.is_dir() {
                 link_or_copy_tree(&from, &to)?;
             } else {
-                std::fs::create_dir_all(&tmp)
-                    .with_context(|| format!("cannot create {}", tmp.display()))?;
                 link_or_copy(&from, &to)?;
             }
         }
@@ -138,21 +120,9 @@ fn merge(a: MergeArgs) -> Result<()> {
             &specs,
             &tmp.join("unet"),
         )?;
-        Ok(summary.merged_layers.len())
-    })();
-    let merged = match result {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if a.out.exists() {
-        std::fs::remove_dir(&a.out)
-            .with_context(|| format!("cannot replace {}", a.out.display()))?;
-    }
-    std::fs::rename(&tmp, &a.out)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), a.out.display()))?;
+        merged = summary.merged_layers.len();
+        Ok(())
+    })?;
     eprintln!(
         "merged {} LoRA file(s) into {merged} unet layers",
         specs.len()

@@ -273,14 +273,13 @@ pub fn validate(dir: &Path) -> Result<u64> {
     Ok(step)
 }
 
-/// Writes trainable vars (name → current value) as safetensors, for checkpoints and exports.
+/// Writes trainable vars (name → current value) as safetensors, atomically, for checkpoints and exports.
 pub fn save_vars(path: &Path, params: &[(String, Var)]) -> Result<()> {
-    let map: std::collections::HashMap<String, Tensor> = params
+    let tensors: Vec<(&str, Tensor)> = params
         .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .map(|(n, v)| (n.as_str(), v.as_tensor().detach()))
         .collect();
-    candle_core::safetensors::save(&map, path)
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::io::save_safetensors(path, &tensors)
 }
 
 /// Restores trainable vars from a file written by [`save_vars`]; errors name the file, a missing name or
