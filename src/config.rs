@@ -192,6 +192,36 @@ fn unknown_keys(
     }
 }
 
+/// A document holding only `value` at `path`.
+fn only(path: &[String], value: &toml::Value) -> toml::Value {
+    path.iter().rev().fold(value.clone(), |v, k| {
+        let mut t = toml::Table::new();
+        t.insert(k.clone(), v);
+        toml::Value::Table(t)
+    })
+}
+
+/// The dotted path of the smallest part of `table` (at `prefix`) that `T` cannot be read from on its own (the
+/// rest left at the defaults), for error messages: serde's errors do not say which key, least of all through
+/// flattened sections. A table is searched below only when one of its keys fails alone (a tagged enum's keys
+/// only make sense together).
+fn culprit<T: DeserializeOwned>(table: &toml::Table, prefix: &[String]) -> Option<String> {
+    for (k, v) in table {
+        let mut path = prefix.to_vec();
+        path.push(k.clone());
+        if only(&path, v).try_into::<T>().is_ok() {
+            continue;
+        }
+        if let toml::Value::Table(t) = v {
+            if let Some(deeper) = culprit::<T>(t, &path) {
+                return Some(deeper);
+            }
+        }
+        return Some(path.join("."));
+    }
+    None
+}
+
 /// Parses a TOML configuration (`what` names it in errors: a file name, or "the embedded default") into `T`,
 /// after applying `--set` overrides. Every key must be known: serde reports unknown keys of sections that deny
 /// them, and a round trip catches the rest (keys of `#[serde(flatten)]`ed sections, which serde cannot deny).
@@ -206,11 +236,16 @@ pub fn from_toml<T: DeserializeOwned + Serialize>(
     for o in overrides {
         apply_override(&mut doc, o)?;
     }
-    let input = toml::Value::Table(doc);
-    let cfg: T = input
-        .clone()
-        .try_into()
-        .with_context(|| format!("{what}: invalid configuration"))?;
+    let input = toml::Value::Table(doc.clone());
+    let cfg: T = match input.clone().try_into() {
+        Ok(c) => c,
+        Err(e) => {
+            let key = culprit::<T>(&doc, &[])
+                .map(|k| format!(" `{k}`"))
+                .unwrap_or_default();
+            bail!("{what}: invalid configuration:{key} {e}")
+        }
+    };
     let mut unknown = Vec::new();
     unknown_keys(&input, &serde_json::to_value(&cfg)?, "", &mut unknown);
     if !unknown.is_empty() {
@@ -298,7 +333,10 @@ mod tests {
                 .err()
                 .unwrap()
         );
-        assert!(e.contains("f8") && e.contains("bf16"), "{e}");
+        assert!(
+            e.contains("`dtype`") && e.contains("f8") && e.contains("bf16"),
+            "{e}"
+        );
         // Unknown keys, in the flattened part and in a nested section, are named.
         let e = format!(
             "{:#}",

@@ -45,3 +45,36 @@ fn embedded_default_config_points_at_the_shipped_assets() {
         "flips would swap left/right captions"
     );
 }
+
+#[test]
+fn grpo_example_config_matches_the_defaults() {
+    use diffpref::methods::grpo::GrpoConfig;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grpo.toml");
+    let cfg = GrpoConfig::load(Some(&path), &[]).unwrap();
+    let d = GrpoConfig::default();
+    // Every section but the required paths is at its default.
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(&d).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+        v["grpo"]["prompts"] = serde_json::Value::Null;
+        // `kind` unset means the shapes reward; the example spells it out.
+        v["reward"]["kind"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+    let over = GrpoConfig::load(Some(&path), &["grpo.kl_beta=0.5".into()]).unwrap();
+    assert_eq!(over.grpo.kl_beta, 0.5);
+}
+
+#[test]
+fn embedded_grpo_default_points_at_the_shipped_assets() {
+    let cfg = diffpref::assets::default_grpo_config(&["optim.max_steps=3".into()]).unwrap();
+    cfg.validate().unwrap();
+    assert!(std::path::Path::new(&cfg.run.model)
+        .join("model_index.json")
+        .exists());
+    assert!(cfg.grpo.prompts.as_ref().unwrap().exists());
+    assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
+    assert!(cfg.reward.is_shapes());
+}

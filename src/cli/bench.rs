@@ -900,8 +900,7 @@ fn align(a: &BenchArgs) -> Result<()> {
         report.grid.display()
     );
     if let Some(path) = &a.json {
-        std::fs::copy(&report.report, path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::io::copy_atomic(&report.report, path)?;
     }
     Ok(())
 }

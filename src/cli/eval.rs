@@ -236,8 +236,10 @@ pub fn print_comparison(reward: &str, prompts: usize, samples: usize, c: &crate:
         c.difference.ci95,
         if c.improved_beyond_ci() {
             "beyond the CI"
+        } else if c.difference.mean + c.difference.ci95 < 0.0 {
+            "worse, beyond the CI"
         } else {
-            "within the CI"
+            "zero within the CI"
         },
         c.win_rate,
         c.win_rate_ci95.0,

@@ -78,10 +78,7 @@ impl Checkpointer {
         let written = (|| -> Result<()> {
             write(&tmp)
                 .with_context(|| format!("writing checkpoint files into {}", tmp.display()))?;
-            let state_path = tmp.join(STATE_FILE);
-            let text = serde_json::to_string_pretty(state)?;
-            fs::write(&state_path, text)
-                .with_context(|| format!("writing {}", state_path.display()))?;
+            crate::io::write_json(&tmp.join(STATE_FILE), state)?;
             sync_tree(&tmp)
         })();
         if let Err(e) = written {

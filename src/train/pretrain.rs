@@ -959,7 +959,7 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
         {
             let e = e?;
             if e.file_type()?.is_file() {
-                std::fs::copy(e.path(), d.join("tokenizer").join(e.file_name()))?;
+                crate::io::copy_atomic(&e.path(), &d.join("tokenizer").join(e.file_name()))?;
             }
         }
         Ok(())
