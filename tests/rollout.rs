@@ -315,3 +315,69 @@ fn sdxl_style_model_rolls_out_with_micro_conditioning() {
         );
     }
 }
+
+#[test]
+fn branched_groups_share_their_path_but_for_one_step() {
+    let mut model = load("tiny-sd");
+    let policy = lora_policy(&model);
+    let rule = rule(&model, 4, Sampler::Ddim);
+    let prompts = ["a red square", "a red square", "a red square", "a blue circle", "a blue circle", "a blue circle"];
+    let branch = 1;
+    let traj = policy
+        .with_weights(&mut model, Weights::Current, |m| {
+            rollout::sample_branched(m, &rule, &prompts, 3, branch, None, &mut Rng::new(4))
+        })
+        .unwrap();
+    let row = |k: usize, i: usize| bits(&traj.latents[k].get(i).unwrap());
+    // Up to the branching step the members of a group are one state; after it they differ.
+    for k in 0..=branch {
+        assert_eq!(row(k, 0), row(k, 2));
+        assert_eq!(row(k, 3), row(k, 5));
+        assert_ne!(row(k, 0), row(k, 3));
+    }
+    for k in branch + 1..=4 {
+        assert_ne!(row(k, 0), row(k, 1));
+    }
+    // Only the branching step is stochastic; its log-probabilities recompute exactly, with graph.
+    for k in 0..4 {
+        let lp = traj.log_probs[k].to_vec1::<f32>().unwrap();
+        if k == branch {
+            assert!(lp.iter().all(|v| v.is_finite() && *v != 0.0), "{lp:?}");
+        } else {
+            assert_eq!(lp, vec![0.0; 6]);
+        }
+    }
+    let sel = Selection::step(6, branch);
+    let new = rollout::recompute(&model.unet, &model, &rule, &traj, &sel).unwrap();
+    assert_eq!(bits(&new.log_prob), bits(&traj.log_probs[branch]));
+    // The deterministic steps are DDIM with eta = 0: the scheduler's own step.
+    use diffpref::pipelines::schedulers::{DdimScheduler, Scheduler, SchedulerConfig};
+    let sc = SchedulerConfig::from_file(&model.scheduler_config_path).unwrap();
+    let mut ddim = DdimScheduler::new(&sc).unwrap();
+    ddim.set_timesteps(4).unwrap();
+    let k = 2;
+    let x = &traj.latents[k];
+    let tt = Tensor::full(rule.timesteps[k] as f32, 6, &Device::Cpu).unwrap();
+    let eps = policy
+        .with_weights(&mut model, Weights::Current, |m| {
+            Ok(rollout::guided_output(&m.unet, x, &tt, &traj.cond, 7.5)?)
+        })
+        .unwrap();
+    let want = ddim.step(&eps, k, x, None).unwrap().prev_sample;
+    let d = (want - &traj.latents[k + 1])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "{d}");
+    // Deterministic given the seed.
+    let again = policy
+        .with_weights(&mut model, Weights::Current, |m| {
+            rollout::sample_branched(m, &rule, &prompts, 3, branch, None, &mut Rng::new(4))
+        })
+        .unwrap();
+    assert_eq!(bits(&again.latents[4]), bits(&traj.latents[4]));
+}

@@ -36,9 +36,9 @@ pub enum Suite {
     /// --model's UNet or, with --sd15, an SD1.5-sized random UNet; LoRA (default) or --full; one row per
     /// --batch (pairs per step); on CUDA also the peak device memory of a step.
     Dpo,
-    /// Alignment: the base model against each --method (a LoRA trained at the same step budget), on
-    /// held-out prompts with the same noise: reward ± 95% CI, change, win rate, diversity, wall time. Default:
-    /// the embedded shapes world (assets/shapes/dpo.toml).
+    /// Alignment: the base model against each --method (default: dpo and grpo, each a LoRA trained with its
+    /// configuration), on held-out prompts with the same noise: reward ± 95% CI, change, win rate, diversity,
+    /// wall time, reward calls. Default: the embedded shapes world (assets/shapes/dpo.toml, grpo.toml).
     Align,
 }
 
@@ -74,8 +74,9 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
-    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo).
-    #[arg(long = "method", default_values_t = ["dpo".to_string()])]
+    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo; repeat
+    /// the flag). Default: dpo and grpo.
+    #[arg(long = "method", default_values_t = ["dpo".to_string(), "grpo".to_string()])]
     pub methods: Vec<String>,
     /// align: the DPO family's training configuration, whose model and `[eval]` judge every row (default:
     /// the embedded shapes-world one, assets/shapes/dpo.toml).

@@ -532,6 +532,129 @@ pub fn sample(
     Ok(traj)
 }
 
+/// The deterministic DDIM step (η = 0) of rows `x` at step `k`: `x_t' = √ᾱ_t' x̂₀ + √(1 − ᾱ_t') ε̂` (the same
+/// trl-convention timesteps as [`transition`]; std and log-probability 0).
+pub fn deterministic_step(
+    rule: &StepRule,
+    model_output: &Tensor,
+    x: &Tensor,
+    k: usize,
+) -> Result<Transition> {
+    let n = x.dim(0)?;
+    let dev = x.device();
+    let t = Tensor::full(rule.timesteps[k] as f32, n, dev)?;
+    let zero = x.zeros_like()?;
+    let out = ddim_step_with_logprob(
+        &rule.schedule,
+        model_output,
+        &t,
+        x,
+        0.0,
+        rule.step_ratio,
+        DdimTransition::Noise(&zero),
+    )?;
+    let zeros = Tensor::zeros(n, DType::F32, dev)?;
+    Ok(Transition {
+        prev_sample: out.mean.clone(),
+        mean: out.mean,
+        std: zeros.clone(),
+        log_prob: zeros,
+        pred_x0: out.pred_original_sample,
+    })
+}
+
+/// Branched group rollouts (TempFlow-GRPO-style credit assignment): `prompts` come in groups of `group` equal
+/// consecutive prompts; each group shares one initial noise and follows the deterministic DDIM path (η = 0)
+/// except at step `branch`, where every member draws its own noise from the rule's Gaussian (η = `rule.eta`),
+/// so the members' differences come from that one transition alone. Returns the trajectories (row `i` is
+/// member `i % group` of group `i / group`); only step `branch` has a std and a log-probability. The branch
+/// step runs on the members' rows (the parent repeated), the layout [`recompute`] uses, so its recomputed
+/// log-probability equals the sampled one exactly. Draws, in order: the groups' initial noise, then the
+/// members' branch noise.
+pub fn sample_branched(
+    model: &StableDiffusion,
+    rule: &StepRule,
+    prompts: &[&str],
+    group: usize,
+    branch: usize,
+    resolution: Option<usize>,
+    rng: &mut Rng,
+) -> Result<Trajectory> {
+    let b = prompts.len();
+    ensure!(
+        group >= 1 && b > 0 && b % group == 0,
+        "branched rollout: {b} prompts do not split into groups of {group}"
+    );
+    ensure!(
+        branch < rule.timesteps.len() && rule.is_stochastic(branch),
+        "branched rollout: step {branch} cannot branch"
+    );
+    let groups = b / group;
+    let side = latent_side(model, resolution)?;
+    let pixels = side * model.vae_scale_factor();
+    let cond = Conditioning::new(model, prompts, rule.guidance, pixels)?;
+    let firsts: Vec<usize> = (0..groups).map(|g| g * group).collect();
+    let trunk_cond = cond.select(model, &firsts)?;
+    let c = model.unet.config().in_channels;
+    let dev = model.device();
+    let mut x = rng.normal_tensor(&[groups, c, side, side], dev)?;
+    let repeat = |t: &Tensor| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..b).map(|i| (i / group) as u32).collect();
+        Ok(t.index_select(&Tensor::from_vec(idx, b, t.device())?, 0)?)
+    };
+    let s = rule.timesteps.len();
+    let zeros = Tensor::zeros(b, DType::F32, dev)?;
+    let mut traj = Trajectory {
+        prompts: prompts.iter().map(|p| p.to_string()).collect(),
+        side: pixels,
+        timesteps: rule.timesteps.clone(),
+        latents: vec![repeat(&x)?],
+        means: Vec::with_capacity(s),
+        stds: Vec::with_capacity(s),
+        log_probs: Vec::with_capacity(s),
+        pred_x0: Vec::with_capacity(s),
+        images: Tensor::zeros(1, DType::F32, dev)?,
+        cond,
+    };
+    for k in 0..s {
+        let trunk = k < branch;
+        let (rows, cond) = if trunk {
+            (groups, &trunk_cond)
+        } else {
+            (b, &traj.cond)
+        };
+        if k == branch {
+            x = repeat(&x)?;
+        }
+        let t = Tensor::full(rule.timesteps[k] as f32, rows, dev)?;
+        let eps = guided_output(&model.unet, &x, &t, cond, rule.guidance)?.detach();
+        let tr = if k == branch {
+            let z = rng.normal_tensor(&[b, c, side, side], dev)?;
+            transition(rule, &eps, &x, &vec![k; b], DdimTransition::Noise(&z))?
+        } else {
+            deterministic_step(rule, &eps, &x, k)?
+        };
+        x = tr.prev_sample.detach();
+        let widen = |t: Tensor| if trunk { repeat(&t) } else { Ok(t) };
+        traj.latents.push(widen(x.clone())?);
+        traj.means.push(widen(tr.mean.detach())?);
+        traj.pred_x0.push(widen(tr.pred_x0.detach())?);
+        if k == branch {
+            traj.stds.push(tr.std.detach());
+            traj.log_probs.push(tr.log_prob.detach());
+        } else {
+            traj.stds.push(zeros.clone());
+            traj.log_probs.push(zeros.clone());
+        }
+    }
+    traj.images = model
+        .vae
+        .decode_to_image01(&x.to_dtype(model.dtype())?)?
+        .to_dtype(DType::F32)?
+        .detach();
+    Ok(traj)
+}
+
 /// A set of stored transitions to recompute: `(row, step)` pairs of a trajectory batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selection {
