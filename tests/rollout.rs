@@ -321,7 +321,14 @@ fn branched_groups_share_their_path_but_for_one_step() {
     let mut model = load("tiny-sd");
     let policy = lora_policy(&model);
     let rule = rule(&model, 4, Sampler::Ddim);
-    let prompts = ["a red square", "a red square", "a red square", "a blue circle", "a blue circle", "a blue circle"];
+    let prompts = [
+        "a red square",
+        "a red square",
+        "a red square",
+        "a blue circle",
+        "a blue circle",
+        "a blue circle",
+    ];
     let branch = 1;
     let traj = policy
         .with_weights(&mut model, Weights::Current, |m| {
