@@ -9,6 +9,7 @@ pub use diffpref_pipelines as pipelines;
 pub use diffpref_rewards as rewards;
 
 pub mod align;
+pub mod alloc;
 pub mod assets;
 pub mod cli;
 pub mod config;

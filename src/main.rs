@@ -2,11 +2,12 @@ use clap::Parser;
 
 /// candle allocates a new buffer for every op's output; glibc's malloc hands buffers above its mmap threshold
 /// back to the kernel on every free, so sampling and training spent about a third of their CPU time in page
-/// faults. mimalloc keeps and reuses them.
+/// faults. mimalloc keeps and reuses them (see `diffpref::alloc`).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: diffpref::alloc::MiMalloc = diffpref::alloc::MiMalloc;
 
 fn main() {
+    diffpref::alloc::retain_freed_memory();
     // candle-core 0.11 asks for its thread count on every matmul and, unless RAYON_NUM_THREADS is set, counts
     // the physical cores by parsing /proc/cpuinfo each time (~5% of sampling). Count them once, as it would.
     // Set before any thread exists.

@@ -6,12 +6,13 @@ use diffpref::assets::default_dpo_config;
 use diffpref::methods::pairwise::train;
 
 /// As the binary: candle allocates a buffer per op, and glibc's malloc returns large ones to the kernel on
-/// every free.
+/// every free (see `diffpref::alloc`).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: diffpref::alloc::MiMalloc = diffpref::alloc::MiMalloc;
 
 #[test]
 fn the_embedded_default_improves_the_held_out_reward_beyond_its_ci() {
+    diffpref::alloc::retain_freed_memory();
     let out = tempfile::tempdir().unwrap();
     let cfg = default_dpo_config(&[
         "log.progress=false".into(),

@@ -4,9 +4,9 @@
 use diffpref::methods::grpo::{train, GrpoConfig};
 use std::path::{Path, PathBuf};
 
-/// As the binary: candle allocates a buffer per op.
+/// As the binary: candle allocates a buffer per op (see `diffpref::alloc`).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: diffpref::alloc::MiMalloc = diffpref::alloc::MiMalloc;
 
 fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
@@ -20,6 +20,7 @@ fn write_prompts(dir: &Path, prompts: &[&str]) -> PathBuf {
 
 /// A small run on the shapes model: `prompts` trained (and judged), LoRA rank 4.
 fn config(dir: &Path, prompts: &Path, extra: &[&str]) -> GrpoConfig {
+    diffpref::alloc::retain_freed_memory();
     let mut sets = vec![
         format!(
             "model = {:?}",
