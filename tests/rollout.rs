@@ -31,6 +31,18 @@ fn lora_policy(model: &StableDiffusion) -> Policy {
     p
 }
 
+/// max |a − b| over all elements.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
         .unwrap()
@@ -94,14 +106,7 @@ fn recomputed_log_probs_equal_the_sampled_ones_and_carry_gradients() {
     };
     let mixed = rollout::recompute(&model.unet, &model, &rule, &traj, &sel).unwrap();
     let old = rollout::stored_log_probs(&traj, &sel).unwrap();
-    let d = (&mixed.log_prob - &old)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&mixed.log_prob, &old);
     assert!(d < 1e-4, "mixed batch: log-probs differ by {d}");
     // The log-probability carries a gradient into the adapters (B of every adapter).
     let grads = total.backward().unwrap();
@@ -228,14 +233,7 @@ fn ddpm_is_eta_one_with_a_deterministic_last_step() {
         let eps = rollout::guided_output(&model.unet, x, &tt, cond, 7.5).unwrap();
         let zero = x.zeros_like().unwrap();
         let out = ddpm.step(&eps, k, x, Some(&zero)).unwrap();
-        let d = (out.prev_sample - &t.means[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&out.prev_sample, &t.means[k]);
         assert!(d < 1e-5, "step {k}: DDPM mean differs by {d}");
     }
     assert!(
@@ -371,14 +369,7 @@ fn branched_groups_share_their_path_but_for_one_step() {
         })
         .unwrap();
     let want = ddim.step(&eps, k, x, None).unwrap().prev_sample;
-    let d = (want - &traj.latents[k + 1])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&want, &traj.latents[k + 1]);
     assert!(d < 1e-5, "{d}");
     // Deterministic given the seed.
     let again = policy

@@ -247,16 +247,10 @@ impl GrpoConfig {
 
 /// `A_i` of the module docs for rewards `r` in groups of `g` consecutive samples.
 pub fn advantages(r: &[f64], g: usize, norm: AdvantageNorm, clip: f64) -> Vec<f64> {
-    let stats = |v: &[f64]| {
-        let n = v.len().max(1) as f64;
-        let m = v.iter().sum::<f64>() / n;
-        let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n;
-        (m, var.sqrt())
-    };
-    let (_, round_std) = stats(r);
+    let (_, round_std) = mean_std(r);
     r.chunks(g)
         .flat_map(|grp| {
-            let (m, s) = stats(grp);
+            let (m, s) = mean_std(grp);
             grp.iter()
                 .map(move |x| {
                     let a = match norm {
@@ -269,6 +263,14 @@ pub fn advantages(r: &[f64], g: usize, norm: AdvantageNorm, clip: f64) -> Vec<f6
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// Mean and population standard deviation of `v` (0, 0 when empty).
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n;
+    (m, var.sqrt())
 }
 
 /// A micro-batch of a round: trajectories sampled together (and recomputed together), their rewards and
@@ -479,13 +481,7 @@ impl GrpoMethod {
         }
         let score_s = t1.elapsed().as_secs_f64();
         let adv = advantages(&rewards, g, self.cfg.advantage, self.cfg.adv_clip);
-        let group_std = rewards
-            .chunks(g)
-            .map(|grp| {
-                let m = grp.iter().sum::<f64>() / g as f64;
-                (grp.iter().map(|r| (r - m) * (r - m)).sum::<f64>() / g as f64).sqrt()
-            })
-            .sum::<f64>()
+        let group_std = rewards.chunks(g).map(|grp| mean_std(grp).1).sum::<f64>()
             / self.cfg.prompts_per_round as f64;
         let chunks: Vec<Chunk> = parts
             .into_iter()
@@ -504,9 +500,7 @@ impl GrpoMethod {
             }
             queue.extend(idx);
         }
-        let n = rewards.len() as f64;
-        let mean = rewards.iter().sum::<f64>() / n;
-        let std = (rewards.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / n).sqrt();
+        let (mean, std) = mean_std(&rewards);
         self.round = Some(Round { chunks, queue });
         self.rounds += 1;
         Ok(vec![

@@ -405,6 +405,39 @@ pub struct Trajectory {
 }
 
 impl Trajectory {
+    /// An empty trajectory of `prompts` starting at `x_T` (room for the rule's steps; images not yet decoded).
+    fn begin(
+        prompts: &[&str],
+        side: usize,
+        rule: &StepRule,
+        x_t: Tensor,
+        cond: Conditioning,
+    ) -> Result<Trajectory> {
+        let s = rule.timesteps.len();
+        Ok(Trajectory {
+            prompts: prompts.iter().map(|p| p.to_string()).collect(),
+            side,
+            timesteps: rule.timesteps.clone(),
+            images: Tensor::zeros(1, DType::F32, x_t.device())?,
+            latents: vec![x_t],
+            means: Vec::with_capacity(s),
+            stds: Vec::with_capacity(s),
+            log_probs: Vec::with_capacity(s),
+            pred_x0: Vec::with_capacity(s),
+            cond,
+        })
+    }
+
+    /// Decode the final latents `x_0` into [`Trajectory::images`] (f32, [0, 1]).
+    fn decode(&mut self, model: &StableDiffusion, x0: &Tensor) -> Result<()> {
+        self.images = model
+            .vae
+            .decode_to_image01(&x0.to_dtype(model.dtype())?)?
+            .to_dtype(DType::F32)?
+            .detach();
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.prompts.len()
     }
@@ -500,18 +533,7 @@ pub fn sample(
     let shape = [b, c, side, side];
     let mut x = rng.normal_tensor(&shape, dev)?;
     let s = rule.timesteps.len();
-    let mut traj = Trajectory {
-        prompts: prompts.iter().map(|p| p.to_string()).collect(),
-        side: pixels,
-        timesteps: rule.timesteps.clone(),
-        latents: vec![x.clone()],
-        means: Vec::with_capacity(s),
-        stds: Vec::with_capacity(s),
-        log_probs: Vec::with_capacity(s),
-        pred_x0: Vec::with_capacity(s),
-        images: Tensor::zeros(1, DType::F32, dev)?,
-        cond,
-    };
+    let mut traj = Trajectory::begin(prompts, pixels, rule, x.clone(), cond)?;
     for k in 0..s {
         let t = Tensor::full(rule.timesteps[k] as f32, b, dev)?;
         let eps = guided_output(&model.unet, &x, &t, &traj.cond, rule.guidance)?.detach();
@@ -524,11 +546,7 @@ pub fn sample(
         traj.log_probs.push(tr.log_prob.detach());
         traj.pred_x0.push(tr.pred_x0.detach());
     }
-    traj.images = model
-        .vae
-        .decode_to_image01(&x.to_dtype(model.dtype())?)?
-        .to_dtype(DType::F32)?
-        .detach();
+    traj.decode(model, &x)?;
     Ok(traj)
 }
 
@@ -604,18 +622,7 @@ pub fn sample_branched(
     };
     let s = rule.timesteps.len();
     let zeros = Tensor::zeros(b, DType::F32, dev)?;
-    let mut traj = Trajectory {
-        prompts: prompts.iter().map(|p| p.to_string()).collect(),
-        side: pixels,
-        timesteps: rule.timesteps.clone(),
-        latents: vec![repeat(&x)?],
-        means: Vec::with_capacity(s),
-        stds: Vec::with_capacity(s),
-        log_probs: Vec::with_capacity(s),
-        pred_x0: Vec::with_capacity(s),
-        images: Tensor::zeros(1, DType::F32, dev)?,
-        cond,
-    };
+    let mut traj = Trajectory::begin(prompts, pixels, rule, repeat(&x)?, cond)?;
     for k in 0..s {
         let trunk = k < branch;
         let (rows, cond) = if trunk {
@@ -647,11 +654,7 @@ pub fn sample_branched(
             traj.log_probs.push(zeros.clone());
         }
     }
-    traj.images = model
-        .vae
-        .decode_to_image01(&x.to_dtype(model.dtype())?)?
-        .to_dtype(DType::F32)?
-        .detach();
+    traj.decode(model, &x)?;
     Ok(traj)
 }
 
