@@ -17,6 +17,7 @@ use crate::eval::{
 use crate::methods::dpo::LossKind;
 use crate::methods::grpo::GrpoConfig;
 use crate::methods::pairwise::DpoConfig;
+use crate::output::{Input, OutputDir};
 use anyhow::{bail, ensure, Context, Result};
 use diffpref_rewards::metrics::MeanCi;
 use serde::Serialize;
@@ -119,7 +120,27 @@ pub fn run_align(
             cfg.run.model
         );
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut inputs = vec![
+        Input::new("DPO model", Path::new(&cfg.run.model)),
+        Input::new("GRPO model", Path::new(&cfgs.grpo.run.model)),
+    ];
+    for (what, p) in [
+        ("[eval] prompts file", &cfg.run.eval.prompts),
+        ("[data] manifest", &cfg.data.manifest),
+        ("[grpo] prompts file", &cfgs.grpo.grpo.prompts),
+    ] {
+        if let Some(p) = p {
+            inputs.push(Input::new(what, p));
+        }
+    }
+    let guard = OutputDir {
+        path: out,
+        key: "--out",
+        command: "bench align",
+        legacy: &["align.json"],
+    };
+    guard.check(&inputs, cfg.run.overwrite)?;
+    guard.create()?;
 
     // Train every method first (each run loads its own model).
     let mut trained = Vec::with_capacity(methods.len());

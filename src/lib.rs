@@ -19,6 +19,7 @@ pub mod eval;
 pub mod imaging;
 pub mod io;
 pub mod methods;
+pub mod output;
 pub mod rollout;
 pub mod scoring;
 pub mod train;

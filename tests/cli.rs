@@ -61,7 +61,11 @@ fn generate_writes_pngs_trace_and_step_strips() {
         out_dir.to_str().unwrap(),
     ]);
     ok(&o);
-    let pngs: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
+    // Two PNGs (and the output marker).
+    let pngs: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("png".as_ref()))
+        .collect();
     assert_eq!(pngs.len(), 2);
     let img = image::open(out_dir.join("000-a-red-cube.png"))
         .unwrap()

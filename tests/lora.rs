@@ -938,19 +938,30 @@ fn cli_generate_with_lora_and_lora_merge() {
         "merged model differs from --lora by {}",
         max_pixel_diff(&from_merged, &with)
     );
-    // A second merge into the same non-empty folder is refused; the folder stays intact.
-    let o = diffpref(&[
-        "lora",
-        "merge",
-        "--model",
-        &tiny(),
-        "--lora",
-        l,
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    // A merge into a non-empty folder it did not write is refused and leaves it intact; into its own earlier
+    // output it replaces it.
+    let user = t.join("user");
+    std::fs::create_dir_all(&user).unwrap();
+    std::fs::write(user.join("notes.txt"), b"mine").unwrap();
+    let merge = |out: &Path| {
+        diffpref(&[
+            "lora",
+            "merge",
+            "--model",
+            &tiny(),
+            "--lora",
+            l,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = merge(&user);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
+    assert_eq!(std::fs::read(user.join("notes.txt")).unwrap(), b"mine");
+    assert_eq!(std::fs::read_dir(&user).unwrap().count(), 1);
+    let o = merge(&merged);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(merged
         .join("unet/diffusion_pytorch_model.safetensors")
         .exists());

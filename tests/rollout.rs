@@ -379,3 +379,71 @@ fn branched_groups_share_their_path_but_for_one_step() {
         .unwrap();
     assert_eq!(bits(&again.latents[4]), bits(&traj.latents[4]));
 }
+
+#[test]
+fn a_stochastic_range_keeps_the_gaussian_at_its_steps_only_and_rollouts_start_from_given_noise() {
+    let model = load("tiny-sd");
+    let full = rule(&model, 4, Sampler::Ddim);
+    // The window [t_1, t_0 + 1): the first two steps are stochastic, the last two DDIM with eta = 0.
+    let window = StepRule::new(
+        &model,
+        &RolloutConfig {
+            steps: 4,
+            stochastic_range: Some([full.timesteps[1] as u64, full.timesteps[0] as u64 + 1]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(window.stochastic_steps(), vec![0, 1]);
+    // Two rows from one initial noise (a group sharing x_T): same start, different paths after a stochastic step.
+    let shape = rollout::initial_noise_shape(&model, 1, None).unwrap();
+    let one = Rng::new(8).normal_tensor(&shape, &Device::Cpu).unwrap();
+    let x_t = Tensor::cat(&[&one, &one], 0).unwrap();
+    let prompts = ["a red square", "a red square"];
+    let t = rollout::sample_from(&model, &window, &prompts, x_t, &mut Rng::new(3)).unwrap();
+    let row = |k: usize, i: usize| bits(&t.latents[k].get(i).unwrap());
+    assert_eq!(row(0, 0), row(0, 1));
+    assert_ne!(row(1, 0), row(1, 1));
+    for k in 0..4 {
+        let lp = t.log_probs[k].to_vec1::<f32>().unwrap();
+        let std = t.stds[k].to_vec1::<f32>().unwrap();
+        if k < 2 {
+            assert!(
+                lp.iter().all(|v| v.is_finite() && *v != 0.0),
+                "step {k}: {lp:?}"
+            );
+            assert!(std.iter().all(|&s| s > 0.0));
+            let new = rollout::recompute(&model.unet, &model, &window, &t, &Selection::step(2, k))
+                .unwrap();
+            assert_eq!(bits(&new.log_prob), bits(&t.log_probs[k]), "step {k}");
+        } else {
+            assert_eq!(lp, vec![0.0; 2]);
+            assert_eq!(std, vec![0.0; 2]);
+            // The deterministic steps are the eta = 0 step: x_t' is the mean.
+            assert_eq!(row(k + 1, 0), bits(&t.means[k].get(0).unwrap()));
+            assert!(
+                rollout::recompute(&model.unet, &model, &window, &t, &Selection::step(2, k))
+                    .is_err()
+            );
+        }
+    }
+    // Without a window the same noise gives a different (fully stochastic) path, and `sample` equals
+    // `sample_from` on the noise it draws first.
+    let mut rng = Rng::new(8);
+    let x2 = rng
+        .normal_tensor(
+            &rollout::initial_noise_shape(&model, 2, None).unwrap(),
+            &Device::Cpu,
+        )
+        .unwrap();
+    let a = rollout::sample_from(&model, &full, &prompts, x2, &mut rng).unwrap();
+    let b = rollout::sample(&model, &full, &prompts, None, &mut Rng::new(8)).unwrap();
+    assert_eq!(bits(&a.latents[4]), bits(&b.latents[4]));
+    // A bad window is an error naming the key.
+    let bad = RolloutConfig {
+        stochastic_range: Some([600, 600]),
+        ..Default::default()
+    };
+    let e = bad.validate("[rollout]").unwrap_err().to_string();
+    assert!(e.contains("stochastic_range"), "{e}");
+}

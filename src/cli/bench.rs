@@ -95,6 +95,9 @@ pub struct BenchArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// align: write into a non-empty `--out` that `bench align` did not write (the configs' `overwrite`).
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -878,7 +881,11 @@ fn split_overrides(overrides: &[String]) -> (Vec<String>, Vec<String>) {
 
 /// `bench align`: see [`crate::align`].
 fn align(a: &BenchArgs) -> Result<()> {
-    let (dpo_over, grpo_over) = split_overrides(&a.overrides);
+    let mut overrides = a.overrides.clone();
+    if a.overwrite {
+        overrides.insert(0, "overwrite=true".into());
+    }
+    let (dpo_over, grpo_over) = split_overrides(&overrides);
     let dpo = match &a.config {
         Some(p) => crate::methods::pairwise::DpoConfig::load(Some(p), &dpo_over)?,
         None => crate::assets::default_dpo_config(&dpo_over)?,
@@ -943,6 +950,7 @@ mod tests {
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,
+            overwrite: false,
             compute: ComputeArgs {
                 device: "cpu".into(),
                 dtype: "f32".into(),

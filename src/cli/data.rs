@@ -27,7 +27,8 @@ use super::generate::{load_model, parse_scheduler, progress};
 use crate::data::latents::save_latent;
 use crate::data::shapes::{parse_caption, random_spec, Scene};
 use crate::imaging::{images_to_tensor, save_png, tensor_to_images};
-use crate::io::write_atomic;
+use crate::io::{write_atomic, write_dir_atomic};
+use crate::output::{check_output_file, mark, Input, OutputDir};
 use crate::train::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -86,9 +87,12 @@ pub struct MakePrefsArgs {
     /// Number of pairs (prompts are used round robin).
     #[arg(long)]
     pub pairs: usize,
-    /// Output folder (img/ and manifest.jsonl).
+    /// Output folder (img/ and manifest.jsonl), written whole: an earlier set there is replaced.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` even when it is a non-empty folder `data make-prefs` did not write.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Bradley–Terry temperature T: P(first preferred) = sigmoid((r1 - r2) / T).
     #[arg(long, default_value_t = 0.05)]
     pub temperature: f64,
@@ -122,9 +126,12 @@ pub struct RenderArgs {
     /// Render this many random scenes instead.
     #[arg(long)]
     pub random: Option<usize>,
-    /// Output folder (NNNNN.png and manifest.jsonl).
+    /// Output folder (NNNNN.png and manifest.jsonl), written whole: an earlier render there is replaced.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` even when it is a non-empty folder `data render` did not write.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Image side in pixels.
     #[arg(long, default_value_t = 64)]
     pub size: u32,
@@ -133,6 +140,20 @@ pub struct RenderArgs {
     /// Most objects in a random scene (1 to 3).
     #[arg(long, default_value_t = 3)]
     pub max_objects: usize,
+}
+
+const MAKE_PREFS: &str = "data make-prefs";
+const RENDER: &str = "data render";
+
+/// The guard of a data command's `--out` folder (an earlier set of the same command is recognised by its
+/// marker).
+fn out_dir<'a>(out: &'a Path, command: &'a str) -> OutputDir<'a> {
+    OutputDir {
+        path: out,
+        key: "--out",
+        command,
+        legacy: &[],
+    }
 }
 
 pub fn run(a: DataArgs) -> Result<()> {
@@ -199,6 +220,13 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     }
     let captions = read_captions(&a.prompts)?;
     let scheduler = parse_scheduler(&a.scheduler)?;
+    out_dir(&a.out, MAKE_PREFS).check(
+        &[
+            Input::new("--model folder", Path::new(&a.model)),
+            Input::new("--prompts file", &a.prompts),
+        ],
+        a.overwrite,
+    )?;
     let model = load_model(&a.model, None, &a.compute)?;
     let pipe = Pipeline::new(&model)?;
     let reward = ShapesReward::new();
@@ -211,89 +239,92 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     };
     let (lh, lw) = pipe.latent_size(&base)?;
     let c = model.unet.config().in_channels;
-    let img_dir = a.out.join("img");
-    std::fs::create_dir_all(&img_dir)
-        .with_context(|| format!("cannot create {}", img_dir.display()))?;
-    let mut labels = Rng::derive(a.seed, "make-prefs-labels");
-    let mut lines = Vec::with_capacity(a.pairs);
     let (mut sum_r, mut agree) = (0f64, 0usize);
-    let pb = progress(a.pairs, "pairs");
-    let bs = a.batch_size.max(1);
-    let mut start = 0;
-    while start < a.pairs {
-        let n = bs.min(a.pairs - start);
-        let mut prompts: Vec<&str> = Vec::with_capacity(k_c * n);
-        let mut noise = Vec::with_capacity(k_c * n);
-        for i in start..start + n {
-            let p = captions[i % captions.len()].as_str();
-            for j in 0..k_c {
-                prompts.push(p);
-                noise.push(seeded_noise(
-                    image_seed(a.seed, i, j),
-                    &[1, c, lh, lw],
-                    &Device::Cpu,
-                )?);
+    write_dir_atomic(&a.out, |dir| {
+        mark(dir, MAKE_PREFS)?;
+        let img_dir = dir.join("img");
+        std::fs::create_dir_all(&img_dir)
+            .with_context(|| format!("cannot create {}", img_dir.display()))?;
+        let mut labels = Rng::derive(a.seed, "make-prefs-labels");
+        let mut lines = Vec::with_capacity(a.pairs);
+        let pb = progress(a.pairs, "pairs");
+        let bs = a.batch_size.max(1);
+        let mut start = 0;
+        while start < a.pairs {
+            let n = bs.min(a.pairs - start);
+            let mut prompts: Vec<&str> = Vec::with_capacity(k_c * n);
+            let mut noise = Vec::with_capacity(k_c * n);
+            for i in start..start + n {
+                let p = captions[i % captions.len()].as_str();
+                for j in 0..k_c {
+                    prompts.push(p);
+                    noise.push(seeded_noise(
+                        image_seed(a.seed, i, j),
+                        &[1, c, lh, lw],
+                        &Device::Cpu,
+                    )?);
+                }
             }
+            let opts = GenerateOptions {
+                init_latents: Some(Tensor::cat(&noise, 0)?),
+                ..base.clone()
+            };
+            let out = pipe
+                .generate(&prompts, &[], &opts, None)
+                .with_context(|| format!("sampling pairs {start}..{}", start + n))?;
+            // Score the 8-bit images that are written, so the manifest's rewards are those of the files.
+            let images = tensor_to_images(&out.images)?;
+            let scores: Vec<f32> = reward
+                .score(&images_to_tensor(&images, &Device::Cpu)?, &prompts)?
+                .to_vec1()?;
+            for k in 0..n {
+                let i = start + k;
+                let group = &scores[k_c * k..k_c * (k + 1)];
+                let (ja, jb) = best_and_worst(group);
+                let (ra, rb) = (group[ja] as f64, group[jb] as f64);
+                let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
+                let latent_names = [
+                    format!("img/{i:05}-a.latent.safetensors"),
+                    format!("img/{i:05}-b.latent.safetensors"),
+                ];
+                for ((name, latent_name), j) in names.iter().zip(&latent_names).zip([ja, jb]) {
+                    save_png(&images[k_c * k + j], dir.join(name))?;
+                    save_latent(&dir.join(latent_name), &out.latents.get(k_c * k + j)?)?;
+                }
+                let p_a = preference_probability(ra, rb, a.temperature);
+                let a_wins = labels.uniform() < p_a;
+                let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
+                let (chosen, rejected) = (&names[w], &names[l]);
+                let (rc, rr) = ([ra, rb][w], [ra, rb][l]);
+                let pc = if a_wins { p_a } else { 1.0 - p_a };
+                sum_r += ra + rb;
+                if rc > rr {
+                    agree += 1;
+                }
+                lines.push(serde_json::to_string(&serde_json::json!({
+                    "prompt": prompts[k_c * k],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_latent": latent_names[w],
+                    "rejected_latent": latent_names[l],
+                    "reward_chosen": rc,
+                    "reward_rejected": rr,
+                    "p_chosen": pc,
+                }))?);
+                pb.inc(1);
+            }
+            start += n;
         }
-        let opts = GenerateOptions {
-            init_latents: Some(Tensor::cat(&noise, 0)?),
-            ..base.clone()
-        };
-        let out = pipe
-            .generate(&prompts, &[], &opts, None)
-            .with_context(|| format!("sampling pairs {start}..{}", start + n))?;
-        // Score the 8-bit images that are written, so the manifest's rewards are those of the files.
-        let images = tensor_to_images(&out.images)?;
-        let scores: Vec<f32> = reward
-            .score(&images_to_tensor(&images, &Device::Cpu)?, &prompts)?
-            .to_vec1()?;
-        for k in 0..n {
-            let i = start + k;
-            let group = &scores[k_c * k..k_c * (k + 1)];
-            let (ja, jb) = best_and_worst(group);
-            let (ra, rb) = (group[ja] as f64, group[jb] as f64);
-            let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
-            let latent_names = [
-                format!("img/{i:05}-a.latent.safetensors"),
-                format!("img/{i:05}-b.latent.safetensors"),
-            ];
-            for ((name, latent_name), j) in names.iter().zip(&latent_names).zip([ja, jb]) {
-                save_png(&images[k_c * k + j], a.out.join(name))?;
-                save_latent(&a.out.join(latent_name), &out.latents.get(k_c * k + j)?)?;
-            }
-            let p_a = preference_probability(ra, rb, a.temperature);
-            let a_wins = labels.uniform() < p_a;
-            let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
-            let (chosen, rejected) = (&names[w], &names[l]);
-            let (rc, rr) = ([ra, rb][w], [ra, rb][l]);
-            let pc = if a_wins { p_a } else { 1.0 - p_a };
-            sum_r += ra + rb;
-            if rc > rr {
-                agree += 1;
-            }
-            lines.push(serde_json::to_string(&serde_json::json!({
-                "prompt": prompts[k_c * k],
-                "chosen": chosen,
-                "rejected": rejected,
-                "chosen_latent": latent_names[w],
-                "rejected_latent": latent_names[l],
-                "reward_chosen": rc,
-                "reward_rejected": rr,
-                "p_chosen": pc,
-            }))?);
-            pb.inc(1);
-        }
-        start += n;
-    }
-    pb.finish_and_clear();
-    let manifest = a.out.join("manifest.jsonl");
-    let mut text = lines.join("\n");
-    text.push('\n');
-    write_atomic(&manifest, text.as_bytes())?;
+        pb.finish_and_clear();
+        let mut text = lines.join("\n");
+        text.push('\n');
+        write_atomic(&dir.join("manifest.jsonl"), text.as_bytes())?;
+        Ok(())
+    })?;
     println!(
         "{} pairs in {}: mean reward {:.4}; the chosen image has the higher reward in {} ({:.1}%)",
         a.pairs,
-        manifest.display(),
+        a.out.join("manifest.jsonl").display(),
         sum_r / (2 * a.pairs) as f64,
         agree,
         100.0 * agree as f64 / a.pairs as f64
@@ -308,6 +339,12 @@ fn prompts(a: PromptsArgs) -> Result<()> {
     if !(1..=3).contains(&a.max_objects) {
         bail!("--max-objects must be 1, 2 or 3 (got {})", a.max_objects);
     }
+    let excluded: Vec<Input> = a
+        .exclude
+        .iter()
+        .map(|f| Input::new("--exclude file", f))
+        .collect();
+    check_output_file(&a.out, "--out", &excluded)?;
     let mut taken = std::collections::HashSet::new();
     for f in &a.exclude {
         taken.extend(crate::eval::read_prompts(f, false).context("--exclude")?);
@@ -356,22 +393,33 @@ fn render(a: RenderArgs) -> Result<()> {
         }
         _ => bail!("give --prompts FILE or --random N"),
     };
-    let mut lines = Vec::with_capacity(specs.len());
-    for (i, (spec, given)) in specs.iter().enumerate() {
-        let mut rng = Rng::derive(a.seed, &format!("render-{i}"));
-        let scene = Scene::from_spec(spec, &mut rng);
-        let name = format!("{i:05}.png");
-        save_png(&scene.render(a.size), a.out.join(&name))?;
-        let prompt = given.clone().unwrap_or_else(|| scene.caption());
-        lines.push(serde_json::to_string(
-            &serde_json::json!({"image": name, "prompt": prompt}),
-        )?);
+    let mut inputs = Vec::new();
+    if let Some(p) = &a.prompts {
+        inputs.push(Input::new("--prompts file", p));
     }
-    let manifest = a.out.join("manifest.jsonl");
-    let mut text = lines.join("\n");
-    text.push('\n');
-    write_atomic(&manifest, text.as_bytes())?;
-    println!("{} images and {}", specs.len(), manifest.display());
+    out_dir(&a.out, RENDER).check(&inputs, a.overwrite)?;
+    write_dir_atomic(&a.out, |dir| {
+        mark(dir, RENDER)?;
+        let mut lines = Vec::with_capacity(specs.len());
+        for (i, (spec, given)) in specs.iter().enumerate() {
+            let mut rng = Rng::derive(a.seed, &format!("render-{i}"));
+            let scene = Scene::from_spec(spec, &mut rng);
+            let name = format!("{i:05}.png");
+            save_png(&scene.render(a.size), dir.join(&name))?;
+            let prompt = given.clone().unwrap_or_else(|| scene.caption());
+            lines.push(serde_json::to_string(
+                &serde_json::json!({"image": name, "prompt": prompt}),
+            )?);
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        write_atomic(&dir.join("manifest.jsonl"), text.as_bytes())
+    })?;
+    println!(
+        "{} images and {}",
+        specs.len(),
+        a.out.join("manifest.jsonl").display()
+    );
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use crate::eval::{
 };
 use crate::imaging::save_png;
 use crate::io::write_atomic;
+use crate::output::{Input, OutputDir};
 use crate::scoring::{load_reward_opt, RewardKind};
 use crate::train::lora::{attach_lora_files, lora_specs};
 use anyhow::{bail, Context, Result};
@@ -97,6 +98,9 @@ pub struct EvalArgs {
     /// Output folder (eval.json, grid.png).
     #[arg(long, default_value = "runs/eval")]
     pub out: PathBuf,
+    /// Write into `--out` even when it is a non-empty folder `eval` did not write.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Print the JSON report instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +116,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--samples must be at least 1");
     }
     let prompts = read_prompts(&a.prompts, a.reward.reward.is_shapes()).context("--prompts")?;
+    let mut inputs = vec![
+        Input::new("--model folder", Path::new(&a.model)),
+        Input::new("--prompts file", &a.prompts),
+    ];
+    inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
+    let out_dir = OutputDir {
+        path: &a.out,
+        key: "--out",
+        command: "eval",
+        legacy: &["eval.json"],
+    };
+    out_dir.check(&inputs, a.overwrite)?;
     let specs = lora_specs(&a.loras, &a.lora_scales)?;
     let reward = a.reward.load(&a.compute)?;
     let model = load_model(&a.model, a.variant.as_deref(), &a.compute)?;
@@ -192,6 +208,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             )
         }
     };
+    out_dir.create()?;
     write_outputs(&a.out, &report, &grid)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -3,6 +3,7 @@
 use super::common::{slug, ComputeArgs};
 use crate::imaging;
 use crate::io::save_safetensors;
+use crate::output::{check_output_file, Input, OutputDir};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -63,6 +64,9 @@ pub struct GenerateArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
+    /// Write into `--out` even when it is a non-empty folder `generate` did not write.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Reads `init_latents` from a safetensors file, naming the file in every error.
@@ -123,6 +127,30 @@ pub fn load_model(
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let scheduler = parse_scheduler(&a.scheduler)?;
+    let mut inputs = vec![Input::new("--model folder", Path::new(&a.model))];
+    inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
+    if let Some(p) = &a.init_latents {
+        inputs.push(Input::new("--init-latents file", p));
+    }
+    let out_dir = OutputDir {
+        path: &a.out,
+        key: "--out",
+        command: "generate",
+        legacy: &[],
+    };
+    out_dir.check(&inputs, a.overwrite)?;
+    if let Some(f) = &a.trace {
+        check_output_file(f, "--trace", &inputs)?;
+    }
+    if let Some(d) = &a.every_step {
+        OutputDir {
+            path: d,
+            key: "--every-step",
+            command: "generate",
+            legacy: &[],
+        }
+        .check(&inputs, a.overwrite)?;
+    }
     let lora_specs = crate::train::lora::lora_specs(&a.loras, &a.lora_scales)?;
     let init = match &a.init_latents {
         Some(p) => {
@@ -190,8 +218,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let out = pipe.generate(&prompts, &negs, &opts, Some(&mut obs))?;
     pb.finish_and_clear();
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    out_dir.create()?;
     let images = imaging::tensor_to_images(&out.images)?;
     for (i, (img, p)) in images.iter().zip(&a.prompts).enumerate() {
         let path = a.out.join(format!("{i:03}-{}.png", slug(p, 48)));
@@ -199,6 +226,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         println!("{}", path.display());
     }
     if let Some(dir) = &a.every_step {
+        crate::output::mark_created(dir, "generate")?;
         for (i, p) in a.prompts.iter().enumerate() {
             let frames = x0_frames
                 .iter()

@@ -7,6 +7,7 @@
 use super::common::ComputeArgs;
 use super::generate::{load_model, parse_scheduler, progress};
 use crate::imaging;
+use crate::output::{check_output_file, Input};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
@@ -68,6 +69,13 @@ fn model_label(spec: &str) -> String {
 
 pub fn run(a: GridArgs) -> Result<()> {
     let scheduler = parse_scheduler(&a.scheduler)?;
+    let mut inputs: Vec<Input> = a
+        .models
+        .iter()
+        .map(|m| Input::new("--model folder", std::path::Path::new(m)))
+        .collect();
+    inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
+    check_output_file(&a.out, "--out", &inputs)?;
     let lora_specs = crate::train::lora::lora_specs(&a.loras, &a.lora_scales)?;
     // Per seed: no LoRA, then each LoRA file alone (None = no LoRA).
     let seed_variants: Vec<(u64, Option<usize>)> = a

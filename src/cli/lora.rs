@@ -1,11 +1,14 @@
 //! `diffpref lora`: LoRA file tools. `lora merge` writes a full model folder whose UNet has the LoRAs merged
 //! into its weights, loadable by `diffpref generate` and by diffusers.
 
+use crate::output::{Input, OutputDir};
 use crate::train::lora::{lora_specs, merge_into_unet_weights_variant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use diffpref_pipelines::loading::resolve_model;
 use std::path::{Path, PathBuf};
+
+const MERGE: &str = "lora merge";
 
 /// Arguments of `diffpref lora`.
 #[derive(Args, Debug)]
@@ -35,9 +38,12 @@ pub struct MergeArgs {
     /// Weight variant of the unet to read (e.g. fp16); the merged unet is written as the plain file.
     #[arg(long)]
     pub variant: Option<String>,
-    /// Output model folder (must not exist, or be empty).
+    /// Output model folder (new, empty, or an earlier `lora merge` output, which is replaced).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace `--out` even when it is a non-empty folder `lora merge` did not write.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(a: LoraArgs) -> Result<()> {
@@ -85,20 +91,18 @@ fn merge(a: MergeArgs) -> Result<()> {
             model.display()
         );
     }
-    if a.out.exists() {
-        let non_empty = std::fs::read_dir(&a.out)
-            .with_context(|| format!("--out {}", a.out.display()))?
-            .next()
-            .is_some();
-        if non_empty {
-            bail!(
-                "--out {}: exists and is not empty (choose a new folder)",
-                a.out.display()
-            );
-        }
+    let mut inputs = vec![Input::new("--model folder", &model)];
+    inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
+    OutputDir {
+        path: &a.out,
+        key: "--out",
+        command: MERGE,
+        legacy: &[],
     }
+    .check(&inputs, a.overwrite)?;
     let mut merged = 0;
     crate::io::write_dir_atomic(&a.out, |tmp| {
+        crate::output::mark(tmp, MERGE)?;
         for entry in
             std::fs::read_dir(&model).with_context(|| format!("cannot read {}", model.display()))?
         {

@@ -16,13 +16,21 @@ pub struct PretrainArgs {
     /// Override a config field, e.g. `--set unet_train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Write `run_dir` / `output_dir` into non-empty folders `pretrain` did not write (the config's
+    /// `overwrite`).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
     if a.config.is_none() && a.overrides.is_empty() {
         bail!("diffpref pretrain needs --config FILE.toml (see examples/pretrain-shapes.toml) or --set key=value overrides");
     }
-    let cfg = PretrainConfig::load(a.config.as_deref(), &a.overrides)?;
+    let mut overrides = a.overrides.clone();
+    if a.overwrite {
+        overrides.push("overwrite=true".into());
+    }
+    let cfg = PretrainConfig::load(a.config.as_deref(), &overrides)?;
     let stop = StopFlag::install()?;
     let s = pretrain(&cfg, Some(stop))?;
     if let Some(sf) = s.scaling_factor {

@@ -45,6 +45,10 @@ pub struct ConfigArgs {
     /// Model dtype (the config's `dtype`): f32, bf16 or f16.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Write into an `output_dir` that is not empty and was not written by this command (the config's
+    /// `overwrite`).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 impl ConfigArgs {
@@ -56,6 +60,9 @@ impl ConfigArgs {
         }
         if let Some(d) = &self.dtype {
             o.push(format!("dtype={d:?}"));
+        }
+        if self.overwrite {
+            o.push("overwrite=true".into());
         }
         o.extend(self.overrides.iter().cloned());
         o

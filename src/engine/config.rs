@@ -318,6 +318,9 @@ pub struct RunConfig {
     pub dtype: DTypeSpec,
     /// Continue from the latest checkpoint in `output_dir` when there is one. Default true.
     pub resume: bool,
+    /// Write into an `output_dir` that is not empty and was not written by this command (see
+    /// [`crate::output`]). Default false.
+    pub overwrite: bool,
     /// lora | full. Default lora.
     pub mode: TrainMode,
     pub lora: LoraConfig,
@@ -337,6 +340,7 @@ impl Default for RunConfig {
             device: DeviceSpec::Cpu,
             dtype: DTypeSpec::F32,
             resume: true,
+            overwrite: false,
             mode: TrainMode::Lora,
             lora: LoraConfig::default(),
             optim: OptimConfig::default(),
@@ -353,6 +357,39 @@ impl RunConfig {
         self.output_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("runs").join(method))
+    }
+
+    /// The guard of `output_dir` for `diffpref train <method>` (see [`crate::output`]): a folder of its own
+    /// earlier run (resumed), or new/empty, never the model's folder, another input or one of their parents.
+    pub fn output_guard<'a>(
+        &self,
+        out: &'a std::path::Path,
+        command: &'a str,
+    ) -> crate::output::OutputDir<'a> {
+        crate::output::OutputDir {
+            path: out,
+            key: "output_dir",
+            command,
+            legacy: &["metrics.jsonl"],
+        }
+    }
+
+    /// Refuses an `output_dir` that would overwrite the model, the `[eval]` prompts or `inputs`, or a non-empty
+    /// folder not written by `command` (unless `overwrite`), before anything is loaded.
+    pub fn check_output(
+        &self,
+        out: &std::path::Path,
+        command: &str,
+        inputs: &[crate::output::Input],
+    ) -> anyhow::Result<()> {
+        use crate::output::Input;
+        let model = std::path::Path::new(&self.model);
+        let mut all = vec![Input::new("model", model)];
+        if let Some(p) = &self.eval.prompts {
+            all.push(Input::new("[eval] prompts file", p));
+        }
+        all.extend_from_slice(inputs);
+        self.output_guard(out, command).check(&all, self.overwrite)
     }
 
     /// Checks every shared value (before anything is loaded).

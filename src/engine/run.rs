@@ -87,7 +87,8 @@ pub fn run(
     stop: Option<StopFlag>,
 ) -> Result<TrainSummary> {
     let t0 = std::time::Instant::now();
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let command = format!("train {}", method.name());
+    run.output_guard(out, &command).create()?;
     let device = run.device.device()?;
     let mut hooks = Hooks {
         evaluation: Evaluation::new(&run.eval, &device, run.log.progress)?,

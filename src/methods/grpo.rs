@@ -32,6 +32,11 @@
 //! probabilities are the mean over latent elements, so ρ moves little per update: ε is small (1e-4 in DDPO and
 //! Flow-GRPO; the defaults here are measured on the shapes world).
 //!
+//! **Variance.** A group's reward differences come from its members' initial noise `x_T` and from every
+//! stochastic step, but only the trained steps are credited with them. `shared_noise` gives a group one `x_T`
+//! (DanceGRPO), and `[rollout] stochastic_range` keeps the sampler's Gaussian at the trained steps only (the
+//! others are deterministic DDIM, MixGRPO's SDE window): the differences then come from the trained actions.
+//!
 //! **Branched credit** (`credit = "branch"`, after TempFlow-GRPO, He et al. 2025): each group shares its initial
 //! noise and follows the deterministic DDIM path (η = 0, the sampler users run) except at one branching step
 //! `k`, drawn per micro-batch from the trainable steps, where each member draws its own noise from the η > 0
@@ -118,6 +123,9 @@ pub struct GrpoSection {
     pub inner_epochs: usize,
     /// trajectory | branch (see [`Credit`]). Default trajectory.
     pub credit: Credit,
+    /// The members of a group start from one initial noise `x_T` (DanceGRPO): their reward differences then
+    /// come from the sampler's stochastic steps, the actions that are trained, not from `x_T`. Default false.
+    pub shared_noise: bool,
 }
 
 impl Default for GrpoSection {
@@ -134,6 +142,7 @@ impl Default for GrpoSection {
             timestep_range: None,
             inner_epochs: 1,
             credit: Credit::Trajectory,
+            shared_noise: false,
         }
     }
 }
@@ -448,6 +457,17 @@ impl GrpoMethod {
             0 => candidates.len(),
             k => k.min(candidates.len()),
         };
+        // One initial noise per group when the group shares it (branched groups always do).
+        let group_noise = if self.cfg.shared_noise && !branch {
+            let shape = rollout::initial_noise_shape(
+                &self.model,
+                self.cfg.prompts_per_round,
+                self.rollout_cfg.resolution,
+            )?;
+            Some(self.noise_rng.normal_tensor(&shape, self.model.device())?)
+        } else {
+            None
+        };
         let mut parts = Vec::new();
         for rows in order.chunks(self.batch_size) {
             let ps: Vec<&str> = rows.iter().map(|&i| prompts[i].as_str()).collect();
@@ -464,6 +484,10 @@ impl GrpoMethod {
             let traj = policy.with_weights(&mut self.model, Weights::Current, |m| {
                 if branch {
                     rollout::sample_branched(m, rule, &ps, g, steps[0], res, rng)
+                } else if let Some(noise) = &group_noise {
+                    let idx: Vec<u32> = rows.iter().map(|&i| (i / g) as u32).collect();
+                    let idx = Tensor::from_vec(idx, rows.len(), noise.device())?;
+                    rollout::sample_from(m, rule, &ps, noise.index_select(&idx, 0)?, rng)
                 } else {
                     rollout::sample(m, rule, &ps, res, rng)
                 }
@@ -769,6 +793,12 @@ impl Method for GrpoMethod {
 /// Runs (or resumes) a `train grpo` run. `stop` (e.g. from Ctrl-C) makes it save a checkpoint and return early.
 pub fn train(cfg: &GrpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     cfg.validate()?;
+    let mut inputs = Vec::new();
+    if let Some(p) = &cfg.grpo.prompts {
+        inputs.push(crate::output::Input::new("[grpo] prompts file", p));
+    }
+    cfg.run
+        .check_output(&cfg.output_dir(), "train grpo", &inputs)?;
     let (mut model, model_dir) = load_model(&cfg.run)?;
     let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
     let mut method = GrpoMethod::new(cfg, model)?;

@@ -638,6 +638,21 @@ impl Method for DpoMethod {
 /// Runs (or resumes) a `train dpo` run. `stop` (e.g. from Ctrl-C) makes it save a checkpoint and return early.
 pub fn train(cfg: &DpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     cfg.validate()?;
+    let d = &cfg.data;
+    let mut inputs = Vec::new();
+    for (what, m) in [
+        ("[data] manifest", &d.manifest),
+        ("[data] unpaired_manifest", &d.unpaired_manifest),
+    ] {
+        if let Some(m) = m {
+            inputs.push(crate::output::Input::new(what, m));
+        }
+    }
+    for p in &d.parquet {
+        inputs.push(crate::output::Input::new("[data] parquet file", p));
+    }
+    cfg.run
+        .check_output(&cfg.output_dir(), "train dpo", &inputs)?;
     let (mut model, model_dir) = load_model(&cfg.run)?;
     let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
     let mut method = DpoMethod::new(cfg, model, &model_dir)?;

@@ -18,6 +18,10 @@
 //! At the last step `ᾱ_t'` is `ᾱ_0` (trl's clamp), so the last transition is stochastic too. `sampler = "ddpm"`
 //! is η = 1 except at the last step, which is deterministic (`ᾱ_t' = 1`, x₀ = x̂₀, as diffusers'
 //! `DDPMScheduler`); that step has no log-probability and is never trained.
+//! `stochastic_range = [lo, hi]` keeps the Gaussian only at the steps whose timestep lies in `[lo, hi)`; the
+//! others are the deterministic DDIM step (η = 0, `x_t' = μ_t`, no log-probability), as in MixGRPO's SDE window:
+//! the sampled images stay close to what the deterministic sampler makes, and a trajectory's randomness — hence
+//! the reward differences a group sees — comes from the steps that can be trained.
 //!
 //! # On-policy exactness
 //!
@@ -71,6 +75,9 @@ pub struct RolloutConfig {
     pub eta: f64,
     /// Image side in pixels (a multiple of the model's downscale factor). Default: the UNet's sample size.
     pub resolution: Option<usize>,
+    /// Only steps whose timestep lies in `[lo, hi)` are stochastic; the others are the deterministic DDIM step
+    /// (η = 0), the sampler users run (MixGRPO's SDE window, Li et al. 2025). Default: every step.
+    pub stochastic_range: Option<[u64; 2]>,
 }
 
 impl Default for RolloutConfig {
@@ -81,6 +88,7 @@ impl Default for RolloutConfig {
             sampler: Sampler::Ddim,
             eta: 1.0,
             resolution: None,
+            stochastic_range: None,
         }
     }
 }
@@ -103,6 +111,12 @@ impl RolloutConfig {
             "{section} sampler = \"ddpm\" is eta = 1 (got eta = {})",
             self.eta
         );
+        if let Some([lo, hi]) = self.stochastic_range {
+            ensure!(
+                lo < hi,
+                "{section} stochastic_range = [{lo}, {hi}] must have lo < hi"
+            );
+        }
         Ok(())
     }
 }
@@ -118,6 +132,8 @@ pub struct StepRule {
     pub sampler: Sampler,
     pub eta: f64,
     pub guidance: f64,
+    /// `[rollout] stochastic_range`.
+    pub stochastic_range: Option<[u64; 2]>,
 }
 
 impl StepRule {
@@ -138,12 +154,25 @@ impl StepRule {
                 cfg.eta
             },
             guidance: cfg.guidance,
+            stochastic_range: cfg.stochastic_range,
         })
     }
 
     /// Whether step `k` is stochastic (has a log-probability).
     pub fn is_stochastic(&self, k: usize) -> bool {
-        !(self.sampler == Sampler::Ddpm && k + 1 == self.timesteps.len())
+        self.in_window(k) && !self.is_ddpm_last(k)
+    }
+
+    /// Whether step `k`'s timestep lies in the stochastic range (outside it the step is DDIM with η = 0).
+    pub fn in_window(&self, k: usize) -> bool {
+        let t = self.timesteps[k];
+        self.stochastic_range
+            .is_none_or(|[lo, hi]| t >= lo as f64 && t < hi as f64)
+    }
+
+    /// Whether step `k` is DDPM's deterministic last step (x₀ = x̂₀).
+    fn is_ddpm_last(&self, k: usize) -> bool {
+        self.sampler == Sampler::Ddpm && k + 1 == self.timesteps.len()
     }
 
     /// The steps that have a log-probability.
@@ -353,7 +382,7 @@ pub fn transition(
         rule.step_ratio,
         how,
     )?;
-    let det: Vec<bool> = ks.iter().map(|&k| !rule.is_stochastic(k)).collect();
+    let det: Vec<bool> = ks.iter().map(|&k| rule.is_ddpm_last(k)).collect();
     if !det.iter().any(|&d| d) {
         return Ok(Transition {
             prev_sample: out.prev_sample,
@@ -515,7 +544,8 @@ pub fn latent_side(model: &StableDiffusion, resolution: Option<usize>) -> Result
 
 /// Samples one trajectory per prompt with `model`'s UNet as it is (call it inside
 /// [`crate::engine::Policy::with_weights`] to sample the policy or the reference without graph). The initial
-/// noise and the step noises come from `rng` (in that order: `x_T` of every row, then each step's noise).
+/// noise and the step noises come from `rng` (in that order: `x_T` of every row, then each stochastic step's
+/// noise).
 pub fn sample(
     model: &StableDiffusion,
     rule: &StepRule,
@@ -523,22 +553,58 @@ pub fn sample(
     resolution: Option<usize>,
     rng: &mut Rng,
 ) -> Result<Trajectory> {
+    ensure!(!prompts.is_empty(), "rollout: no prompts");
+    let x_t = rng.normal_tensor(
+        &initial_noise_shape(model, prompts.len(), resolution)?,
+        model.device(),
+    )?;
+    sample_from(model, rule, prompts, x_t, rng)
+}
+
+/// The shape `[n, C, h, w]` of the initial noise of `n` rollouts at `resolution` (see [`latent_side`]).
+pub fn initial_noise_shape(
+    model: &StableDiffusion,
+    n: usize,
+    resolution: Option<usize>,
+) -> Result<[usize; 4]> {
+    let side = latent_side(model, resolution)?;
+    Ok([n, model.unet.config().in_channels, side, side])
+}
+
+/// [`sample`] from the given initial noise `x_t` `[B, C, h, w]` (f32; e.g. one noise shared by a group, as
+/// DanceGRPO does): each stochastic step draws its noise from `rng`; steps outside the rule's stochastic range
+/// are deterministic DDIM steps (std and log-probability 0).
+pub fn sample_from(
+    model: &StableDiffusion,
+    rule: &StepRule,
+    prompts: &[&str],
+    x_t: Tensor,
+    rng: &mut Rng,
+) -> Result<Trajectory> {
     let b = prompts.len();
     ensure!(b > 0, "rollout: no prompts");
-    let side = latent_side(model, resolution)?;
+    let (n, c, side, side_w) = x_t.dims4()?;
+    ensure!(
+        n == b && c == model.unet.config().in_channels && side == side_w,
+        "rollout: initial noise {:?} for {b} prompts",
+        x_t.dims()
+    );
     let pixels = side * model.vae_scale_factor();
     let cond = Conditioning::new(model, prompts, rule.guidance, pixels)?;
-    let c = model.unet.config().in_channels;
     let dev = model.device();
     let shape = [b, c, side, side];
-    let mut x = rng.normal_tensor(&shape, dev)?;
+    let mut x = x_t.to_dtype(DType::F32)?;
     let s = rule.timesteps.len();
     let mut traj = Trajectory::begin(prompts, pixels, rule, x.clone(), cond)?;
     for k in 0..s {
         let t = Tensor::full(rule.timesteps[k] as f32, b, dev)?;
         let eps = guided_output(&model.unet, &x, &t, &traj.cond, rule.guidance)?.detach();
-        let z = rng.normal_tensor(&shape, dev)?;
-        let tr = transition(rule, &eps, &x, &vec![k; b], DdimTransition::Noise(&z))?;
+        let tr = if rule.in_window(k) {
+            let z = rng.normal_tensor(&shape, dev)?;
+            transition(rule, &eps, &x, &vec![k; b], DdimTransition::Noise(&z))?
+        } else {
+            deterministic_step(rule, &eps, &x, k)?
+        };
         x = tr.prev_sample.detach();
         traj.latents.push(x.clone());
         traj.means.push(tr.mean.detach());

@@ -28,6 +28,10 @@ use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::Policy;
 use crate::engine::trainer::{train, TrainerSettings};
 use crate::io::{save_safetensors, write_dir_atomic, write_json};
+use crate::output::{Input, OutputDir};
+
+/// The command name in the output markers.
+const PRETRAIN: &str = "pretrain";
 use crate::train::checkpoint::StopFlag;
 use crate::train::rng::Rng;
 use crate::train::schedule::{LrSchedule, ScheduleKind};
@@ -267,6 +271,9 @@ pub struct PretrainConfig {
     pub device: DeviceSpec,
     /// Continue from the latest checkpoints in `run_dir`. Default true.
     pub resume: bool,
+    /// Write `run_dir` / `output_dir` into non-empty folders that `pretrain` did not write (see
+    /// [`crate::output`]). Default false.
+    pub overwrite: bool,
     /// dtype of the exported safetensors: f32 | f16. Default f32.
     pub save_dtype: String,
     pub data: PretrainData,
@@ -288,6 +295,7 @@ impl Default for PretrainConfig {
             seed: 0,
             device: DeviceSpec::Cpu,
             resume: true,
+            overwrite: false,
             save_dtype: "f32".into(),
             data: PretrainData::default(),
             vae: VaeArch::default(),
@@ -308,6 +316,39 @@ impl PretrainConfig {
     /// Reads a TOML config (or the defaults) and applies `--set key=value` overrides; unknown keys are errors.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<PretrainConfig> {
         crate::config::load_toml(path, overrides)
+    }
+
+    /// The guard of `run_dir` (see [`crate::output`]).
+    fn run_guard(&self) -> OutputDir<'_> {
+        OutputDir {
+            path: &self.run_dir,
+            key: "run_dir",
+            command: PRETRAIN,
+            legacy: &["vae/metrics.jsonl", "unet/metrics.jsonl"],
+        }
+    }
+
+    /// Refuses a `run_dir` or `output_dir` that would overwrite the tokenizer, each other, the stage folders,
+    /// or a non-empty folder `pretrain` did not write (unless `overwrite`): before any training.
+    pub fn check_outputs(&self, out: &Path) -> Result<()> {
+        let tokenizer = Input::new("tokenizer", &self.tokenizer);
+        self.run_guard().check(&[tokenizer], self.overwrite)?;
+        let (vae, unet) = (self.run_dir.join("vae"), self.run_dir.join("unet"));
+        OutputDir {
+            path: out,
+            key: "output_dir",
+            command: PRETRAIN,
+            legacy: &[],
+        }
+        .check(
+            &[
+                tokenizer,
+                Input::holder("run_dir", &self.run_dir),
+                Input::new("VAE stage folder", &vae),
+                Input::new("UNet stage folder", &unet),
+            ],
+            self.overwrite,
+        )
     }
 
     pub fn output_dir(&self) -> PathBuf {
@@ -770,8 +811,9 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
     let device = cfg.device.device().context("`device`")?;
     let stop = stop.unwrap_or_default();
     let run_dir = cfg.run_dir.clone();
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let (run_guard, out) = (cfg.run_guard(), cfg.output_dir());
+    cfg.check_outputs(&out)?;
+    run_guard.create()?;
     let tokenizer = ClipTokenizer::from_dir(&cfg.tokenizer)
         .with_context(|| format!("tokenizer {}", cfg.tokenizer.display()))?;
     let shapes = Shapes {
@@ -932,6 +974,7 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
     let vae_config: Value =
         serde_json::from_str(&std::fs::read_to_string(vae_final.join("config.json"))?)?;
     write_dir_atomic(&summary.output_dir, |d| {
+        crate::output::mark(d, PRETRAIN)?;
         write_json(&d.join("model_index.json"), &model_index_json())?;
         for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             std::fs::create_dir(d.join(sub))?;

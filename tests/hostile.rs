@@ -1,0 +1,395 @@
+//! Hostile input, as a careless or malicious user would give it, through the real binary: every case must end
+//! with a clear error (exit status 1, not a panic or an abort) whose message names the culprit, and every file
+//! that existed before must be byte-identical afterwards.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_diffpref"))
+}
+
+fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A workspace: a user's folder of files, a fake model folder, a prompts file and a LoRA file.
+struct World {
+    tmp: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let w = World { tmp };
+        std::fs::create_dir_all(w.path("photos")).unwrap();
+        std::fs::write(w.path("photos/me.jpg"), b"my photo").unwrap();
+        std::fs::create_dir_all(w.path("model/unet")).unwrap();
+        std::fs::write(w.path("model/model_index.json"), b"{}").unwrap();
+        std::fs::write(w.path("model/unet/config.json"), b"{\"sample_size\": 8}").unwrap();
+        std::fs::write(w.path("prompts.txt"), b"a red circle\na blue square\n").unwrap();
+        std::fs::write(w.path("lora.safetensors"), b"not really").unwrap();
+        w
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    fn s(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    /// Runs `args` in the workspace and checks: exit status 1, the message contains every `names`, and no
+    /// file of the workspace changed.
+    fn refuses(&self, args: &[&str], names: &[&str]) {
+        let before = snapshot(self.tmp.path());
+        let out = bin()
+            .args(args)
+            .current_dir(self.tmp.path())
+            .env("DIFFPREF_ASSETS", assets())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: expected a clean error, got {:?}\n{err}",
+            out.status
+        );
+        for n in names {
+            assert!(
+                err.contains(n),
+                "{args:?}: the message does not name {n:?}:\n{err}"
+            );
+        }
+        let after = snapshot(self.tmp.path());
+        let changed: Vec<_> = before
+            .iter()
+            .filter(|(p, b)| after.get(*p) != Some(*b))
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "{args:?}: changed or removed {changed:?}"
+        );
+    }
+}
+
+fn set(kv: String) -> [String; 2] {
+    ["--set".into(), kv]
+}
+
+fn refuses_owned(w: &World, args: Vec<String>, names: &[&str]) {
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    w.refuses(&a, names);
+}
+
+#[test]
+fn training_never_writes_into_the_model_a_users_folder_or_a_parent_of_its_inputs() {
+    let w = World::new();
+    let model = w.s("model");
+    for method in ["dpo", "grpo"] {
+        // The model folder itself (full fine-tuning would overwrite unet/), a folder inside it, a parent of it.
+        for (out, rel) in [
+            (model.clone(), "is the model"),
+            (w.s("model/unet"), "lies inside the model"),
+            (w.s("."), "contains the model"),
+        ] {
+            let mut args: Vec<String> = vec!["train".into(), method.into()];
+            args.extend(set(format!("model={model:?}")));
+            args.extend(set("mode=\"full\"".into()));
+            args.extend(set(format!("output_dir={out:?}")));
+            refuses_owned(&w, args, &["output_dir", rel]);
+        }
+        // A non-empty folder of the user's: refused, and the message says how to insist.
+        let mut args: Vec<String> = vec!["train".into(), method.into()];
+        args.extend(set(format!("output_dir={:?}", w.s("photos"))));
+        refuses_owned(
+            &w,
+            args,
+            &["output_dir", "photos", "not empty", "--overwrite"],
+        );
+    }
+    // The DPO run folder may not be the [eval] prompts file's folder's parent either.
+    let mut args: Vec<String> = vec!["train".into(), "grpo".into()];
+    args.extend(set(format!("grpo.prompts={:?}", w.s("prompts.txt"))));
+    args.extend(set(format!("output_dir={:?}", w.s("prompts.txt"))));
+    refuses_owned(&w, args, &["output_dir", "[grpo] prompts file"]);
+}
+
+#[test]
+fn pretrain_never_replaces_its_run_folder_a_parent_or_a_users_folder() {
+    let w = World::new();
+    std::fs::create_dir_all(w.path("runs/pre/vae")).unwrap();
+    std::fs::write(w.path("runs/pre/vae/metrics.jsonl"), b"{\"step\":1}\n").unwrap();
+    let tok = assets().join("tiny-shapes/tokenizer").display().to_string();
+    let base = |out: &str, run: &str| -> Vec<String> {
+        let mut a: Vec<String> = vec!["pretrain".into()];
+        a.extend(set(format!("tokenizer={tok:?}")));
+        a.extend(set(format!("run_dir={run:?}")));
+        a.extend(set(format!("output_dir={out:?}")));
+        a
+    };
+    let run = w.s("runs/pre");
+    for (out, names) in [
+        (run.clone(), vec!["output_dir", "is the run_dir"]),
+        (w.s("runs"), vec!["output_dir", "contains the run_dir"]),
+        (w.s("runs/pre/vae"), vec!["output_dir", "VAE stage folder"]),
+        (w.s("photos"), vec!["output_dir", "photos", "not empty"]),
+        (".".to_string(), vec!["output_dir", "contains the run_dir"]),
+    ] {
+        refuses_owned(&w, base(&out, &run), &names);
+    }
+    // A run folder that is a user's folder.
+    refuses_owned(
+        &w,
+        base(&w.s("out-model"), &w.s("photos")),
+        &["run_dir", "photos", "not empty"],
+    );
+}
+
+#[test]
+fn data_sample_and_tool_commands_refuse_their_inputs_and_foreign_folders() {
+    let w = World::new();
+    let (model, photos, prompts, lora) = (
+        w.s("model"),
+        w.s("photos"),
+        w.s("prompts.txt"),
+        w.s("lora.safetensors"),
+    );
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec![
+                "data",
+                "make-prefs",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--pairs",
+                "2",
+                "--out",
+                &photos,
+            ],
+            vec!["--out", "photos", "not empty"],
+        ),
+        (
+            vec![
+                "data",
+                "make-prefs",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--pairs",
+                "2",
+                "--out",
+                &model,
+            ],
+            vec!["--out", "is the --model folder"],
+        ),
+        (
+            vec!["data", "render", "--prompts", &prompts, "--out", &photos],
+            vec!["--out", "photos", "not empty"],
+        ),
+        (
+            vec![
+                "data",
+                "render",
+                "--prompts",
+                &prompts,
+                "--out",
+                ".",
+                "--overwrite",
+            ],
+            vec!["--out", "contains the --prompts file"],
+        ),
+        (
+            vec![
+                "data",
+                "render",
+                "--random",
+                "2",
+                "--out",
+                "..",
+                "--overwrite",
+            ],
+            vec!["--out", "working directory"],
+        ),
+        (
+            vec![
+                "data",
+                "prompts",
+                "--count",
+                "3",
+                "--exclude",
+                &prompts,
+                "--out",
+                &prompts,
+            ],
+            vec!["--out", "--exclude file"],
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "a red circle",
+                "--out",
+                &model,
+            ],
+            vec!["--out", "is the --model folder"],
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "a red circle",
+                "--out",
+                &photos,
+            ],
+            vec!["--out", "photos", "not empty"],
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "a red circle",
+                "--lora",
+                &lora,
+                "--out",
+                "new",
+                "--trace",
+                &lora,
+            ],
+            vec!["--trace", "--lora file"],
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--out",
+                &photos,
+            ],
+            vec!["--out", "photos", "not empty"],
+        ),
+        (
+            vec![
+                "grid",
+                "--model",
+                &model,
+                "--prompt",
+                "a red circle",
+                "--lora",
+                &lora,
+                "--out",
+                &lora,
+            ],
+            vec!["--out", "is the --lora file"],
+        ),
+        (
+            vec![
+                "lora", "merge", "--model", &model, "--lora", &lora, "--out", &model,
+            ],
+            vec!["--out", "is the --model folder"],
+        ),
+        (
+            vec![
+                "lora", "merge", "--model", &model, "--lora", &lora, "--out", &photos,
+            ],
+            vec!["--out", "photos", "not empty"],
+        ),
+        (
+            vec!["bench", "align", "--out", &photos],
+            vec!["--out", "photos", "not empty"],
+        ),
+    ];
+    for (args, names) in cases {
+        w.refuses(&args, &names);
+    }
+}
+
+#[test]
+fn a_command_rewrites_its_own_output_whole_and_overwrite_is_explicit() {
+    let w = World::new();
+    let render = |n: &str, extra: &[&str]| {
+        std::fs::write(w.path("p.txt"), n).unwrap();
+        let mut args = vec![
+            "data",
+            "render",
+            "--prompts",
+            "p.txt",
+            "--size",
+            "16",
+            "--out",
+            "set",
+        ];
+        args.extend_from_slice(extra);
+        let out = bin()
+            .args(&args)
+            .current_dir(w.tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    render("a red circle\na blue square\na green triangle\n", &[]);
+    assert!(w.path("set/00002.png").exists());
+    // Its own earlier output: replaced whole, nothing of the old set left behind.
+    render("a red circle\n", &[]);
+    let mut names: Vec<String> = std::fs::read_dir(w.path("set"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![".diffpref-output", "00000.png", "manifest.jsonl"]
+    );
+    // Another command's folder needs --overwrite.
+    std::fs::write(w.path("set/.diffpref-output"), "data make-prefs\n").unwrap();
+    w.refuses(
+        &[
+            "data",
+            "render",
+            "--prompts",
+            "p.txt",
+            "--size",
+            "16",
+            "--out",
+            "set",
+        ],
+        &["--out", "not empty", "data render"],
+    );
+    render("a red circle\n", &["--overwrite"]);
+}
