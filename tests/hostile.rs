@@ -68,7 +68,9 @@ impl World {
             .env("DIFFPREF_ASSETS", assets())
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        // What the user sees: the report on stdout, the error on stderr.
+        let err = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
             Some(1),
@@ -77,7 +79,7 @@ impl World {
         );
         for n in names {
             assert!(
-                err.contains(n),
+                err.to_lowercase().contains(&n.to_lowercase()),
                 "{args:?}: the message does not name {n:?}:\n{err}"
             );
         }
@@ -392,4 +394,36 @@ fn a_command_rewrites_its_own_output_whole_and_overwrite_is_explicit() {
         &["--out", "not empty", "data render"],
     );
     render("a red circle\n", &["--overwrite"]);
+}
+
+#[test]
+fn verify_fails_closed() {
+    let w = World::new();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let weights = fixtures
+        .join("tiny-sd/unet/diffusion_pytorch_model.safetensors")
+        .display()
+        .to_string();
+    for scale in ["nan", "-1", "0", "inf"] {
+        w.refuses(
+            &["verify", "--tolerance-scale", scale, &weights],
+            &["--tolerance-scale", scale],
+        );
+    }
+    // A run that compared nothing (a weights file, not a golden) is a failure, not "0 passed".
+    w.refuses(&["verify", &weights], &["checked nothing"]);
+    // A header length of 2^64 - 1 (index arithmetic would wrap), and a truncated file.
+    let mut bad = u64::MAX.to_le_bytes().to_vec();
+    bad.extend_from_slice(b"{}");
+    std::fs::write(w.path("huge-header.safetensors"), &bad).unwrap();
+    std::fs::write(w.path("short.safetensors"), b"abc").unwrap();
+    w.refuses(
+        &["verify", "huge-header.safetensors", "short.safetensors"],
+        &[
+            "huge-header.safetensors",
+            "header length",
+            "short.safetensors",
+            "2 checks could not run",
+        ],
+    );
 }

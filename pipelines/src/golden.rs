@@ -185,10 +185,18 @@ pub fn read_metadata(bytes: &[u8]) -> std::result::Result<HashMap<String, String
     if bytes.len() < 8 {
         return Err("not a safetensors file (shorter than its header length)".into());
     }
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    if 8 + n > bytes.len() {
-        return Err("not a safetensors file (header length past the end)".into());
-    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let end = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| {
+            format!(
+                "not a safetensors file (header length {n} past the end of its {} bytes)",
+                bytes.len()
+            )
+        })?;
+    let n = end - 8;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])
         .map_err(|e| format!("bad safetensors header: {e}"))?;
     let mut out = HashMap::new();

@@ -19,7 +19,7 @@ pub struct VerifyArgs {
     #[arg(required = true)]
     pub goldens: Vec<PathBuf>,
     /// Multiply every tolerance (default: 1 for f32, 500 for f16, 4000 for bf16; see README).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub tolerance_scale: Option<f64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -63,6 +63,11 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         Some(m) => Some(resolve_model(m, None).with_context(|| format!("--model {m}"))?),
         None => None,
     };
+    if let Some(s) = a.tolerance_scale {
+        if !(s.is_finite() && s > 0.0) {
+            bail!("--tolerance-scale must be a positive number (got {s}): a scale <= 0 or NaN would pass or fail every check blindly");
+        }
+    }
     let ctx = CheckContext {
         model_dir,
         device,
@@ -75,7 +80,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
         "device {} dtype {:?} tolerance x{}",
         a.compute.device, dtype, ctx.tolerance_scale
     );
-    let (mut passed, mut failed, mut errors) = (0usize, 0usize, 0usize);
+    let (mut passed, mut failed, mut errors, mut skipped) = (0usize, 0usize, 0usize, 0usize);
     for path in &a.goldens {
         let g = match Golden::load(path) {
             Ok(g) => g,
@@ -90,6 +95,7 @@ pub fn run(a: VerifyArgs) -> Result<()> {
                 "-- {}: skipped (no `kind` in its metadata: a weights file, not a check)",
                 path.display()
             );
+            skipped += 1;
             continue;
         }
         println!("== {} ({})", path.display(), g.kind().unwrap_or("?"));
@@ -114,6 +120,12 @@ pub fn run(a: VerifyArgs) -> Result<()> {
     if failed + errors > 0 {
         bail!(
             "verification failed: {failed} tensors out of tolerance, {errors} checks could not run"
+        );
+    }
+    if passed == 0 {
+        bail!(
+            "verification checked nothing: no tensor was compared ({skipped} of {} files were not golden checks)",
+            a.goldens.len()
         );
     }
     Ok(())
