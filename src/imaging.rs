@@ -119,14 +119,49 @@ pub fn images_to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
 
 /// Loads an image in any format the `image` crate can decode (detected from the
 /// content, not only the extension) and converts it to RGB8.
+///
+/// The declared size is checked against [`diffpref_pipelines::limits`] before anything is decoded, so a small
+/// file declaring a huge image is an error, not an allocation abort.
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
-    let img = ImageReader::open(path)
+    let reader = ImageReader::open(path)
         .with_context(|| format!("opening image {}", path.display()))?
         .with_guessed_format()
-        .with_context(|| format!("reading image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("decoding image {}", path.display()))?;
+        .with_context(|| format!("reading image {}", path.display()))?;
+    decode_bounded(reader, &path.display().to_string())
+}
+
+/// Decodes an image from memory (`what` names it in errors) within the size limits of [`load_image`].
+pub fn decode_image_bytes(bytes: &[u8], what: &str) -> Result<RgbImage> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .with_context(|| format!("reading image {what}"))?;
+    decode_bounded(reader, what)
+}
+
+fn decode_bounded<R: std::io::BufRead + std::io::Seek>(
+    mut reader: ImageReader<R>,
+    what: &str,
+) -> Result<RgbImage> {
+    let max = diffpref_pipelines::limits::max_side();
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(max.min(u32::MAX as u64) as u32);
+    limits.max_image_height = Some(max.min(u32::MAX as u64) as u32);
+    // Room for the decoded image in its widest format (16-bit RGBA) at the largest allowed size.
+    limits.max_alloc = Some(max.saturating_mul(max).saturating_mul(8));
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => anyhow::anyhow!(
+            "image {what}: {l} (images are limited to {max} pixels per side; set DIFFPREF_MAX_SIDE to allow \
+             larger ones)"
+        ),
+        e => anyhow::Error::new(e).context(format!("decoding image {what}")),
+    })?;
+    diffpref_pipelines::limits::check_image_size(
+        &format!("image {what}"),
+        img.width() as u64,
+        img.height() as u64,
+    )?;
     Ok(img.to_rgb8())
 }
 
@@ -503,6 +538,17 @@ pub fn grid(
     }
 
     let s = opts.scale;
+    // The size of the grid, in u64 and bounded before anything is allocated (a huge scale must not wrap).
+    {
+        let (n_c, n_r, s64, g64) = (ncols as u64, nrows as u64, s as u64, opts.cell_gap as u64);
+        let w = n_c
+            .saturating_mul((w0 as u64).saturating_mul(s64))
+            .saturating_add((n_c - 1) * g64);
+        let h = n_r
+            .saturating_mul((h0 as u64).saturating_mul(s64))
+            .saturating_add((n_r - 1) * g64);
+        diffpref_pipelines::limits::check_image_size(&format!("grid at scale {s}"), w, h)?;
+    }
     let (cw, ch) = (w0 * s, h0 * s);
     let gap = opts.cell_gap;
     let px = opts.font_px;
@@ -548,6 +594,7 @@ pub fn grid(
     let y_origin = if top > 0 { top + gap } else { 0 };
     let width = x_origin + ncols as u32 * cw + (ncols as u32 - 1) * gap;
     let height = y_origin + nrows as u32 * ch + (nrows as u32 - 1) * gap;
+    diffpref_pipelines::limits::check_image_size("grid", width as u64, height as u64)?;
     let mut out = RgbImage::from_pixel(width, height, opts.background);
 
     let cell_x = |c: usize| x_origin + c as u32 * (cw + gap);

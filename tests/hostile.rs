@@ -427,3 +427,168 @@ fn verify_fails_closed() {
         ],
     );
 }
+
+#[test]
+fn absurd_sizes_and_non_finite_values_are_refused_before_any_work() {
+    let w = World::new();
+    let (model, prompts) = (w.s("model"), w.s("prompts.txt"));
+    let gen = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "generate", "--model", &model, "--prompt", "x", "--out", "new",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    for (extra, names) in [
+        (vec!["--guidance", "nan"], vec!["guidance", "NaN"]),
+        (vec!["--guidance", "inf"], vec!["guidance", "inf"]),
+        (vec!["--eta", "nan"], vec!["eta"]),
+        (vec!["--steps", "0"], vec!["steps"]),
+        (
+            vec!["--width", "100000"],
+            vec!["width", "100000", "DIFFPREF_MAX_SIDE"],
+        ),
+        (vec!["--height", "0"], vec!["height"]),
+    ] {
+        refuses_owned(&w, gen(&extra), &names);
+    }
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec![
+                "grid",
+                "--model",
+                &model,
+                "--prompt",
+                "x",
+                "--scale",
+                "134217728",
+                "--out",
+                "g.png",
+            ],
+            vec!["--scale", "134217728"],
+        ),
+        (
+            vec![
+                "grid",
+                "--model",
+                &model,
+                "--prompt",
+                "x",
+                "--guidance",
+                "7",
+                "--guidance",
+                "nan",
+                "--out",
+                "g.png",
+            ],
+            vec!["guidance", "NaN"],
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--guidance",
+                "inf",
+            ],
+            vec!["guidance"],
+        ),
+        (
+            vec![
+                "data",
+                "make-prefs",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--pairs",
+                "1",
+                "--guidance",
+                "nan",
+                "--out",
+                "p",
+            ],
+            vec!["guidance"],
+        ),
+        (
+            vec!["train", "dpo", "--set", "data.resolution=100000"],
+            vec!["[data] resolution", "100000"],
+        ),
+        (
+            vec!["train", "grpo", "--set", "rollout.resolution=100000"],
+            vec!["[rollout] resolution", "100000"],
+        ),
+        (
+            vec!["pretrain", "--set", "data.resolution=100000"],
+            vec!["[data] resolution", "100000"],
+        ),
+        (
+            vec!["train", "dpo", "--set", "optim.ema_decay=1.5"],
+            vec!["ema_decay", "1.5"],
+        ),
+        (
+            vec!["train", "grpo", "--set", "optim.beta2=-1"],
+            vec!["beta2", "-1"],
+        ),
+    ];
+    for (args, names) in cases {
+        w.refuses(&args, &names);
+    }
+    // A small PNG declaring 20000 x 20000 pixels: refused from its header, not decoded into gigabytes.
+    let chunk = |t: &[u8], d: &[u8]| -> Vec<u8> {
+        let mut c = (d.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(t);
+        c.extend_from_slice(d);
+        let mut crc_in = t.to_vec();
+        crc_in.extend_from_slice(d);
+        c.extend_from_slice(&crc32(&crc_in).to_be_bytes());
+        c
+    };
+    let mut ihdr = 20000u32.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&20000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    // A zlib stream of one stored byte (far too little data: the size must be refused first).
+    png.extend(chunk(
+        b"IDAT",
+        &[
+            0x78, 0x01, 0x01, 0x01, 0x00, 0xfe, 0xff, 0x00, 0x00, 0x01, 0x00, 0x01,
+        ],
+    ));
+    png.extend(chunk(b"IEND", b""));
+    std::fs::write(w.path("huge.png"), &png).unwrap();
+    w.refuses(
+        &[
+            "score",
+            "--reward",
+            "shapes",
+            "--prompt",
+            "a red circle",
+            "--images",
+            "huge.png",
+        ],
+        &["huge.png", "8192", "DIFFPREF_MAX_SIDE"],
+    );
+}
+
+/// The PNG chunk checksum (CRC-32, IEEE).
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}

@@ -9,6 +9,7 @@
 pub mod checks;
 pub mod error;
 pub mod golden;
+pub mod limits;
 pub mod loading;
 pub mod models;
 pub mod nn;

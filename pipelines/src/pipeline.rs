@@ -48,6 +48,34 @@ impl Default for GenerateOptions {
     }
 }
 
+impl GenerateOptions {
+    /// Checks the options before anything is loaded or allocated: at least one step, a finite guidance scale
+    /// (negative values are legitimate), a finite η ≥ 0, and an image size within [`crate::limits`].
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::msg("steps must be at least 1"));
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(Error::msg(format!(
+                "guidance scale must be a finite number (got {})",
+                self.guidance_scale
+            )));
+        }
+        if !(self.eta.is_finite() && self.eta >= 0.0) {
+            return Err(Error::msg(format!(
+                "eta must be a finite number >= 0 (got {})",
+                self.eta
+            )));
+        }
+        for (what, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v {
+                crate::limits::check_image_size(what, v as u64, 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A per-step callback of [`Pipeline::generate`].
 pub type StepObserver<'o> = dyn FnMut(&StepView) -> Result<()> + 'o;
 
@@ -120,6 +148,7 @@ impl<'m> Pipeline<'m> {
 
     /// Latent size `(h, w)` for the requested pixel size (default: the UNet's `sample_size`).
     pub fn latent_size(&self, opts: &GenerateOptions) -> Result<(usize, usize)> {
+        opts.validate()?;
         let f = self.model.vae_scale_factor();
         let default = self
             .model
@@ -134,6 +163,7 @@ impl<'m> Pipeline<'m> {
             opts.width.unwrap_or(default),
             opts.height.unwrap_or(default),
         );
+        crate::limits::check_image_size("image size (width x height)", w as u64, h as u64)?;
         let m = f * self.model.unet.config().downscale_factor();
         if w % m != 0 || h % m != 0 || w == 0 || h == 0 {
             return Err(Error::msg(format!(

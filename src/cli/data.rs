@@ -100,7 +100,7 @@ pub struct MakePrefsArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Sampler: ddim, ddpm, euler, euler-a, dpmpp-2m (default: the model's scheduler).
     #[arg(long)]
@@ -218,6 +218,7 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
             a.temperature
         );
     }
+    super::generate::check_sampling(a.steps, &[a.guidance], 0.0, None, None)?;
     let captions = read_captions(&a.prompts)?;
     let scheduler = parse_scheduler(&a.scheduler)?;
     out_dir(&a.out, MAKE_PREFS).check(

@@ -84,7 +84,7 @@ pub struct EvalArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// Sampler: ddim, ddpm, euler, euler-a, dpmpp-2m (default: the model's scheduler).
     #[arg(long)]
@@ -115,6 +115,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.samples == 0 {
         bail!("--samples must be at least 1");
     }
+    super::generate::check_sampling(a.steps, &[a.guidance], 0.0, None, None)?;
     let prompts = read_prompts(&a.prompts, a.reward.reward.is_shapes()).context("--prompts")?;
     let mut inputs = vec![
         Input::new("--model folder", Path::new(&a.model)),

@@ -30,7 +30,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Classifier-free guidance scale (off at 1).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
     pub guidance: f64,
     /// DDIM eta.
     #[arg(long, default_value_t = 0.0)]
@@ -125,8 +125,33 @@ pub fn load_model(
     StableDiffusion::load(&dir, &opts).with_context(|| format!("loading model {}", dir.display()))
 }
 
+/// Checks sampling flags before any model is loaded (see [`GenerateOptions::validate`]): `--steps`, each
+/// `--guidance`, `--eta`, `--width`, `--height`.
+pub fn check_sampling(
+    steps: usize,
+    guidance: &[f64],
+    eta: f64,
+    width: Option<usize>,
+    height: Option<usize>,
+) -> Result<()> {
+    for &g in guidance {
+        GenerateOptions {
+            steps,
+            guidance_scale: g,
+            eta,
+            width,
+            height,
+            ..Default::default()
+        }
+        .validate()
+        .context("--steps / --guidance / --eta / --width / --height")?;
+    }
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
     let scheduler = parse_scheduler(&a.scheduler)?;
+    check_sampling(a.steps, &[a.guidance], a.eta, a.width, a.height)?;
     let mut inputs = vec![Input::new("--model folder", Path::new(&a.model))];
     inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
     if let Some(p) = &a.init_latents {

@@ -26,7 +26,7 @@ pub struct GridArgs {
     #[arg(long = "negative-prompt")]
     pub negative_prompts: Vec<String>,
     /// Guidance scale (repeat to compare).
-    #[arg(long = "guidance", default_values_t = [7.5])]
+    #[arg(long = "guidance", default_values_t = [7.5], allow_negative_numbers = true)]
     pub guidance: Vec<f64>,
     /// Seed (repeat to compare).
     #[arg(long = "seed", default_values_t = [0u64])]
@@ -76,6 +76,12 @@ pub fn run(a: GridArgs) -> Result<()> {
         .collect();
     inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
     check_output_file(&a.out, "--out", &inputs)?;
+    super::generate::check_sampling(a.steps, &a.guidance, a.eta, a.width, a.height)?;
+    diffpref_pipelines::limits::check_image_size(
+        "--scale (a 1-pixel cell scaled)",
+        a.scale as u64,
+        1,
+    )?;
     let lora_specs = crate::train::lora::lora_specs(&a.loras, &a.lora_scales)?;
     // Per seed: no LoRA, then each LoRA file alone (None = no LoRA).
     let seed_variants: Vec<(u64, Option<usize>)> = a

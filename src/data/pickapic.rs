@@ -526,9 +526,8 @@ fn build_pair(m: RowMeta, jpg_0: &[u8], jpg_1: &[u8], source: String) -> Result<
         if bytes.is_empty() {
             bail!("column \"{col}\" is empty");
         }
-        image::load_from_memory(bytes)
-            .map(|i| i.to_rgb8())
-            .map_err(|e| anyhow!("column \"{col}\": cannot decode image ({e})"))
+        crate::imaging::decode_image_bytes(bytes, &format!("in column \"{col}\""))
+            .map_err(|e| anyhow!("column \"{col}\": cannot decode image ({e:#})"))
     };
     let i0 = decode(jpg_0, "jpg_0").map_err(|e| anyhow!("{source}: {e:#}"))?;
     let i1 = decode(jpg_1, "jpg_1").map_err(|e| anyhow!("{source}: {e:#}"))?;

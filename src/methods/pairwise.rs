@@ -166,6 +166,8 @@ impl DpoConfig {
             self.data.resolution >= 8,
             "[data] resolution must be at least 8"
         );
+        let r = self.data.resolution as u64;
+        diffpref_pipelines::limits::check_image_size("[data] resolution", r, r)?;
         ensure!(
             (0.0..=1.0).contains(&self.data.caption_dropout),
             "[data] caption_dropout must be in [0, 1]"

@@ -111,6 +111,13 @@ impl RolloutConfig {
             "{section} sampler = \"ddpm\" is eta = 1 (got eta = {})",
             self.eta
         );
+        if let Some(r) = self.resolution {
+            diffpref_pipelines::limits::check_image_size(
+                &format!("{section} resolution"),
+                r as u64,
+                r as u64,
+            )?;
+        }
         if let Some([lo, hi]) = self.stochastic_range {
             ensure!(
                 lo < hi,

@@ -358,6 +358,8 @@ impl PretrainConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        let r = self.data.resolution as u64;
+        diffpref_pipelines::limits::check_image_size("[data] resolution", r, r)?;
         let f = 1u32 << (self.vae.block_out_channels.len().max(1) - 1);
         let u = 1u32 << (self.unet.block_out_channels.len().max(1) - 1);
         ensure!(
