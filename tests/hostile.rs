@@ -592,3 +592,105 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// A copy of the tiny test model (symlinked weights) whose scheduler config is `scheduler`.
+fn model_with_scheduler(w: &World, scheduler: &str) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+    let dst = w.path("bad-scheduler-model");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_name() == "scheduler" {
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::write(to.join("scheduler_config.json"), scheduler).unwrap();
+        } else {
+            std::fs::create_dir_all(&dst).unwrap();
+            std::os::unix::fs::symlink(e.path(), &to).unwrap();
+        }
+    }
+    dst.display().to_string()
+}
+
+#[test]
+fn non_finite_tensors_and_absurd_schedules_are_named() {
+    use candle_core::{Device, Tensor};
+    let w = World::new();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny-sd")
+        .display()
+        .to_string();
+    // All-NaN initial latents.
+    let nan = Tensor::full(f32::NAN, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("init_latents".to_string(), nan.clone())]),
+        w.path("nan-latents.safetensors"),
+    )
+    .unwrap();
+    w.refuses(
+        &[
+            "generate",
+            "--model",
+            &tiny,
+            "--prompt",
+            "x",
+            "--init-latents",
+            "nan-latents.safetensors",
+            "--out",
+            "o",
+        ],
+        &["--init-latents", "nan-latents.safetensors", "NaN"],
+    );
+    // A LoRA full of NaNs: merge refuses it (naming the tensor) and writes nothing.
+    let lora = Tensor::full(f32::NAN, (4, 8), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("down.to_q.lora_A.weight".to_string(), lora)]),
+        w.path("nan-lora.safetensors"),
+    )
+    .unwrap();
+    w.refuses(
+        &[
+            "lora",
+            "merge",
+            "--model",
+            &tiny,
+            "--lora",
+            "nan-lora.safetensors",
+            "--out",
+            "merged",
+        ],
+        &["nan-lora.safetensors", "down.to_q.lora_A.weight", "NaN"],
+    );
+    assert!(!w.path("merged").exists());
+    // An integer tensor where a LoRA matrix should be.
+    let ints = Tensor::zeros((4, 8), candle_core::DType::I64, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("down.to_q.lora_A.weight".to_string(), ints)]),
+        w.path("int-lora.safetensors"),
+    )
+    .unwrap();
+    w.refuses(
+        &[
+            "generate",
+            "--model",
+            &tiny,
+            "--prompt",
+            "x",
+            "--lora",
+            "int-lora.safetensors",
+            "--out",
+            "o",
+        ],
+        &["down.to_q.lora_A.weight", "I64", "not floating point"],
+    );
+    // A scheduler whose betas are not variances.
+    let text = std::fs::read_to_string(Path::new(&tiny).join("scheduler/scheduler_config.json"))
+        .unwrap()
+        .replace("\"beta_end\": 0.012", "\"beta_end\": 5.0");
+    let bad = model_with_scheduler(&w, &text);
+    w.refuses(
+        &[
+            "generate", "--model", &bad, "--prompt", "x", "--steps", "1", "--out", "o",
+        ],
+        &["beta_end", "5"],
+    );
+}

@@ -180,7 +180,9 @@ impl Params {
                 if st.get(full).is_err() {
                     return Err(missing());
                 }
-                st.load(full, &Device::Cpu)?
+                let t = st.load(full, &Device::Cpu)?;
+                check_loaded(&t, full, &self.files_desc())?;
+                t
             }
             Source::Map(m) => m.get(full).cloned().ok_or_else(missing)?,
             Source::Random { seed } => {
@@ -322,4 +324,62 @@ pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// Refuses a weight read from a file that is not floating point (an integer tensor would be cast silently) or
+/// holds NaN or infinite values, naming the tensor and the files.
+pub fn check_loaded(t: &Tensor, name: &str, files: &str) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(Error::Invalid {
+            file: files.to_string(),
+            msg: format!("tensor `{name}` is {:?}, not floating point", t.dtype()),
+        });
+    }
+    // x − x is 0 for finite x and NaN for NaN and ±inf.
+    let bad = t
+        .sub(t)?
+        .ne(0f64)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if bad > 0.0 {
+        return Err(Error::Invalid {
+            file: files.to_string(),
+            msg: format!(
+                "tensor `{name}` holds {bad} NaN or infinite values of {}",
+                t.elem_count()
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    #[test]
+    fn integer_and_non_finite_weights_are_refused_by_name() {
+        let d = &Device::Cpu;
+        check_loaded(&Tensor::ones(3, DType::F16, d).unwrap(), "w", "f").unwrap();
+        let e = check_loaded(
+            &Tensor::zeros(3, DType::I64, d).unwrap(),
+            "a.weight",
+            "m.safetensors",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("a.weight") && e.contains("I64") && e.contains("m.safetensors"),
+            "{e}"
+        );
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let t = Tensor::new(&[1f32, bad, 2.0], d).unwrap();
+            let e = check_loaded(&t, "b.bias", "m").unwrap_err().to_string();
+            assert!(
+                e.contains("b.bias") && e.contains("1 NaN or infinite"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -97,7 +97,22 @@ pub fn read_init_latents(path: &Path) -> Result<Tensor> {
             t.dims()
         );
     }
-    Ok(t.to_dtype(DType::F32)?)
+    let t = t.to_dtype(DType::F32)?;
+    let finite = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .filter(|v| v.is_finite())
+        .count();
+    if finite != t.elem_count() {
+        bail!(
+            "--init-latents {}: `init_latents` has {} NaN or infinite values of {}",
+            path.display(),
+            t.elem_count() - finite,
+            t.elem_count()
+        );
+    }
+    Ok(t)
 }
 
 pub use crate::train::metrics::count_bar as progress;

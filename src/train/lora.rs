@@ -1064,6 +1064,9 @@ fn read_lora_file(file: &Path, catalog: &Catalog) -> Result<ParsedLora> {
         .map_err(|e| anyhow!("{f}: cannot read tensors: {e}"))?;
     let mut keys: Vec<String> = tensors.keys().cloned().collect();
     keys.sort();
+    for k in &keys {
+        diffpref_pipelines::weights::check_loaded(&tensors[k], k, &f.to_string())?;
+    }
     let is_kohya = keys.iter().any(|k| {
         k.starts_with("lora_unet_")
             || k.starts_with("lora_te")

@@ -427,6 +427,28 @@ impl SchedulerConfig {
                 });
             }
         }
+        let betas_ok = |b: f64| b.is_finite() && b > 0.0 && b < 1.0;
+        if self.trained_betas.is_none() && !(betas_ok(self.beta_start) && betas_ok(self.beta_end)) {
+            return Err(Error::Invalid {
+                file: self.source.clone(),
+                msg: format!(
+                    "`beta_start` {} and `beta_end` {} must lie in (0, 1) (a noise variance per step)",
+                    self.beta_start, self.beta_end
+                ),
+            });
+        }
+        if let Some(i) = self.trained_betas.as_ref().and_then(|b| {
+            b.iter()
+                .position(|&x| !(x.is_finite() && (0.0..1.0).contains(&x)))
+        }) {
+            return Err(Error::Invalid {
+                file: self.source.clone(),
+                msg: format!(
+                    "`trained_betas`[{i}] = {} must lie in [0, 1)",
+                    self.trained_betas.as_ref().unwrap()[i]
+                ),
+            });
+        }
         if self.num_train_timesteps < 2 {
             return Err(self.unsupported(
                 "num_train_timesteps",
