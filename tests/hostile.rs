@@ -694,3 +694,109 @@ fn non_finite_tensors_and_absurd_schedules_are_named() {
         &["beta_end", "5"],
     );
 }
+
+#[test]
+fn out_of_range_counts_and_config_values_are_named() {
+    let w = World::new();
+    let (model, prompts) = (w.s("model"), w.s("prompts.txt"));
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec![
+                "data", "render", "--random", "1", "--size", "100000", "--out", "r",
+            ],
+            vec!["--size", "100000"],
+        ),
+        (
+            vec![
+                "data",
+                "make-prefs",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--pairs",
+                "0",
+                "--out",
+                "p",
+            ],
+            vec!["--pairs"],
+        ),
+        (
+            vec![
+                "data",
+                "prompts",
+                "--count",
+                "3",
+                "--max-objects",
+                "9",
+                "--out",
+                "x.txt",
+            ],
+            vec!["--max-objects", "9"],
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                &model,
+                "--prompts",
+                &prompts,
+                "--samples",
+                "0",
+            ],
+            vec!["--samples"],
+        ),
+        (
+            vec![
+                "score",
+                "--reward",
+                "shapes",
+                "--prompt",
+                "a red circle",
+                "--images",
+                "nope.png",
+            ],
+            vec!["nope.png"],
+        ),
+        (
+            vec!["train", "dpo", "--set", "optim.lr=nan"],
+            vec!["[optim] lr", "NaN"],
+        ),
+        (
+            vec!["train", "dpo", "--set", "lora.rank=0"],
+            vec!["[lora]", "rank"],
+        ),
+        (
+            vec!["train", "dpo", "--set", "optim.max_steps=-5"],
+            vec!["optim.max_steps", "-5"],
+        ),
+        (
+            vec!["train", "grpo", "--set", "grpo.clip_range=-1"],
+            vec!["clip_range", "-1"],
+        ),
+        (
+            vec!["train", "grpo", "--set", "rollout.eta=nan"],
+            vec!["[rollout] eta", "NaN"],
+        ),
+        (
+            vec!["train", "grpo", "--set", "grpo.group_size=1"],
+            vec!["group_size"],
+        ),
+        (
+            vec!["train", "grpo", "--set", "grpo.bogus=1"],
+            vec!["grpo.bogus"],
+        ),
+        (
+            vec![
+                "train",
+                "grpo",
+                "--set",
+                "rollout.stochastic_range=[900, 100]",
+            ],
+            vec!["stochastic_range"],
+        ),
+    ];
+    for (args, names) in cases {
+        w.refuses(&args, &names);
+    }
+}

@@ -208,8 +208,11 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     if a.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    if a.candidates < 2 {
-        bail!("--candidates must be at least 2 (got {})", a.candidates);
+    if !(2..=256).contains(&a.candidates) {
+        bail!("--candidates must be 2 to 256 (got {})", a.candidates);
+    }
+    if a.batch_size > 4096 {
+        bail!("--batch-size must be at most 4096 (got {})", a.batch_size);
     }
     let k_c = a.candidates;
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
@@ -380,12 +383,16 @@ fn render(a: RenderArgs) -> Result<()> {
     if a.size < 8 {
         bail!("--size must be at least 8");
     }
+    diffpref_pipelines::limits::check_image_size("--size", a.size as u64, a.size as u64)?;
     // (spec, the caption as given); random scenes get their canonical caption.
     let specs: Vec<_> = match (&a.prompts, a.random) {
         (Some(p), None) => read_captions(p)?
             .into_iter()
             .map(|c| (parse_caption(&c).expect("checked"), Some(c)))
             .collect(),
+        (None, Some(n)) if n == 0 || n > 1_000_000 => {
+            bail!("--random must be 1 to 1000000 scenes (got {n})")
+        }
         (None, Some(n)) => {
             let mut rng = Rng::derive(a.seed, "render-specs");
             (0..n)

@@ -115,6 +115,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.samples == 0 {
         bail!("--samples must be at least 1");
     }
+    if !(1..=4096).contains(&a.batch_size) {
+        bail!("--batch-size must be 1 to 4096 (got {})", a.batch_size);
+    }
     super::generate::check_sampling(a.steps, &[a.guidance], 0.0, None, None)?;
     let prompts = read_prompts(&a.prompts, a.reward.reward.is_shapes()).context("--prompts")?;
     let mut inputs = vec![

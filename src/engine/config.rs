@@ -92,6 +92,13 @@ impl OptimConfig {
             "[optim] batch_size and grad_accum must be positive"
         );
         ensure!(
+            self.batch_size <= MAX_BATCH && self.grad_accum <= MAX_BATCH,
+            "[optim] batch_size {} / grad_accum {}: at most {MAX_BATCH} each (use grad_accum for larger \
+             effective batches)",
+            self.batch_size,
+            self.grad_accum
+        );
+        ensure!(
             self.lr.is_finite() && self.lr > 0.0,
             "[optim] lr must be a positive number (got {})",
             self.lr
@@ -297,6 +304,10 @@ impl EvalConfig {
         Ok(())
     }
 }
+
+/// The largest micro-batch, gradient accumulation, or GRPO round a config may ask for: a bound checked at load
+/// so an absurd value is an error, not an allocation abort minutes later.
+pub const MAX_BATCH: usize = 4096;
 
 /// The part of a training configuration every method shares (flattened into the method's configuration, so
 /// these keys sit at the top of the TOML file). See `examples/dpo.toml` and `examples/grpo.toml`.

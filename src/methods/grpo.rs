@@ -199,6 +199,13 @@ impl GrpoConfig {
             "[grpo] prompts_per_round must be at least 1"
         );
         ensure!(
+            g.prompts_per_round.saturating_mul(g.group_size) <= crate::engine::config::MAX_BATCH,
+            "[grpo] prompts_per_round x group_size = {} x {}: at most {} trajectories a round",
+            g.prompts_per_round,
+            g.group_size,
+            crate::engine::config::MAX_BATCH
+        );
+        ensure!(
             g.group_size >= 2,
             "[grpo] group_size must be at least 2 (advantages are relative to the group)"
         );
