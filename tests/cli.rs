@@ -342,6 +342,17 @@ fn verify_passes_on_the_goldens_and_fails_on_wrong_weights() {
     ok(&o);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("0 failed, 0 errors"), "{stdout}");
+    // And it compared something: at least one tensor per golden file.
+    let passed: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_suffix(" passed, 0 failed, 0 errors"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        passed >= files.len(),
+        "{passed} tensors compared for {} goldens:\n{stdout}",
+        files.len()
+    );
 
     // Same architecture, other weights: the UNet check must fail, and the exit status says so.
     let tmp = tempfile::tempdir().unwrap();

@@ -860,6 +860,7 @@ fn cache_is_visible_to_a_second_process() {
         .args([
             "--exact",
             "cache_child_process_reader",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -876,12 +877,12 @@ fn cache_is_visible_to_a_second_process() {
     assert!(stdout.contains("child saw the cached entries"), "{stdout}");
 }
 
-/// Runs only as the child of `cache_is_visible_to_a_second_process`.
+/// Runs only as the child of `cache_is_visible_to_a_second_process`, which starts it with `--ignored` and the
+/// cache folder in the environment.
 #[test]
+#[ignore = "the child process of cache_is_visible_to_a_second_process (run by it)"]
 fn cache_child_process_reader() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
-        return;
-    };
+    let dir = std::env::var_os(CHILD_ENV).expect("run by cache_is_visible_to_a_second_process");
     let cache = LatentCache::new(&dir, "shared-vae").unwrap();
     let key = cache.key(ImageId::Named("img-1"), &transform8()).unwrap();
     let l = cache

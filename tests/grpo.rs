@@ -131,10 +131,13 @@ fn a_run_resumed_mid_round_ends_with_identical_weights() {
         &["a red circle", "a blue square", "a green triangle"],
     );
     // A round of 2 x 4 trajectories in micro-batches of 2, two per optimizer step: 2 steps per round, and
-    // inner_epochs = 2 makes it 4. The interrupted run stops after step 2: inside the first round.
+    // inner_epochs = 2 makes it 4. The interrupted run stops after step 2: inside the first round. Groups share
+    // their initial noise and only the high-noise half of the steps is stochastic (the variance options).
     let extra = [
         "grpo.prompts_per_round = 2",
         "grpo.group_size = 4",
+        "grpo.shared_noise = true",
+        "rollout.stochastic_range = [500, 1000]",
         "grpo.inner_epochs = 2",
         "grpo.train_timesteps = 2",
         "grpo.clip_range = 1e-3",

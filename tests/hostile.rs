@@ -787,6 +787,29 @@ fn out_of_range_counts_and_config_values_are_named() {
             vec!["grpo.bogus"],
         ),
         (
+            vec!["train", "dpo", "--set", "optim.lr"],
+            vec!["optim.lr", "key=value"],
+        ),
+        (
+            vec!["train", "dpo", "--device", "tpu"],
+            vec!["device", "tpu"],
+        ),
+        (vec!["train", "grpo", "--dtype", "f8"], vec!["dtype", "f8"]),
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "x",
+                "--scheduler",
+                "magic",
+                "--out",
+                "o",
+            ],
+            vec!["--scheduler", "magic"],
+        ),
+        (
             vec![
                 "train",
                 "grpo",

@@ -129,7 +129,10 @@ fn pretrain_writes_a_loadable_model_and_the_vae_learns() {
         "generate failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let pngs: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    let pngs: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension() == Some("png".as_ref()))
+        .collect();
     assert_eq!(pngs.len(), 1);
 }
 

@@ -103,9 +103,9 @@ fn ddim_logprob_gradient_matches_finite_difference() {
     let dev = Device::Cpu;
     let schedule = sd15_schedule();
     let shape = (2, 2, 3, 3);
-    let sample = Tensor::randn(0f64, 1.0, shape, &dev).unwrap();
-    let mo = Tensor::randn(0f64, 1.0, shape, &dev).unwrap();
-    let noise = Tensor::randn(0f64, 1.0, shape, &dev).unwrap();
+    let sample = randn(1, 1.0, shape, &dev, DType::F64);
+    let mo = randn(2, 1.0, shape, &dev, DType::F64);
+    let noise = randn(3, 1.0, shape, &dev, DType::F64);
     let t = Tensor::new(&[501i64, 801], &dev).unwrap();
     // The sampled x_{t-1} is fixed (as in PPO: the trajectory is stored), the model output varies.
     let x_prev = ddim_step_with_logprob(
@@ -119,7 +119,7 @@ fn ddim_logprob_gradient_matches_finite_difference() {
     )
     .unwrap()
     .prev_sample;
-    let mo_new = (&mo + Tensor::randn(0f64, 0.1, shape, &dev).unwrap()).unwrap();
+    let mo_new = (&mo + randn(4, 0.1, shape, &dev, DType::F64)).unwrap();
     let var = Var::from_tensor(&mo_new).unwrap();
     let lp = |m: &Tensor| {
         ddim_step_with_logprob(
@@ -167,8 +167,8 @@ fn v_prediction_target_is_velocity() {
     let mut cfg = SchedulerConfig::sd15();
     cfg.prediction_type = PredictionType::VPrediction;
     let s = NoiseSchedule::new(&cfg).unwrap();
-    let x0 = Tensor::randn(0f32, 1.0, (3, 4, 5, 5), &dev).unwrap();
-    let noise = Tensor::randn(0f32, 1.0, (3, 4, 5, 5), &dev).unwrap();
+    let x0 = randn(5, 1.0, (3, 4, 5, 5), &dev, DType::F32);
+    let noise = randn(6, 1.0, (3, 4, 5, 5), &dev, DType::F32);
     let t = Tensor::new(&[3i64, 500, 999], &dev).unwrap();
     let target = s.target(&x0, &noise, &t).unwrap();
     let v = s.velocity(&x0, &noise, &t).unwrap();
@@ -254,8 +254,8 @@ fn unsupported_config_values_name_the_key() {
 fn per_sample_add_noise_matches_scalar_formula() {
     let dev = Device::Cpu;
     let s = sd15_schedule();
-    let x0 = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev).unwrap();
-    let noise = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev).unwrap();
+    let x0 = randn(7, 1.0, (4, 2, 3, 3), &dev, DType::F32);
+    let noise = randn(8, 1.0, (4, 2, 3, 3), &dev, DType::F32);
     let ts = [0i64, 17, 500, 999];
     let t = Tensor::new(&ts, &dev).unwrap();
     let batched = s.add_noise(&x0, &noise, &t).unwrap();
@@ -373,9 +373,9 @@ fn python_infinity_and_config_round_trip() {
 fn stochastic_steps_expose_mean_and_std() {
     let dev = Device::Cpu;
     let cfg = SchedulerConfig::sd15();
-    let x = Tensor::randn(0f32, 1.0, (2, 4, 4, 4), &dev).unwrap();
-    let m = Tensor::randn(0f32, 1.0, (2, 4, 4, 4), &dev).unwrap();
-    let z = Tensor::randn(0f32, 1.0, (2, 4, 4, 4), &dev).unwrap();
+    let x = randn(9, 1.0, (2, 4, 4, 4), &dev, DType::F32);
+    let m = randn(10, 1.0, (2, 4, 4, 4), &dev, DType::F32);
+    let z = randn(11, 1.0, (2, 4, 4, 4), &dev, DType::F32);
     for kind in [
         SchedulerKind::Ddim,
         SchedulerKind::Ddpm,
@@ -443,11 +443,10 @@ fn all_schedulers_all_prediction_types() {
                 cfg.prediction_type = pred;
                 let mut s = build(kind, &cfg).unwrap();
                 s.set_timesteps(4).unwrap();
-                let mut x = (Tensor::randn(0f32, 1.0, (1, 4, 4, 4), &dev).unwrap()
-                    * s.init_noise_sigma())
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
+                let mut x = (randn(12, 1.0, (1, 4, 4, 4), &dev, DType::F32) * s.init_noise_sigma())
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap();
                 for i in 0..4 {
                     let inp = s.scale_model_input(&x, i).unwrap();
                     let out = (inp * 0.1).unwrap();
@@ -518,4 +517,19 @@ fn karras_sigmas_and_zero_terminal_snr() {
         "sigma_max {}",
         euler.sigmas().unwrap()[0]
     );
+}
+
+/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
+fn randn(
+    seed: u64,
+    std: f64,
+    shape: impl Into<candle_core::Shape>,
+    dev: &Device,
+    dtype: DType,
+) -> Tensor {
+    let shape = shape.into();
+    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }

@@ -203,7 +203,13 @@ fn gradient_reaches_every_parameter() -> R {
     assert_eq!(out.hidden_states.len(), 6);
     assert_eq!(out.pooled.dims(), &[2, 32]);
     assert!(out.text_embeds.is_none());
-    let w = Tensor::randn(0f32, 1., out.last_hidden_state.dims(), &Device::Cpu)?;
+    let w = randn(
+        1,
+        1.,
+        out.last_hidden_state.dims(),
+        &Device::Cpu,
+        DType::F32,
+    );
     let loss = ((out.last_hidden_state * w)?.sum_all()? + out.pooled.sqr()?.sum_all()?)?;
     assert_full_grad_coverage(&p, &loss)
 }
@@ -331,4 +337,19 @@ fn text_encoder_runs_in_half_precision() -> R {
         }
     }
     Ok(())
+}
+
+/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
+fn randn(
+    seed: u64,
+    std: f64,
+    shape: impl Into<candle_core::Shape>,
+    dev: &Device,
+    dtype: DType,
+) -> Tensor {
+    let shape = shape.into();
+    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }

@@ -33,15 +33,13 @@ fn every_unet_parameter_and_input_gets_a_gradient() {
         .unwrap()
         .trainable();
     let unet = UNet2DConditionModel::new(&p, cfg).unwrap();
-    let x =
-        Var::from_tensor(&Tensor::randn(0f32, 1., (2, 4, 16, 16), &Device::Cpu).unwrap()).unwrap();
-    let ctx =
-        Var::from_tensor(&Tensor::randn(0f32, 1., (2, 7, 32), &Device::Cpu).unwrap()).unwrap();
+    let x = Var::from_tensor(&randn(1, 1., (2, 4, 16, 16), &Device::Cpu, DType::F32)).unwrap();
+    let ctx = Var::from_tensor(&randn(2, 1., (2, 7, 32), &Device::Cpu, DType::F32)).unwrap();
     let t = Tensor::new(&[10f32, 700.], &Device::Cpu).unwrap();
     let y = unet
         .forward(x.as_tensor(), &t, ctx.as_tensor(), None)
         .unwrap();
-    let w = Tensor::randn(0f32, 1., y.shape(), &Device::Cpu).unwrap();
+    let w = randn(3, 1., y.shape(), &Device::Cpu, DType::F32);
     let loss = (y * w).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let vars = p.vars();
@@ -92,8 +90,8 @@ fn per_sample_timesteps_equal_one_at_a_time() {
         &Device::Cpu,
     )
     .unwrap();
-    let x = Tensor::randn(0f32, 1., (2, 4, 8, 8), &Device::Cpu).unwrap();
-    let c = Tensor::randn(0f32, 1., (2, 5, 32), &Device::Cpu).unwrap();
+    let x = randn(4, 1., (2, 4, 8, 8), &Device::Cpu, DType::F32);
+    let c = randn(5, 1., (2, 5, 32), &Device::Cpu, DType::F32);
     let t = Tensor::new(&[3i64, 900], &Device::Cpu).unwrap();
     let both = unet.forward(&x, &t, &c, None).unwrap();
     for i in 0..2 {
@@ -124,8 +122,8 @@ fn features_are_returned_per_block() {
         &Device::Cpu,
     )
     .unwrap();
-    let x = Tensor::randn(0f32, 1., (1, 4, 16, 16), &Device::Cpu).unwrap();
-    let c = Tensor::randn(0f32, 1., (1, 77, 32), &Device::Cpu).unwrap();
+    let x = randn(6, 1., (1, 4, 16, 16), &Device::Cpu, DType::F32);
+    let c = randn(7, 1., (1, 77, 32), &Device::Cpu, DType::F32);
     let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
     let full = unet.forward_with_features(&x, &t, &c, None).unwrap();
     let feats = unet.forward_features(&x, &t, &c, None).unwrap();
@@ -183,4 +181,19 @@ fn unsupported_config_and_bad_weights_are_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
+}
+
+/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
+fn randn(
+    seed: u64,
+    std: f64,
+    shape: impl Into<candle_core::Shape>,
+    dev: &Device,
+    dtype: DType,
+) -> Tensor {
+    let shape = shape.into();
+    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
