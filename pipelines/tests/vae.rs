@@ -188,7 +188,7 @@ fn gradients_reach_every_parameter() {
     // Decoder: a non-trivial scalar of decode(z), z a Var.
     let z = Var::from_tensor(g.get("decode_in").unwrap()).unwrap();
     let y = vae.decode(z.as_tensor()).unwrap();
-    let w = randn(1, 1f32, y.dims(), &Device::Cpu, DType::F32);
+    let w = randn(1, 1.0, y.dims(), &Device::Cpu, DType::F32);
     let loss =
         (y.mul(&w).unwrap().sum_all().unwrap() + y.sqr().unwrap().mean_all().unwrap()).unwrap();
     let grads = loss.backward().unwrap();
@@ -214,7 +214,7 @@ fn gradients_reach_every_parameter() {
     let x = Var::from_tensor(g.get("image").unwrap()).unwrap();
     let post = vae.encode(x.as_tensor()).unwrap();
     let s = post.sample(Some(g.get("noise").unwrap())).unwrap();
-    let w = randn(2, 1f32, s.dims(), &Device::Cpu, DType::F32);
+    let w = randn(2, 1.0, s.dims(), &Device::Cpu, DType::F32);
     let loss = (s.mul(&w).unwrap().sum_all().unwrap() + post.std.sum_all().unwrap()).unwrap();
     let grads = loss.backward().unwrap();
     grad_ok(&grads, x.as_tensor()).expect("image");
