@@ -129,15 +129,11 @@ impl OutputDir<'_> {
 
     /// Creates the folder (and its parents) and leaves the command's marker in it.
     pub fn create(&self) -> Result<()> {
-        mark_created(self.path, self.command)
+        std::fs::create_dir_all(self.path)
+            .with_context(|| format!("{} {}: cannot create it", self.key, self.path.display()))?;
+        mark(self.path, self.command)
             .with_context(|| format!("{} {}", self.key, self.path.display()))
     }
-}
-
-/// Creates `dir` (and its parents) and writes the marker of `command` into it.
-pub fn mark_created(dir: &Path, command: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    mark(dir, command)
 }
 
 /// Writes the marker of `command` into `dir` (atomically; e.g. inside a folder being built by

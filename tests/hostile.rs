@@ -94,6 +94,13 @@ impl World {
             "{args:?}: changed or removed {changed:?}"
         );
     }
+
+    /// [`World::refuses`] for each `(args, names)`.
+    fn refuses_all(&self, cases: &[(Vec<&str>, Vec<&str>)]) {
+        for (args, names) in cases {
+            self.refuses(args, names);
+        }
+    }
 }
 
 fn set(kv: String) -> [String; 2] {
@@ -333,9 +340,7 @@ fn data_sample_and_tool_commands_refuse_their_inputs_and_foreign_folders() {
             vec!["--out", "photos", "not empty"],
         ),
     ];
-    for (args, names) in cases {
-        w.refuses(&args, &names);
-    }
+    w.refuses_all(&cases);
 }
 
 #[test]
@@ -536,9 +541,7 @@ fn absurd_sizes_and_non_finite_values_are_refused_before_any_work() {
             vec!["beta2", "-1"],
         ),
     ];
-    for (args, names) in cases {
-        w.refuses(&args, &names);
-    }
+    w.refuses_all(&cases);
     // A small PNG declaring 20000 x 20000 pixels: refused from its header, not decoded into gigabytes.
     let chunk = |t: &[u8], d: &[u8]| -> Vec<u8> {
         let mut c = (d.len() as u32).to_be_bytes().to_vec();
@@ -819,7 +822,5 @@ fn out_of_range_counts_and_config_values_are_named() {
             vec!["stochastic_range"],
         ),
     ];
-    for (args, names) in cases {
-        w.refuses(&args, &names);
-    }
+    w.refuses_all(&cases);
 }

@@ -1,6 +1,8 @@
 //! Scheduler parity with diffusers 0.42 (golden files) and behaviour tests of the schedulers module.
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::randn;
 use diffpref_pipelines::checks::{run, CheckContext};
 use diffpref_pipelines::golden::Golden;
 use diffpref_pipelines::schedulers::{
@@ -517,19 +519,4 @@ fn karras_sigmas_and_zero_terminal_snr() {
         "sigma_max {}",
         euler.sigmas().unwrap()[0]
     );
-}
-
-/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
-fn randn(
-    seed: u64,
-    std: f64,
-    shape: impl Into<candle_core::Shape>,
-    dev: &Device,
-    dtype: DType,
-) -> Tensor {
-    let shape = shape.into();
-    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }

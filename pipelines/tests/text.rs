@@ -1,6 +1,8 @@
 //! CLIP tokenizer and text encoder: goldens, the vocab+merges path, `!` padding, gradient coverage, errors.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::randn;
 use diffpref_pipelines::checks::{self, CheckContext};
 use diffpref_pipelines::golden::Golden;
 use diffpref_pipelines::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -337,19 +339,4 @@ fn text_encoder_runs_in_half_precision() -> R {
         }
     }
     Ok(())
-}
-
-/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
-fn randn(
-    seed: u64,
-    std: f64,
-    shape: impl Into<candle_core::Shape>,
-    dev: &Device,
-    dtype: DType,
-) -> Tensor {
-    let shape = shape.into();
-    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }

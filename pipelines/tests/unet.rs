@@ -1,6 +1,8 @@
 //! UNet parity with diffusers and gradient coverage.
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::randn;
 use diffpref_pipelines::checks::{self, CheckContext};
 use diffpref_pipelines::golden::Golden;
 use diffpref_pipelines::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -181,19 +183,4 @@ fn unsupported_config_and_bad_weights_are_named() {
         .unwrap()
         .to_string();
     assert!(err.contains("diffusion_pytorch_model.safetensors"), "{err}");
-}
-
-/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
-fn randn(
-    seed: u64,
-    std: f64,
-    shape: impl Into<candle_core::Shape>,
-    dev: &Device,
-    dtype: DType,
-) -> Tensor {
-    let shape = shape.into();
-    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }

@@ -1,7 +1,9 @@
 //! AutoencoderKL: parity with diffusers on `tests/fixtures/golden/vae.safetensors` (batch of 2, the candle#3744
 //! trap), gradient coverage of the decoder and encoder, and loader errors.
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::randn;
 use diffpref_pipelines::checks::CheckContext;
 use diffpref_pipelines::golden::Golden;
 use diffpref_pipelines::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -353,19 +355,4 @@ fn old_attention_names_load() {
             .unwrap(),
         0.0
     );
-}
-
-/// N(0, std²) noise of `shape` from a fixed seed: every random input of these tests is reproducible.
-fn randn(
-    seed: u64,
-    std: f64,
-    shape: impl Into<candle_core::Shape>,
-    dev: &Device,
-    dtype: DType,
-) -> Tensor {
-    let shape = shape.into();
-    (diffpref_pipelines::pipeline::seeded_noise(seed, shape.dims(), dev).unwrap() * std)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }

@@ -182,14 +182,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(f) = &a.trace {
         check_output_file(f, "--trace", &inputs)?;
     }
-    if let Some(d) = &a.every_step {
-        OutputDir {
-            path: d,
-            key: "--every-step",
-            command: "generate",
-            legacy: &[],
-        }
-        .check(&inputs, a.overwrite)?;
+    let steps_dir = a.every_step.as_deref().map(|d| OutputDir {
+        path: d,
+        key: "--every-step",
+        command: "generate",
+        legacy: &[],
+    });
+    if let Some(d) = &steps_dir {
+        d.check(&inputs, a.overwrite)?;
     }
     let lora_specs = crate::train::lora::lora_specs(&a.loras, &a.lora_scales)?;
     let init = match &a.init_latents {
@@ -265,8 +265,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         imaging::save_png(img, &path)?;
         println!("{}", path.display());
     }
-    if let Some(dir) = &a.every_step {
-        crate::output::mark_created(dir, "generate")?;
+    if let (Some(dir), Some(guard)) = (&a.every_step, &steps_dir) {
+        guard.create()?;
         for (i, p) in a.prompts.iter().enumerate() {
             let frames = x0_frames
                 .iter()

@@ -813,9 +813,8 @@ pub fn pretrain(cfg: &PretrainConfig, stop: Option<StopFlag>) -> Result<Pretrain
     let device = cfg.device.device().context("`device`")?;
     let stop = stop.unwrap_or_default();
     let run_dir = cfg.run_dir.clone();
-    let (run_guard, out) = (cfg.run_guard(), cfg.output_dir());
-    cfg.check_outputs(&out)?;
-    run_guard.create()?;
+    cfg.check_outputs(&cfg.output_dir())?;
+    cfg.run_guard().create()?;
     let tokenizer = ClipTokenizer::from_dir(&cfg.tokenizer)
         .with_context(|| format!("tokenizer {}", cfg.tokenizer.display()))?;
     let shapes = Shapes {
