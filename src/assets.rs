@@ -6,6 +6,8 @@
 //! at the `assets/` of the checkout the binary was built from.
 
 use crate::methods::grpo::GrpoConfig;
+use crate::methods::lpo::LpoConfig;
+use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,18 @@ pub const DEFAULT_GRPO_TOML: &str = include_str!("../assets/shapes/grpo.toml");
 
 /// Where the default GRPO configuration lives in a checkout (for messages).
 pub const DEFAULT_GRPO_PATH: &str = "assets/shapes/grpo.toml";
+
+/// The default LRM configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_LRM_TOML: &str = include_str!("../assets/shapes/lrm.toml");
+
+/// Where the default LRM configuration lives in a checkout (for messages).
+pub const DEFAULT_LRM_PATH: &str = "assets/shapes/lrm.toml";
+
+/// The default LPO configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_LPO_TOML: &str = include_str!("../assets/shapes/lpo.toml");
+
+/// Where the default LPO configuration lives in a checkout (for messages).
+pub const DEFAULT_LPO_PATH: &str = "assets/shapes/lpo.toml";
 
 /// The assets folder (see the module documentation).
 pub fn assets_dir() -> Result<PathBuf> {
@@ -74,6 +88,35 @@ pub fn default_grpo_config(overrides: &[String]) -> Result<GrpoConfig> {
     let assets = assets_dir()?;
     resolve_run(&mut cfg.run, &assets);
     resolve_path(&mut cfg.grpo.prompts, &assets);
+    Ok(cfg)
+}
+
+/// The default LRM run on the shapes world with `overrides` applied; its `assets/` paths point at
+/// [`assets_dir`].
+pub fn default_lrm_config(overrides: &[String]) -> Result<LrmConfig> {
+    let mut cfg = LrmConfig::from_toml(DEFAULT_LRM_TOML, DEFAULT_LRM_PATH, overrides)?;
+    let assets = assets_dir()?;
+    cfg.model = resolve(&cfg.model, &assets);
+    resolve_path(&mut cfg.data.manifest, &assets);
+    resolve_path(&mut cfg.eval.manifest, &assets);
+    if let Some(p) = &mut cfg.pairs {
+        resolve_path(&mut p.prompts, &assets);
+    }
+    if let Some(p) = &mut cfg.eval.make {
+        resolve_path(&mut p.prompts, &assets);
+    }
+    Ok(cfg)
+}
+
+/// The default LPO run on the shapes world with `overrides` applied; its `assets/` paths point at
+/// [`assets_dir`] (the LRM, `runs/lrm-shapes/lrm`, is relative to the working directory, where `train lrm`
+/// writes it).
+pub fn default_lpo_config(overrides: &[String]) -> Result<LpoConfig> {
+    let mut cfg = LpoConfig::from_toml(DEFAULT_LPO_TOML, DEFAULT_LPO_PATH, overrides)?;
+    let assets = assets_dir()?;
+    resolve_run(&mut cfg.run, &assets);
+    resolve_path(&mut cfg.lpo.prompts, &assets);
+    resolve_path(&mut cfg.lpo.lrm, &assets);
     Ok(cfg)
 }
 

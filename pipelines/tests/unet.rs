@@ -130,7 +130,7 @@ fn features_are_returned_per_block() {
     let full = unet.forward_with_features(&x, &t, &c, None).unwrap();
     let feats = unet.forward_features(&x, &t, &c, None).unwrap();
     assert_eq!(full.down_features.len(), 2);
-    assert_eq!(full.down_features[0].dims(), &[1, 32, 8, 8]);
+    assert_eq!(full.down_features[0].dims(), &[1, 32, 16, 16]);
     assert_eq!(full.down_features[1].dims(), &[1, 64, 8, 8]);
     let mid = full.mid_feature.unwrap();
     assert_eq!(mid.dims(), &[1, 64, 8, 8]);

@@ -10,6 +10,7 @@ pub mod checks;
 pub mod clip;
 pub mod error;
 pub mod imagereward;
+pub mod lrm;
 pub mod metrics;
 pub mod preprocess;
 pub mod scores;

@@ -24,18 +24,13 @@
 
 use super::common::ComputeArgs;
 use super::generate::{load_model, parse_scheduler, progress};
-use crate::data::latents::save_latent;
 use crate::data::shapes::{parse_caption, random_spec, Scene};
-use crate::imaging::{images_to_tensor, save_png, tensor_to_images};
+use crate::imaging::save_png;
 use crate::io::{write_atomic, write_dir_atomic};
 use crate::output::{check_output_file, mark, Input, OutputDir};
 use crate::train::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
-use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
-use diffpref_rewards::shapes::ShapesReward;
-use diffpref_rewards::Reward;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `diffpref data`.
@@ -169,41 +164,6 @@ pub fn read_captions(path: &Path) -> Result<Vec<String>> {
     crate::eval::read_prompts(path, true).context("--prompts")
 }
 
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// The Bradley–Terry probability that the first of two images is preferred.
-pub fn preference_probability(r_first: f64, r_second: f64, temperature: f64) -> f64 {
-    sigmoid((r_first - r_second) / temperature)
-}
-
-/// The indices of the best and the worst of `scores` (first occurrence of each), in index order; two
-/// distinct indices when there are at least two scores.
-fn best_and_worst(scores: &[f32]) -> (usize, usize) {
-    let mut best = 0;
-    let mut worst = 0;
-    for (j, &r) in scores.iter().enumerate() {
-        if r > scores[best] {
-            best = j;
-        }
-        if r < scores[worst] {
-            worst = j;
-        }
-    }
-    if best == worst {
-        // All equal: any two differ only by noise.
-        (0, 1)
-    } else {
-        (best.min(worst), best.max(worst))
-    }
-}
-
-/// The noise seed of candidate image `j` of pair `i`.
-fn image_seed(seed: u64, i: usize, j: usize) -> u64 {
-    Rng::derive(seed, &format!("make-prefs-image-{i}-{j}")).next_u64()
-}
-
 fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     if a.pairs == 0 {
         bail!("--pairs must be at least 1");
@@ -214,7 +174,6 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     if a.batch_size > 4096 {
         bail!("--batch-size must be at most 4096 (got {})", a.batch_size);
     }
-    let k_c = a.candidates;
     if !(a.temperature > 0.0 && a.temperature.is_finite()) {
         bail!(
             "--temperature must be a positive number (got {})",
@@ -232,106 +191,32 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
         a.overwrite,
     )?;
     let model = load_model(&a.model, None, &a.compute)?;
-    let pipe = Pipeline::new(&model)?;
-    let reward = ShapesReward::new();
-    let base = GenerateOptions {
-        steps: a.steps,
-        guidance_scale: a.guidance,
+    let opts = crate::data::prefs::MakePrefsOptions {
+        pairs: a.pairs,
+        candidates: a.candidates,
+        temperature: a.temperature,
         seed: a.seed,
+        steps: a.steps,
+        guidance: a.guidance,
         scheduler,
-        ..Default::default()
+        batch_size: a.batch_size,
     };
-    let (lh, lw) = pipe.latent_size(&base)?;
-    let c = model.unet.config().in_channels;
-    let (mut sum_r, mut agree) = (0f64, 0usize);
+    let mut summary = None;
     write_dir_atomic(&a.out, |dir| {
         mark(dir, MAKE_PREFS)?;
-        let img_dir = dir.join("img");
-        std::fs::create_dir_all(&img_dir)
-            .with_context(|| format!("cannot create {}", img_dir.display()))?;
-        let mut labels = Rng::derive(a.seed, "make-prefs-labels");
-        let mut lines = Vec::with_capacity(a.pairs);
         let pb = progress(a.pairs, "pairs");
-        let bs = a.batch_size.max(1);
-        let mut start = 0;
-        while start < a.pairs {
-            let n = bs.min(a.pairs - start);
-            let mut prompts: Vec<&str> = Vec::with_capacity(k_c * n);
-            let mut noise = Vec::with_capacity(k_c * n);
-            for i in start..start + n {
-                let p = captions[i % captions.len()].as_str();
-                for j in 0..k_c {
-                    prompts.push(p);
-                    noise.push(seeded_noise(
-                        image_seed(a.seed, i, j),
-                        &[1, c, lh, lw],
-                        &Device::Cpu,
-                    )?);
-                }
-            }
-            let opts = GenerateOptions {
-                init_latents: Some(Tensor::cat(&noise, 0)?),
-                ..base.clone()
-            };
-            let out = pipe
-                .generate(&prompts, &[], &opts, None)
-                .with_context(|| format!("sampling pairs {start}..{}", start + n))?;
-            // Score the 8-bit images that are written, so the manifest's rewards are those of the files.
-            let images = tensor_to_images(&out.images)?;
-            let scores: Vec<f32> = reward
-                .score(&images_to_tensor(&images, &Device::Cpu)?, &prompts)?
-                .to_vec1()?;
-            for k in 0..n {
-                let i = start + k;
-                let group = &scores[k_c * k..k_c * (k + 1)];
-                let (ja, jb) = best_and_worst(group);
-                let (ra, rb) = (group[ja] as f64, group[jb] as f64);
-                let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
-                let latent_names = [
-                    format!("img/{i:05}-a.latent.safetensors"),
-                    format!("img/{i:05}-b.latent.safetensors"),
-                ];
-                for ((name, latent_name), j) in names.iter().zip(&latent_names).zip([ja, jb]) {
-                    save_png(&images[k_c * k + j], dir.join(name))?;
-                    save_latent(&dir.join(latent_name), &out.latents.get(k_c * k + j)?)?;
-                }
-                let p_a = preference_probability(ra, rb, a.temperature);
-                let a_wins = labels.uniform() < p_a;
-                let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
-                let (chosen, rejected) = (&names[w], &names[l]);
-                let (rc, rr) = ([ra, rb][w], [ra, rb][l]);
-                let pc = if a_wins { p_a } else { 1.0 - p_a };
-                sum_r += ra + rb;
-                if rc > rr {
-                    agree += 1;
-                }
-                lines.push(serde_json::to_string(&serde_json::json!({
-                    "prompt": prompts[k_c * k],
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    "chosen_latent": latent_names[w],
-                    "rejected_latent": latent_names[l],
-                    "reward_chosen": rc,
-                    "reward_rejected": rr,
-                    "p_chosen": pc,
-                }))?);
-                pb.inc(1);
-            }
-            start += n;
-        }
+        summary = Some(crate::data::prefs::make_prefs(&model, &captions, &opts, dir, &|| pb.inc(1))?);
         pb.finish_and_clear();
-        let mut text = lines.join("\n");
-        text.push('\n');
-        write_atomic(&dir.join("manifest.jsonl"), text.as_bytes())?;
         Ok(())
     })?;
+    let summary = summary.context("make-prefs wrote nothing")?;
     println!(
         "{} pairs in {}: mean reward {:.4}; the chosen image has the higher reward in {} ({:.1}%)",
         a.pairs,
         a.out.join("manifest.jsonl").display(),
-        sum_r / (2 * a.pairs) as f64,
-        agree,
-        100.0 * agree as f64 / a.pairs as f64
+        summary.mean_reward,
+        summary.agree,
+        100.0 * summary.agree as f64 / a.pairs as f64
     );
     Ok(())
 }
@@ -429,26 +314,4 @@ fn render(a: RenderArgs) -> Result<()> {
         a.out.join("manifest.jsonl").display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn best_and_worst_in_index_order() {
-        assert_eq!(best_and_worst(&[0.2, 0.7]), (0, 1));
-        assert_eq!(best_and_worst(&[0.7, 0.2]), (0, 1));
-        assert_eq!(best_and_worst(&[0.5, 0.9, 0.1, 0.4]), (1, 2));
-        assert_eq!(best_and_worst(&[0.1, 0.5, 0.4, 0.9]), (0, 3));
-        assert_eq!(best_and_worst(&[0.3, 0.3, 0.3]), (0, 1));
-    }
-
-    #[test]
-    fn bradley_terry_probability() {
-        assert!((preference_probability(0.5, 0.5, 0.05) - 0.5).abs() < 1e-12);
-        let p = preference_probability(0.6, 0.5, 0.05);
-        assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-12);
-        assert!((p + preference_probability(0.5, 0.6, 0.05) - 1.0).abs() < 1e-12);
-    }
 }

@@ -1,7 +1,12 @@
 //! `diffpref train <method>`.
 
 use super::eval::print_comparison;
-use crate::assets::{default_dpo_config, default_grpo_config, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH};
+use crate::assets::{
+    default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config, DEFAULT_DPO_PATH,
+    DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH,
+};
+use crate::methods::lpo::LpoConfig;
+use crate::methods::lrm::LrmConfig;
 use crate::engine::run::TrainSummary;
 use crate::methods::grpo::GrpoConfig;
 use crate::methods::pairwise::DpoConfig;
@@ -27,6 +32,14 @@ pub enum Method {
     /// (or a weighted mix), LoRA or full. With no arguments: a LoRA on the embedded shapes-world model with the
     /// exact shapes reward, judged on held-out prompts before and after.
     Grpo(ConfigArgs),
+    /// A latent reward model (LRM): a diffusion model's own UNet encoder scoring noisy latents, trained on
+    /// preference pairs at random noise levels; reports pair accuracy per timestep band. With no arguments: on
+    /// the shapes-world model, from pairs of its samples labelled by the ground truth.
+    Lrm(ConfigArgs),
+    /// Latent Preference Optimization: step-level preference optimisation on the model's own trajectories,
+    /// K children per step scored by a latent reward model (`train lrm`), LoRA or full. With no arguments: a
+    /// LoRA on the shapes-world model with the LRM `train lrm` writes, judged on held-out prompts.
+    Lpo(ConfigArgs),
 }
 
 /// `--config FILE.toml [--set key=value ...] [--device D] [--dtype T]`.
@@ -143,6 +156,80 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     "step {}: loss {loss:.5}, training reward {r:.4}, {} reward calls",
                     s.steps,
                     s.last_metric("reward_calls").unwrap_or(0.0)
+                );
+            }
+            report(&s);
+            Ok(())
+        }
+        Method::Lrm(c) => {
+            let cfg = match &c.config {
+                Some(path) => LrmConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_lrm_config(&c.overrides())?;
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_LRM_PATH}): an LRM on {}",
+                        cfg.model
+                    );
+                    cfg
+                }
+            };
+            let s = crate::methods::lrm::train(&cfg, Some(stop))?;
+            if s.interrupted {
+                println!("interrupted; resume with the same command");
+            }
+            if let Some(after) = &s.after {
+                println!("held-out pair accuracy per timestep band (before -> after training):");
+                for (i, a) in after.iter().enumerate() {
+                    let b = s.before.as_ref().and_then(|b| b.get(i));
+                    let truth = match (a.truth_accuracy, a.truth_ci) {
+                        (Some(x), Some(ci)) => {
+                            format!("; vs ground truth {x:.3} [{:.3}, {:.3}]", ci[0], ci[1])
+                        }
+                        _ => String::new(),
+                    };
+                    println!(
+                        "  t in [{}, {}): {} -> {:.3} [{:.3}, {:.3}] ({} pairs){truth}",
+                        a.band[0],
+                        a.band[1],
+                        b.map(|b| format!("{:.3}", b.accuracy)).unwrap_or_else(|| "-".into()),
+                        a.accuracy,
+                        a.ci[0],
+                        a.ci[1],
+                        a.pairs
+                    );
+                }
+            }
+            println!("lrm: {}", s.lrm.display());
+            println!("wall time: {:.0} s", s.seconds);
+            Ok(())
+        }
+        Method::Lpo(c) => {
+            let cfg = match &c.config {
+                Some(path) => LpoConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_lpo_config(&c.overrides())?;
+                    let lrm = cfg.lpo.lrm.clone().unwrap_or_default();
+                    if !lrm.join(diffpref_rewards::lrm::CONFIG_FILE).exists() {
+                        anyhow::bail!(
+                            "the default `train lpo` uses the latent reward model at {}: train it first with                              `diffpref train lrm` (no arguments), or give --set lpo.lrm=DIR",
+                            lrm.display()
+                        );
+                    }
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_LPO_PATH}): an LPO LoRA on {} with the LRM {}",
+                        cfg.run.model,
+                        lrm.display()
+                    );
+                    cfg
+                }
+            };
+            let s = crate::methods::lpo::train(&cfg, Some(stop))?;
+            if let (Some(loss), Some(acc)) = (s.last_metric("loss"), s.last_metric("step_acc")) {
+                println!(
+                    "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} LRM calls",
+                    s.steps,
+                    s.last_metric("tuples_kept").unwrap_or(0.0),
+                    s.last_metric("lrm_calls").unwrap_or(0.0)
                 );
             }
             report(&s);

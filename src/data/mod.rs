@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod latents;
 pub mod manifest;
 pub mod pickapic;
+pub mod prefs;
 pub mod preprocess;
 pub mod shapes;
 

@@ -6,5 +6,7 @@
 
 pub mod dpo;
 pub mod grpo;
+pub mod lpo;
+pub mod lrm;
 
 pub mod pairwise;

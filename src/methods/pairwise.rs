@@ -178,7 +178,7 @@ impl DpoConfig {
 
 /// A resumable cursor over unpaired (KTO) samples: epoch `e`'s order is a shuffle drawn from
 /// `Rng::derive(seed, "kto-order/e")`.
-struct UnpairedCursor {
+pub(crate) struct UnpairedCursor {
     samples: Vec<UnpairedSample>,
     seed: u64,
     shuffle: bool,
@@ -227,20 +227,20 @@ impl UnpairedCursor {
 }
 
 /// Where the training samples come from.
-enum TrainData {
+pub(crate) enum TrainData {
     Pairs(PairDataset),
     Unpaired(UnpairedCursor),
 }
 
 impl TrainData {
-    fn position(&self) -> DatasetPosition {
+    pub(crate) fn position(&self) -> DatasetPosition {
         match self {
             TrainData::Pairs(d) => d.position(),
             TrainData::Unpaired(u) => u.pos,
         }
     }
 
-    fn seek(&mut self, pos: DatasetPosition) -> Result<()> {
+    pub(crate) fn seek(&mut self, pos: DatasetPosition) -> Result<()> {
         match self {
             TrainData::Pairs(d) => d.seek(pos),
             TrainData::Unpaired(u) => u.seek(pos),
@@ -248,7 +248,7 @@ impl TrainData {
     }
 
     /// Loads the data of `cfg` (`seed` orders it).
-    fn load(data: &DataConfig, seed: u64) -> Result<(TrainData, SkipReport)> {
+    pub(crate) fn load(data: &DataConfig, seed: u64) -> Result<(TrainData, SkipReport)> {
         if let Some(m) = &data.unpaired_manifest {
             let opts = ManifestOptions {
                 drop_ties: false,
@@ -708,7 +708,7 @@ fn unconditional_embeds(model: &StableDiffusion) -> Result<PromptEmbeds> {
 /// `use_stored` (`data.stored_latents`) is on and every pair has them; `None` when it is off or no pair has them
 /// (then the images are encoded). Each must be `[channels, side, side]`, the latent of a training image at
 /// `data.resolution`.
-fn stored_pair_latents(
+pub(crate) fn stored_pair_latents(
     use_stored: bool,
     pairs: &[crate::data::PairImages],
     channels: usize,

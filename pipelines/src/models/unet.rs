@@ -364,7 +364,9 @@ pub struct AddedCond {
 pub struct UNetOutput {
     /// The prediction (ε, v or x₀, as the scheduler config says), `[B, out, h, w]`.
     pub sample: Tensor,
-    /// The final hidden state of each down block (after its downsampler, if any).
+    /// Per down block, its last resnet (+ attention) output before the block's downsampler: diffusers'
+    /// `down_block_res_samples` at indices 2, 5, 8, 11 for SD1.5 (2, 5, 8 for SDXL), the taps of the latent
+    /// reward model (LRM, Zhang et al. 2025, §3.1).
     pub down_features: Vec<Tensor>,
     /// The mid-block output.
     pub mid_feature: Option<Tensor>,
@@ -820,11 +822,11 @@ impl UNet2DConditionModel {
                 }
                 skips.push(h.clone());
             }
+            down_features.push(h.clone());
             if let Some(d) = &blk.downsampler {
                 h = d.forward(&h)?;
                 skips.push(h.clone());
             }
-            down_features.push(h.clone());
         }
         let mut mid_feature = None;
         if let Some(m) = &self.mid_block {

@@ -1,0 +1,221 @@
+//! Synthetic preference pairs for the shapes world (what `diffpref data make-prefs` writes, and what `train lrm`
+//! makes when its config asks for pairs): `candidates` samples per pair from a model (pair i uses prompt i mod
+//! the number of prompts, and noise seeds derived from the seed, i and the candidate), scored with the shapes
+//! ground-truth reward ([`ShapesReward`]); the best and the worst (in sampling order) make the pair, labelled
+//! by a Bradley–Terry draw: the first image is preferred with probability `σ((r_a − r_b) / T)`, drawn from a
+//! seeded stream.
+//!
+//! The folder gets `img/NNNNN-a.png`, `img/NNNNN-b.png`, their sampler latents
+//! `img/NNNNN-{a,b}.latent.safetensors` (see [`crate::data::latents`]) and `manifest.jsonl`, one line per pair:
+//! `{"prompt", "chosen", "rejected", "chosen_latent", "rejected_latent", "reward_chosen", "reward_rejected",
+//! "p_chosen"}` (paths relative to the manifest). The same options give the same files.
+
+use crate::data::latents::save_latent;
+use crate::imaging::{images_to_tensor, save_png, tensor_to_images};
+use crate::io::write_atomic;
+use crate::train::rng::Rng;
+use anyhow::{ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use diffpref_pipelines::loading::StableDiffusion;
+use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
+use diffpref_pipelines::schedulers::SchedulerKind;
+use diffpref_rewards::shapes::ShapesReward;
+use diffpref_rewards::Reward;
+use std::path::Path;
+
+/// How pairs are made.
+#[derive(Clone, Debug)]
+pub struct MakePrefsOptions {
+    pub pairs: usize,
+    /// Images sampled per pair (the pair is the best and the worst of them).
+    pub candidates: usize,
+    /// Bradley–Terry temperature T.
+    pub temperature: f64,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Sampler (default: the model's scheduler).
+    pub scheduler: Option<SchedulerKind>,
+    /// Pairs sampled per pipeline call.
+    pub batch_size: usize,
+}
+
+/// What a set of pairs looks like.
+#[derive(Clone, Copy, Debug)]
+pub struct MakePrefsSummary {
+    /// Mean ground-truth reward of the pairs' images.
+    pub mean_reward: f64,
+    /// Pairs whose chosen image has the higher reward.
+    pub agree: usize,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The Bradley–Terry probability that the first of two images is preferred.
+pub fn preference_probability(r_first: f64, r_second: f64, temperature: f64) -> f64 {
+    sigmoid((r_first - r_second) / temperature)
+}
+
+/// The indices of the best and the worst of `scores` (first occurrence of each), in index order; two
+/// distinct indices when there are at least two scores.
+fn best_and_worst(scores: &[f32]) -> (usize, usize) {
+    let mut best = 0;
+    let mut worst = 0;
+    for (j, &r) in scores.iter().enumerate() {
+        if r > scores[best] {
+            best = j;
+        }
+        if r < scores[worst] {
+            worst = j;
+        }
+    }
+    if best == worst {
+        // All equal: any two differ only by noise.
+        (0, 1)
+    } else {
+        (best.min(worst), best.max(worst))
+    }
+}
+
+/// The noise seed of candidate image `j` of pair `i`.
+fn image_seed(seed: u64, i: usize, j: usize) -> u64 {
+    Rng::derive(seed, &format!("make-prefs-image-{i}-{j}")).next_u64()
+}
+
+/// Writes the pairs of the module docs into the existing folder `dir`; `on_pair` is called after each pair.
+pub fn make_prefs(
+    model: &StableDiffusion,
+    captions: &[String],
+    o: &MakePrefsOptions,
+    dir: &Path,
+    on_pair: &dyn Fn(),
+) -> Result<MakePrefsSummary> {
+    ensure!(o.pairs >= 1, "pairs must be at least 1");
+    ensure!(
+        (2..=256).contains(&o.candidates),
+        "candidates must be 2 to 256 (got {})",
+        o.candidates
+    );
+    ensure!(!captions.is_empty(), "no prompts");
+    ensure!(
+        o.temperature > 0.0 && o.temperature.is_finite(),
+        "the temperature must be a positive number (got {})",
+        o.temperature
+    );
+    let k_c = o.candidates;
+    let pipe = Pipeline::new(model)?;
+    let reward = ShapesReward::new();
+    let base = GenerateOptions {
+        steps: o.steps,
+        guidance_scale: o.guidance,
+        seed: o.seed,
+        scheduler: o.scheduler,
+        ..Default::default()
+    };
+    let (lh, lw) = pipe.latent_size(&base)?;
+    let c = model.unet.config().in_channels;
+    let (mut sum_r, mut agree) = (0f64, 0usize);
+    let img_dir = dir.join("img");
+    std::fs::create_dir_all(&img_dir)
+        .with_context(|| format!("cannot create {}", img_dir.display()))?;
+    let mut labels = Rng::derive(o.seed, "make-prefs-labels");
+    let mut lines = Vec::with_capacity(o.pairs);
+    let bs = o.batch_size.max(1);
+    let mut start = 0;
+    while start < o.pairs {
+        let n = bs.min(o.pairs - start);
+        let mut prompts: Vec<&str> = Vec::with_capacity(k_c * n);
+        let mut noise = Vec::with_capacity(k_c * n);
+        for i in start..start + n {
+            let p = captions[i % captions.len()].as_str();
+            for j in 0..k_c {
+                prompts.push(p);
+                noise.push(seeded_noise(
+                    image_seed(o.seed, i, j),
+                    &[1, c, lh, lw],
+                    &Device::Cpu,
+                )?);
+            }
+        }
+        let opts = GenerateOptions {
+            init_latents: Some(Tensor::cat(&noise, 0)?),
+            ..base.clone()
+        };
+        let out = pipe
+            .generate(&prompts, &[], &opts, None)
+            .with_context(|| format!("sampling pairs {start}..{}", start + n))?;
+        // Score the 8-bit images that are written, so the manifest's rewards are those of the files.
+        let images = tensor_to_images(&out.images)?;
+        let scores: Vec<f32> = reward
+            .score(&images_to_tensor(&images, &Device::Cpu)?, &prompts)?
+            .to_vec1()?;
+        for k in 0..n {
+            let i = start + k;
+            let group = &scores[k_c * k..k_c * (k + 1)];
+            let (ja, jb) = best_and_worst(group);
+            let (ra, rb) = (group[ja] as f64, group[jb] as f64);
+            let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
+            let latent_names = [
+                format!("img/{i:05}-a.latent.safetensors"),
+                format!("img/{i:05}-b.latent.safetensors"),
+            ];
+            for ((name, latent_name), j) in names.iter().zip(&latent_names).zip([ja, jb]) {
+                save_png(&images[k_c * k + j], dir.join(name))?;
+                save_latent(&dir.join(latent_name), &out.latents.get(k_c * k + j)?)?;
+            }
+            let p_a = preference_probability(ra, rb, o.temperature);
+            let a_wins = labels.uniform() < p_a;
+            let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
+            let (chosen, rejected) = (&names[w], &names[l]);
+            let (rc, rr) = ([ra, rb][w], [ra, rb][l]);
+            let pc = if a_wins { p_a } else { 1.0 - p_a };
+            sum_r += ra + rb;
+            if rc > rr {
+                agree += 1;
+            }
+            lines.push(serde_json::to_string(&serde_json::json!({
+                "prompt": prompts[k_c * k],
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_latent": latent_names[w],
+                "rejected_latent": latent_names[l],
+                "reward_chosen": rc,
+                "reward_rejected": rr,
+                "p_chosen": pc,
+            }))?);
+            on_pair();
+        }
+        start += n;
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_atomic(&dir.join("manifest.jsonl"), text.as_bytes())?;
+    Ok(MakePrefsSummary {
+        mean_reward: sum_r / (2 * o.pairs) as f64,
+        agree,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_and_worst_in_index_order() {
+        assert_eq!(best_and_worst(&[0.2, 0.7]), (0, 1));
+        assert_eq!(best_and_worst(&[0.7, 0.2]), (0, 1));
+        assert_eq!(best_and_worst(&[0.5, 0.9, 0.1, 0.4]), (1, 2));
+        assert_eq!(best_and_worst(&[0.1, 0.5, 0.4, 0.9]), (0, 3));
+        assert_eq!(best_and_worst(&[0.3, 0.3, 0.3]), (0, 1));
+    }
+
+    #[test]
+    fn bradley_terry_probability() {
+        assert!((preference_probability(0.5, 0.5, 0.05) - 0.5).abs() < 1e-12);
+        let p = preference_probability(0.6, 0.5, 0.05);
+        assert!((p - 1.0 / (1.0 + (-2.0f64).exp())).abs() < 1e-12);
+        assert!((p + preference_probability(0.5, 0.6, 0.05) - 1.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,838 @@
+//! `diffpref train lpo`: Latent Preference Optimization (Zhang et al., "Diffusion Model as a Noise-Aware Latent
+//! Reward Model for Step-Level Preference Optimization", NeurIPS 2025, §3.2–3.4; code `Kwai-Kolors/LPO`), the
+//! step-level preference optimisation of SPO (Liang et al. 2025) with a latent reward model
+//! ([`diffpref_rewards::lrm`]) as the step scorer.
+//!
+//! **Sampling** (per round of `prompts_per_round` prompts; no graph, the policy's current weights):
+//!
+//! ```text
+//! x ~ N(0, I)
+//! for each step k (timestep t → t'):
+//!     K children of the same parent: x'_j = μ_θ(x, t) + σ_t z_j        (the sampler's η > 0 step, CFG w)
+//!     s_j = LRM(x'_j, prompt, t)                                           (the parent's t: the code's convention)
+//!     w = argmax s, l = argmin s;  p_w − p_l = tanh((s_w − s_l)/2)        (softmax over the two)
+//!     keep (x, x'_w, x'_l, k) when p_w − p_l > th(σ_t) and t lies in `timestep_range`
+//!     x ← x'_j, j uniform (`continuation = "random"`, the paper) or the best (`"best"`)
+//! th(σ) = th_min + (σ − σ_min)/(σ_max − σ_min) · (th_max − th_min)     σ over the sampler's stochastic steps
+//! ```
+//!
+//! **Loss** (per kept tuple; the winner and loser share the parent, so one guided forward of the policy (with
+//! graph) and one of the frozen reference give both log-probabilities):
+//!
+//! ```text
+//! lp(x'|x)  = mean over C·H·W of log N(x'; μ(x, t), σ_t²)
+//! r_w = clip(exp(lp_θ(x'_w|x) − lp_ref(x'_w|x)), 1 − ε, 1 + ε),   r_l likewise
+//! L   = −log σ(β · (log r_w − log r_l))                      β = 500, ε = 0.1 (SD1.5)
+//! ```
+//!
+//! The kept tuples of a round are shuffled into a queue; each optimizer step trains `batch_size × grad_accum`
+//! of them, and a new round is sampled whenever the queue runs short (the last tuples of a round train with the
+//! next round's first). The reference is the base model (adapters off, or the frozen copy).
+//!
+//! The training reward is the LRM; the held-out judge is `[eval]` (on the shapes world: the exact reward on
+//! held-out prompts), as for every method.
+
+use crate::engine::config::RunConfig;
+use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
+use crate::engine::policy::{Policy, Weights};
+use crate::engine::run::{load_model, load_policy, run, TrainSummary};
+use crate::eval::read_prompts;
+use crate::rollout::branch::branch;
+use crate::rollout::{self, guided_output, transition, Conditioning, RolloutConfig, StepRule};
+use crate::train::checkpoint::StopFlag;
+use crate::train::rng::Rng;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use diffpref_pipelines::loading::StableDiffusion;
+use diffpref_pipelines::schedulers::DdimTransition;
+use diffpref_rewards::lrm::LatentRewardModel;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which child sampling continues from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Continuation {
+    /// A child drawn uniformly (the paper and SPO): the trajectory stays on-policy.
+    #[default]
+    Random,
+    /// The best-scored child (greedy).
+    Best,
+}
+
+/// The timestep the LRM scores a child at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreAt {
+    /// The parent's timestep t (the released code; its LRMs were trained for it).
+    #[default]
+    Parent,
+    /// The child's own timestep t' (the paper's notation).
+    Child,
+}
+
+/// `[lpo]`: the method's settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LpoSection {
+    /// Training prompts, one per line. Required.
+    pub prompts: Option<PathBuf>,
+    /// The latent reward model folder (written by `train lrm`). Required.
+    pub lrm: Option<PathBuf>,
+    /// Prompts sampled per round. Default 5.
+    pub prompts_per_round: usize,
+    /// Children per step, K. Default 4.
+    pub k: usize,
+    /// β of the step DPO loss. Default 500.
+    pub beta: f64,
+    /// Ratio clip ε. Default 0.1.
+    pub clip_range: f64,
+    /// [th_min, th_max] of the σ-dependent threshold on `p_w − p_l`. Default [0.35, 0.5] (SD1.5).
+    pub threshold: [f64; 2],
+    /// Only steps whose timestep lies in `[lo, hi)` give training tuples. Default: every step.
+    pub timestep_range: Option<[u64; 2]>,
+    /// random | best. Default random.
+    pub continuation: Continuation,
+    /// parent | child. Default parent.
+    pub score_at: ScoreAt,
+    /// LRM dtype: f32 | bf16 | f16. Default f32.
+    pub lrm_dtype: crate::config::DTypeSpec,
+}
+
+impl Default for LpoSection {
+    fn default() -> Self {
+        LpoSection {
+            prompts: None,
+            lrm: None,
+            prompts_per_round: 5,
+            k: 4,
+            beta: 500.0,
+            clip_range: 0.1,
+            threshold: [0.35, 0.5],
+            timestep_range: None,
+            continuation: Continuation::Random,
+            score_at: ScoreAt::Parent,
+            lrm_dtype: crate::config::DTypeSpec::F32,
+        }
+    }
+}
+
+/// A whole `diffpref train lpo` run: the shared run settings, `[lpo]` and `[rollout]` (the sampler: DDIM with
+/// η = 1, as the paper). See `examples/lpo.toml`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LpoConfig {
+    #[serde(flatten)]
+    pub run: RunConfig,
+    pub lpo: LpoSection,
+    pub rollout: RolloutConfig,
+}
+
+impl LpoConfig {
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<LpoConfig> {
+        crate::config::load_toml(path, overrides)
+    }
+
+    pub fn from_toml(text: &str, what: &str, overrides: &[String]) -> Result<LpoConfig> {
+        crate::config::from_toml(text, what, overrides)
+    }
+
+    /// The run folder (`output_dir`, default `runs/lpo`).
+    pub fn output_dir(&self) -> PathBuf {
+        self.run.output_dir("lpo")
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.run.validate()?;
+        let l = &self.lpo;
+        ensure!(
+            l.prompts.is_some(),
+            "[lpo] prompts (the training prompts, one per line) is required"
+        );
+        ensure!(
+            l.lrm.is_some(),
+            "[lpo] lrm (a latent reward model folder, from `diffpref train lrm`) is required"
+        );
+        ensure!(
+            (1..=crate::engine::config::MAX_BATCH).contains(&l.prompts_per_round),
+            "[lpo] prompts_per_round must be 1 to {}",
+            crate::engine::config::MAX_BATCH
+        );
+        ensure!(
+            (2..=64).contains(&l.k),
+            "[lpo] k (children per step) must be 2 to 64 (got {})",
+            l.k
+        );
+        ensure!(
+            l.beta.is_finite() && l.beta > 0.0,
+            "[lpo] beta must be positive (got {})",
+            l.beta
+        );
+        ensure!(
+            l.clip_range.is_finite() && l.clip_range > 0.0 && l.clip_range < 1.0,
+            "[lpo] clip_range must lie in (0, 1) (got {})",
+            l.clip_range
+        );
+        let [a, b] = l.threshold;
+        ensure!(
+            a.is_finite() && b.is_finite() && (0.0..1.0).contains(&a) && a <= b && b < 1.0,
+            "[lpo] threshold = [{a}, {b}] must satisfy 0 <= min <= max < 1 (p_w - p_l lies in [0, 1))"
+        );
+        if let Some([lo, hi]) = l.timestep_range {
+            ensure!(lo < hi, "[lpo] timestep_range = [{lo}, {hi}] must have lo < hi");
+        }
+        self.rollout.validate("[rollout]")
+    }
+}
+
+/// `p_w − p_l` of two scores: the softmax over (s_w, s_l) gives `tanh((s_w − s_l) / 2)`.
+pub fn preference_gap(s_w: f64, s_l: f64) -> f64 {
+    ((s_w - s_l) / 2.0).tanh()
+}
+
+/// The σ-dependent threshold of the module docs.
+pub fn dynamic_threshold(sigma: f64, sigma_range: [f64; 2], th: [f64; 2]) -> f64 {
+    let [lo, hi] = sigma_range;
+    if hi <= lo {
+        return th[0];
+    }
+    th[0] + (sigma - lo) / (hi - lo) * (th[1] - th[0])
+}
+
+/// The η step std σ of each step of `rule` (0 for deterministic steps), from the sampler's own transition.
+pub fn step_sigmas(rule: &StepRule) -> Result<Vec<f64>> {
+    let dev = Device::Cpu;
+    let z = Tensor::zeros((1, 1, 1, 1), DType::F32, &dev)?;
+    (0..rule.timesteps.len())
+        .map(|k| {
+            if !rule.is_stochastic(k) {
+                return Ok(0.0);
+            }
+            let tr = transition(rule, &z, &z, &[k], DdimTransition::Noise(&z))?;
+            Ok(tr.std.to_vec1::<f32>()?[0] as f64)
+        })
+        .collect()
+}
+
+/// The clipped-ratio step DPO loss of the module docs, mean over tuples, from the policy's and the reference's
+/// log-probabilities of the winners and losers (`[N]` each, f32; the reference's are detached), and the share
+/// of tuples whose winner's log-ratio exceeds the loser's.
+pub fn step_dpo_loss(
+    lp_w: &Tensor,
+    lp_l: &Tensor,
+    ref_w: &Tensor,
+    ref_l: &Tensor,
+    beta: f64,
+    eps: f64,
+) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
+    let ratio = |lp: &Tensor, r: &Tensor| -> Result<Tensor> {
+        Ok((lp - r.detach())?.exp()?.clamp(1.0 - eps, 1.0 + eps)?)
+    };
+    let (rw, rl) = (ratio(lp_w, ref_w)?, ratio(lp_l, ref_l)?);
+    let z = ((rw.log()? - rl.log()?)? * beta)?;
+    // −log σ(z) = softplus(−z) = max(−z, 0) + log(1 + e^−|z|)
+    let nz = z.neg()?;
+    let loss = (nz.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?;
+    let mean = |t: &Tensor| -> Result<f64> {
+        Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+    };
+    let dw = (lp_w - ref_w)?;
+    let dl = (lp_l - ref_l)?;
+    let stats = vec![
+        ("step_acc", mean(&(&dw - &dl)?.gt(0.0)?.to_dtype(DType::F32)?)?),
+        ("log_ratio_w", mean(&dw)?),
+        ("log_ratio_l", mean(&dl)?),
+        (
+            "clip_frac",
+            mean(
+                &((rw.ge(1.0 + eps)?.to_dtype(DType::F32)? + rw.le(1.0 - eps)?.to_dtype(DType::F32)?)?
+                    + (rl.ge(1.0 + eps)?.to_dtype(DType::F32)? + rl.le(1.0 - eps)?.to_dtype(DType::F32)?)?)?,
+            )? / 2.0,
+        ),
+    ];
+    Ok((loss, stats))
+}
+
+/// Kept training tuples: `(parent, winner, loser)` at a step, with the prompt.
+#[derive(Default)]
+struct Tuples {
+    prompts: Vec<String>,
+    steps: Vec<usize>,
+    /// `[C, h, w]` each.
+    parents: Vec<Tensor>,
+    winners: Vec<Tensor>,
+    losers: Vec<Tensor>,
+}
+
+impl Tuples {
+    fn len(&self) -> usize {
+        self.prompts.len()
+    }
+
+    fn push(&mut self, prompt: &str, step: usize, x: Tensor, w: Tensor, l: Tensor) {
+        self.prompts.push(prompt.to_string());
+        self.steps.push(step);
+        self.parents.push(x);
+        self.winners.push(w);
+        self.losers.push(l);
+    }
+
+    /// Removes and returns the first `n`.
+    fn take(&mut self, n: usize) -> Tuples {
+        let n = n.min(self.len());
+        Tuples {
+            prompts: self.prompts.drain(..n).collect(),
+            steps: self.steps.drain(..n).collect(),
+            parents: self.parents.drain(..n).collect(),
+            winners: self.winners.drain(..n).collect(),
+            losers: self.losers.drain(..n).collect(),
+        }
+    }
+
+    fn append(&mut self, mut o: Tuples) {
+        self.prompts.append(&mut o.prompts);
+        self.steps.append(&mut o.steps);
+        self.parents.append(&mut o.parents);
+        self.winners.append(&mut o.winners);
+        self.losers.append(&mut o.losers);
+    }
+
+    /// Reorders by `perm`.
+    fn permute(&mut self, perm: &[usize]) {
+        fn apply<T: Clone>(v: &mut Vec<T>, p: &[usize]) {
+            *v = p.iter().map(|&i| v[i].clone()).collect();
+        }
+        apply(&mut self.prompts, perm);
+        apply(&mut self.steps, perm);
+        apply(&mut self.parents, perm);
+        apply(&mut self.winners, perm);
+        apply(&mut self.losers, perm);
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct LpoState {
+    noise_rng: Rng,
+    select_rng: Rng,
+    prompt_epoch: u64,
+    prompt_index: usize,
+    rounds: u64,
+    lrm_calls: u64,
+    tuples_kept: u64,
+    tuples_seen: u64,
+    queue_prompts: Vec<String>,
+    queue_steps: Vec<usize>,
+}
+
+const QUEUE_FILE: &str = "lpo_queue.safetensors";
+
+/// LPO as a [`Method`].
+pub struct LpoMethod {
+    model: StableDiffusion,
+    cfg: LpoSection,
+    rollout_cfg: RolloutConfig,
+    rule: StepRule,
+    sigmas: Vec<f64>,
+    sigma_range: [f64; 2],
+    lrm: LatentRewardModel,
+    prompts: Vec<String>,
+    seed: u64,
+    noise_rng: Rng,
+    select_rng: Rng,
+    prompt_epoch: u64,
+    prompt_index: usize,
+    order: Vec<usize>,
+    rounds: u64,
+    lrm_calls: u64,
+    tuples_kept: u64,
+    tuples_seen: u64,
+    queue: Tuples,
+    /// Tuples per optimizer step.
+    per_step: usize,
+}
+
+impl LpoMethod {
+    pub fn new(cfg: &LpoConfig, model: StableDiffusion) -> Result<LpoMethod> {
+        let prompts_file = cfg.lpo.prompts.as_ref().context("[lpo] prompts")?;
+        let prompts = read_prompts(prompts_file, false).context("[lpo] prompts")?;
+        let lrm_dir = cfg.lpo.lrm.as_ref().context("[lpo] lrm")?;
+        let lrm = LatentRewardModel::load(lrm_dir, cfg.lpo.lrm_dtype.dtype(), model.device())
+            .with_context(|| {
+                format!(
+                    "[lpo] lrm = {}: loading the latent reward model (train one with `diffpref train lrm`)",
+                    lrm_dir.display()
+                )
+            })?;
+        let (lc, mc) = (
+            lrm.model.unet.config().in_channels,
+            model.unet.config().in_channels,
+        );
+        ensure!(
+            lc == mc && lrm.model.vae_scale_factor() == model.vae_scale_factor(),
+            "[lpo] lrm {}: its backbone's latents ({lc} channels) are not the model's ({mc}): an LRM scores \
+             latents of its own VAE",
+            lrm_dir.display()
+        );
+        let rule = StepRule::new(&model, &cfg.rollout)?;
+        let sigmas = step_sigmas(&rule)?;
+        let stoch: Vec<f64> = rule
+            .stochastic_steps()
+            .into_iter()
+            .map(|k| sigmas[k])
+            .collect();
+        ensure!(!stoch.is_empty(), "[rollout] has no stochastic step to branch");
+        let sigma_range = [
+            stoch.iter().cloned().fold(f64::INFINITY, f64::min),
+            stoch.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        ];
+        let mut m = LpoMethod {
+            rule,
+            sigmas,
+            sigma_range,
+            lrm,
+            prompts,
+            cfg: cfg.lpo.clone(),
+            rollout_cfg: cfg.rollout.clone(),
+            seed: cfg.run.seed,
+            noise_rng: Rng::derive(cfg.run.seed, "lpo-noise"),
+            select_rng: Rng::derive(cfg.run.seed, "lpo-select"),
+            prompt_epoch: 0,
+            prompt_index: 0,
+            order: Vec::new(),
+            rounds: 0,
+            lrm_calls: 0,
+            tuples_kept: 0,
+            tuples_seen: 0,
+            queue: Tuples::default(),
+            per_step: cfg.run.optim.batch_size * cfg.run.optim.grad_accum,
+            model,
+        };
+        m.order = m.order_for(0);
+        Ok(m)
+    }
+
+    fn order_for(&self, epoch: u64) -> Vec<usize> {
+        let mut o: Vec<usize> = (0..self.prompts.len()).collect();
+        Rng::derive(self.seed, &format!("lpo-prompts/{epoch}")).shuffle(&mut o);
+        o
+    }
+
+    fn next_prompt(&mut self) -> String {
+        if self.prompt_index >= self.prompts.len() {
+            self.prompt_epoch += 1;
+            self.prompt_index = 0;
+            self.order = self.order_for(self.prompt_epoch);
+        }
+        let p = self.prompts[self.order[self.prompt_index]].clone();
+        self.prompt_index += 1;
+        p
+    }
+
+    /// Whether step `k` may give training tuples.
+    fn trainable(&self, k: usize) -> bool {
+        let t = self.rule.timesteps[k];
+        self.rule.is_stochastic(k)
+            && self
+                .cfg
+                .timestep_range
+                .is_none_or(|[lo, hi]| t >= lo as f64 && t < hi as f64)
+    }
+
+    /// The LRM's scores of children `[B, K, C, h, w]` → `[B][K]`.
+    fn score_children(&mut self, children: &Tensor, t: f64, prompts: &[String]) -> Result<Vec<Vec<f64>>> {
+        let (b, k) = (children.dim(0)?, children.dim(1)?);
+        let flat = children.flatten_to(1)?;
+        let ps: Vec<&str> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.as_str(), k))
+            .collect();
+        let tt = Tensor::new(&[t as f32], flat.device())?;
+        let s: Vec<f32> = self
+            .lrm
+            .score_latents(&flat.to_dtype(DType::F32)?, &tt, &ps)?
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        self.lrm_calls += (b * k) as u64;
+        Ok(s.chunks(k).map(|c| c.iter().map(|&x| x as f64).collect()).collect())
+    }
+
+    /// Samples one round (see the module docs) and appends its kept tuples, shuffled, to the queue; returns its
+    /// figures.
+    fn new_round(&mut self, policy: &Policy) -> Result<Vec<(&'static str, f64)>> {
+        let t0 = Instant::now();
+        let prompts: Vec<String> = (0..self.cfg.prompts_per_round)
+            .map(|_| self.next_prompt())
+            .collect();
+        let ps: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+        let b = ps.len();
+        let shape = rollout::initial_noise_shape(&self.model, b, self.rollout_cfg.resolution)?;
+        let mut x = self.noise_rng.normal_tensor(&shape, self.model.device())?;
+        let pixels = shape[2] * self.model.vae_scale_factor();
+        let mut round = Tuples::default();
+        let (mut seen, mut gap_sum) = (0usize, 0f64);
+        let mut policy_s = 0f64;
+        for k in 0..self.rule.timesteps.len() {
+            let t = self.rule.timesteps[k];
+            let tp = Instant::now();
+            let (rule, kk, rng) = (&self.rule, self.cfg.k, &mut self.noise_rng);
+            let step = policy.with_weights(&mut self.model, Weights::Current, |m| {
+                let cond = Conditioning::new(m, &ps, rule.guidance, pixels)?;
+                if rule.is_stochastic(k) {
+                    Ok((Some(branch(&m.unet, rule, &cond, &x, k, kk, rng)?), None))
+                } else {
+                    let tt = Tensor::full(t as f32, b, m.device())?;
+                    let eps = guided_output(&m.unet, &x, &tt, &cond, rule.guidance)?.detach();
+                    let tr = if rule.in_window(k) {
+                        // DDPM's deterministic last step.
+                        transition(rule, &eps, &x, &vec![k; b], DdimTransition::Noise(&x.zeros_like()?))?
+                    } else {
+                        rollout::deterministic_step(rule, &eps, &x, k)?
+                    };
+                    Ok((None, Some(tr.prev_sample.detach())))
+                }
+            })?;
+            policy_s += tp.elapsed().as_secs_f64();
+            let (br, next) = step;
+            let Some(br) = br else {
+                x = next.expect("a deterministic step's sample");
+                continue;
+            };
+            let choice: Vec<usize> = if self.trainable(k) || self.cfg.continuation == Continuation::Best {
+                let t_score = match self.cfg.score_at {
+                    ScoreAt::Parent => t,
+                    ScoreAt::Child => (t - self.rule.step_ratio as f64).max(0.0),
+                };
+                let scores = self.score_children(&br.children, t_score, &prompts)?;
+                let th = dynamic_threshold(self.sigmas[k], self.sigma_range, self.cfg.threshold);
+                let mut choice = Vec::with_capacity(b);
+                for (i, s) in scores.iter().enumerate() {
+                    let (mut w, mut l) = (0, 0);
+                    for (j, &v) in s.iter().enumerate() {
+                        if v > s[w] {
+                            w = j;
+                        }
+                        if v < s[l] {
+                            l = j;
+                        }
+                    }
+                    if self.trainable(k) {
+                        seen += 1;
+                        let gap = preference_gap(s[w], s[l]);
+                        gap_sum += gap;
+                        if gap > th && w != l {
+                            round.push(
+                                &prompts[i],
+                                k,
+                                br.parent.i(i)?,
+                                br.children.i((i, w))?,
+                                br.children.i((i, l))?,
+                            );
+                        }
+                    }
+                    choice.push(match self.cfg.continuation {
+                        Continuation::Best => w,
+                        Continuation::Random => self.select_rng.below(self.cfg.k as u64) as usize,
+                    });
+                }
+                choice
+            } else {
+                (0..b)
+                    .map(|_| self.select_rng.below(self.cfg.k as u64) as usize)
+                    .collect()
+            };
+            x = br.select(&choice)?;
+        }
+        let kept = round.len();
+        let mut perm: Vec<usize> = (0..kept).collect();
+        self.select_rng.shuffle(&mut perm);
+        round.permute(&perm);
+        self.queue.append(round);
+        self.rounds += 1;
+        self.tuples_kept += kept as u64;
+        self.tuples_seen += seen as u64;
+        Ok(vec![
+            ("round_tuples", kept as f64),
+            ("keep_rate", kept as f64 / seen.max(1) as f64),
+            ("mean_gap", gap_sum / seen.max(1) as f64),
+            ("rounds", self.rounds as f64),
+            ("sample_s", t0.elapsed().as_secs_f64()),
+            ("policy_s", policy_s),
+        ])
+    }
+}
+
+impl Method for LpoMethod {
+    fn name(&self) -> &str {
+        "lpo"
+    }
+
+    fn unit(&self) -> &str {
+        "tuples"
+    }
+
+    fn headline_metric(&self) -> Option<&'static str> {
+        Some("step_acc")
+    }
+
+    fn on_start(&mut self, ctx: StartContext<'_>) -> Result<()> {
+        ctx.progress.println(format!(
+            "lpo: {} prompts x {} children per step, {} training prompts, LRM {}",
+            self.cfg.prompts_per_round,
+            self.cfg.k,
+            self.prompts.len(),
+            self.cfg.lrm.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        ));
+        Ok(())
+    }
+
+    fn before_step(&mut self, ctx: &StepContext<'_>) -> Result<Vec<(&'static str, f64)>> {
+        let mut figures = Vec::new();
+        let mut empty = 0;
+        while self.queue.len() < self.per_step {
+            let f = self.new_round(ctx.policy)?;
+            if f[0].1 == 0.0 {
+                empty += 1;
+                if empty >= 20 {
+                    bail!(
+                        "[lpo] 20 rounds in a row kept no tuple: no pair of children cleared the threshold {:?} \
+                         (lower [lpo] threshold, or check the LRM: `diffpref score --reward lrm`)",
+                        self.cfg.threshold
+                    );
+                }
+            } else {
+                empty = 0;
+            }
+            figures = f;
+        }
+        Ok(figures)
+    }
+
+    fn micro_step(&mut self, ctx: &StepContext<'_>) -> Result<MicroStep> {
+        let batch = self.queue.take(ctx.batch_size);
+        ensure!(batch.len() > 0, "lpo: the tuple queue is empty");
+        let n = batch.len();
+        let model = &self.model;
+        let dev = model.device().clone();
+        let x = Tensor::stack(&batch.parents, 0)?;
+        let xw = Tensor::stack(&batch.winners, 0)?;
+        let xl = Tensor::stack(&batch.losers, 0)?;
+        let ps: Vec<&str> = batch.prompts.iter().map(|s| s.as_str()).collect();
+        let pixels = x.dim(2)? * model.vae_scale_factor();
+        let cond = Conditioning::new(model, &ps, self.rule.guidance, pixels)?;
+        let t = Tensor::from_vec(
+            batch.steps.iter().map(|&k| self.rule.timesteps[k] as f32).collect::<Vec<_>>(),
+            n,
+            &dev,
+        )?;
+        let logps = |unet: &diffpref_pipelines::models::unet::UNet2DConditionModel| -> Result<(Tensor, Tensor)> {
+            let eps = guided_output(unet, &x, &t, &cond, self.rule.guidance)?;
+            let w = transition(&self.rule, &eps, &x, &batch.steps, DdimTransition::PrevSample(&xw))?;
+            let l = transition(&self.rule, &eps, &x, &batch.steps, DdimTransition::PrevSample(&xl))?;
+            Ok((w.log_prob, l.log_prob))
+        };
+        let (lp_w, lp_l) = logps(&model.unet)?;
+        let reference = ctx
+            .policy
+            .reference()
+            .context("LPO needs a reference model (the base UNet)")?;
+        let (ref_w, ref_l) = {
+            let scope = reference.scope(&model.unet);
+            let (a, b) = logps(scope.unet())?;
+            (a.detach(), b.detach())
+        };
+        let (loss, stats) = step_dpo_loss(&lp_w, &lp_l, &ref_w, &ref_l, self.cfg.beta, self.cfg.clip_range)?;
+        let mean_t = batch.steps.iter().map(|&k| self.rule.timesteps[k]).sum::<f64>() / n as f64;
+        let mut metrics = stats;
+        metrics.push(("mean_t", mean_t));
+        Ok(MicroStep {
+            loss,
+            metrics,
+            units: n,
+            about: format!("round {}, tuples of {}", self.rounds, batch.prompts.join("; ")),
+        })
+    }
+
+    fn after_step(&mut self, _ctx: &StepContext<'_>) -> Result<Vec<(&'static str, f64)>> {
+        Ok(vec![
+            ("lrm_calls", self.lrm_calls as f64),
+            ("tuples_kept", self.tuples_kept as f64),
+        ])
+    }
+
+    fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "training_reward": "lrm",
+            "lrm": self.cfg.lrm,
+            "lrm_calls": self.lrm_calls,
+            "rounds": self.rounds,
+            "tuples_kept": self.tuples_kept,
+            "tuples_seen": self.tuples_seen,
+        })
+    }
+
+    fn state(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(LpoState {
+            noise_rng: self.noise_rng.clone(),
+            select_rng: self.select_rng.clone(),
+            prompt_epoch: self.prompt_epoch,
+            prompt_index: self.prompt_index,
+            rounds: self.rounds,
+            lrm_calls: self.lrm_calls,
+            tuples_kept: self.tuples_kept,
+            tuples_seen: self.tuples_seen,
+            queue_prompts: self.queue.prompts.clone(),
+            queue_steps: self.queue.steps.clone(),
+        })?)
+    }
+
+    fn load_state(&mut self, state: serde_json::Value) -> Result<()> {
+        let s: LpoState = serde_json::from_value(state)?;
+        self.noise_rng = s.noise_rng;
+        self.select_rng = s.select_rng;
+        self.prompt_epoch = s.prompt_epoch;
+        self.prompt_index = s.prompt_index;
+        self.order = self.order_for(s.prompt_epoch);
+        self.rounds = s.rounds;
+        self.lrm_calls = s.lrm_calls;
+        self.tuples_kept = s.tuples_kept;
+        self.tuples_seen = s.tuples_seen;
+        self.queue = Tuples {
+            prompts: s.queue_prompts,
+            steps: s.queue_steps,
+            ..Default::default()
+        };
+        Ok(())
+    }
+
+    fn save_files(&self, dir: &Path) -> Result<()> {
+        if self.queue.len() == 0 {
+            return Ok(());
+        }
+        crate::io::save_safetensors(
+            &dir.join(QUEUE_FILE),
+            &[
+                ("parents".to_string(), Tensor::stack(&self.queue.parents, 0)?),
+                ("winners".to_string(), Tensor::stack(&self.queue.winners, 0)?),
+                ("losers".to_string(), Tensor::stack(&self.queue.losers, 0)?),
+            ],
+        )
+    }
+
+    fn load_files(&mut self, dir: &Path) -> Result<()> {
+        let n = self.queue.prompts.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let path = dir.join(QUEUE_FILE);
+        let map = candle_core::safetensors::load(&path, self.model.device())
+            .with_context(|| format!("reading the LPO tuple queue {}", path.display()))?;
+        let get = |k: &str| -> Result<Vec<Tensor>> {
+            let t = map
+                .get(k)
+                .with_context(|| format!("{}: no tensor `{k}`", path.display()))?;
+            ensure!(t.dim(0)? == n, "{}: `{k}` has {} rows, state.json {n}", path.display(), t.dim(0)?);
+            Ok((0..n).map(|i| t.get(i)).collect::<candle_core::Result<_>>()?)
+        };
+        self.queue.parents = get("parents")?;
+        self.queue.winners = get("winners")?;
+        self.queue.losers = get("losers")?;
+        Ok(())
+    }
+
+    fn model(&mut self) -> Option<&mut StableDiffusion> {
+        Some(&mut self.model)
+    }
+}
+
+/// Runs (or resumes) a `train lpo` run. `stop` (e.g. from Ctrl-C) makes it save a checkpoint and return early.
+pub fn train(cfg: &LpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let mut inputs = Vec::new();
+    if let Some(p) = &cfg.lpo.prompts {
+        inputs.push(crate::output::Input::new("[lpo] prompts file", p));
+    }
+    if let Some(p) = &cfg.lpo.lrm {
+        inputs.push(crate::output::Input::new("[lpo] lrm folder", p));
+    }
+    cfg.run.check_output(&cfg.output_dir(), "train lpo", &inputs)?;
+    let (mut model, model_dir) = load_model(&cfg.run)?;
+    let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
+    let mut method = LpoMethod::new(cfg, model)?;
+    run(
+        &cfg.run,
+        &cfg.output_dir(),
+        &model_dir,
+        &policy,
+        &mut method,
+        serde_json::to_value(cfg)?,
+        stop,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preference_gap_is_the_two_way_softmax_difference() {
+        for (a, b) in [(1.3, 0.2), (-0.5, 0.7), (4.0, 4.0), (20.0, -3.0)] {
+            let (ea, eb) = (f64::exp(a), f64::exp(b));
+            let want = ea / (ea + eb) - eb / (ea + eb);
+            assert!((preference_gap(a, b) - want).abs() < 1e-12, "{a} {b}");
+        }
+        // The paper's thresholds as raw score gaps: 0.35 / 0.5 / 0.6 ↔ 0.73 / 1.10 / 1.39.
+        for (th, gap) in [(0.35, 0.73), (0.5, 1.10), (0.6, 1.39)] {
+            assert!((preference_gap(gap, 0.0) - th).abs() < 0.005, "{th}");
+        }
+    }
+
+    #[test]
+    fn dynamic_threshold_is_linear_in_sigma() {
+        let r = [0.0206, 0.6444];
+        let th = [0.35, 0.5];
+        assert!((dynamic_threshold(0.0206, r, th) - 0.35).abs() < 1e-12);
+        assert!((dynamic_threshold(0.6444, r, th) - 0.5).abs() < 1e-12);
+        // t = 501 on SD1.5's 20-step grid: σ = 0.4016 → 0.4416 (the spec's ≈ 0.448 is at σ(551) = 0.4293).
+        let mid = dynamic_threshold(0.4016, r, th);
+        assert!((mid - (0.35 + (0.4016 - 0.0206) / (0.6444 - 0.0206) * 0.15)).abs() < 1e-12);
+        assert!(mid > 0.35 && mid < 0.5);
+        assert_eq!(dynamic_threshold(0.3, [0.5, 0.5], th), 0.35);
+    }
+
+    #[test]
+    fn step_dpo_loss_matches_hand_computed_values() {
+        let d = &Device::Cpu;
+        // Log-ratios: w 0.05, l −0.02 (inside the clip); w 0.3 (clipped at log 1.1), l 0.
+        let lp_w = Tensor::new(&[0.05f32, 0.3], d).unwrap();
+        let lp_l = Tensor::new(&[-0.02f32, 0.0], d).unwrap();
+        let zero = Tensor::new(&[0.0f32, 0.0], d).unwrap();
+        let (beta, eps) = (500.0, 0.1);
+        let (loss, stats) = step_dpo_loss(&lp_w, &lp_l, &zero, &zero, beta, eps).unwrap();
+        let sp = |x: f64| (1.0 + x.exp()).ln();
+        let z0 = beta * (0.05f32 as f64 - (-0.02f32) as f64);
+        let z1 = beta * (1.1f64.ln() - 0.0);
+        let want = (sp(-z0) + sp(-z1)) / 2.0;
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
+        let get = |k: &str| stats.iter().find(|(n, _)| *n == k).unwrap().1;
+        assert_eq!(get("step_acc"), 1.0);
+        assert!((get("clip_frac") - 0.25).abs() < 1e-9);
+        // Gradient: the clipped row passes none; the other −β σ(−z) (±1) / N through its two log-probs.
+        let vw = candle_core::Var::from_tensor(&lp_w).unwrap();
+        let vl = candle_core::Var::from_tensor(&lp_l).unwrap();
+        let (l, _) = step_dpo_loss(vw.as_tensor(), vl.as_tensor(), &zero, &zero, beta, eps).unwrap();
+        let g = l.backward().unwrap();
+        let gw = g.get(vw.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let gl = g.get(vl.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let s = 1.0 / (1.0 + z0.exp());
+        assert!((gw[0] as f64 + beta * s / 2.0).abs() < 1e-3 * (beta * s), "{gw:?}");
+        assert!((gl[0] as f64 - beta * s / 2.0).abs() < 1e-3 * (beta * s), "{gl:?}");
+        assert_eq!(gw[1], 0.0, "a clipped winner passes no gradient");
+        // At the start (policy = reference) the loss is log 2.
+        let (l0, _) = step_dpo_loss(&zero, &zero, &zero, &zero, beta, eps).unwrap();
+        assert!((l0.to_scalar::<f32>().unwrap() as f64 - 2f64.ln()).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,887 @@
+//! `diffpref train lrm`: trains a latent reward model ([`LatentRewardModel`], Zhang et al. 2025, §3.1–3.2) on
+//! preference pairs at random noise levels, with the Bradley–Terry loss as a two-way cross-entropy with soft
+//! labels (PickScore's pair loss, the LRM code's):
+//!
+//! ```text
+//! t ~ U(timesteps)                 one per pair, shared by its two images (the paper: t ~ U(0, T); the code:
+//!                                  the 20-point DDIM grid {1, 51, …, 951} — `timestep_grid = 20`)
+//! x_t^i = √ᾱ_t x_0^i + √(1−ᾱ_t) ε^i   independent noise per image
+//! Δ = S(p, x_t^w, t) − S(p, x_t^l, t)
+//! ℓ = −[y log σ(Δ) + (1 − y) log σ(−Δ)]   y: the label (1 = chosen preferred; 0.5 = tie)
+//! ```
+//!
+//! (`−log softmax(s)_w = −log σ(s_w − s_l)`; the per-prompt example weighting of the code is not used: every
+//! pair weighs the same.) The clean latents are the manifest's stored sampler latents when it names them, else
+//! the VAE posterior modes of the images.
+//!
+//! **Data.** `[data]` is `train dpo`'s (a JSONL manifest or Pick-a-Pic parquet). In the shapes world, `[pairs]`
+//! makes the training pairs first (`data make-prefs` into `<output_dir>/pairs`: samples of the backbone labelled
+//! by a Bradley–Terry draw on the ground-truth reward), and `[eval] make` the held-out pairs
+//! (`<output_dir>/eval-pairs`). Multi-Preference Consistent Filtering (the paper's §3.3) keeps the pairs whose
+//! per-reward gaps all agree: with a manifest's per-pair reward columns, [`mpcf_keep`].
+//!
+//! **Evaluation.** Pair accuracy per timestep band ([`evaluate`]): each held-out pair is noised at a timestep
+//! drawn uniformly from each band (fixed draws from `[eval] seed`, the same for any weights) and counted right
+//! when the chosen image scores higher; with the ground truth (`reward_chosen`/`reward_rejected` in the
+//! manifest) also against it. Before and after training, in `lrm_eval.json`, with Wilson 95% intervals.
+//!
+//! The trained LRM is written to `<output_dir>/lrm` (see [`diffpref_rewards::lrm`]), loadable by `score
+//! --reward lrm --weights DIR` and by `train lpo`.
+
+use crate::config::DeviceSpec;
+use crate::data::prefs::{make_prefs, MakePrefsOptions};
+use crate::data::{load_manifest, preprocess_pair, ManifestOptions, PairImages, PreprocessConfig};
+use crate::engine::config::{LogConfig, OptimConfig};
+use crate::engine::hooks::Hooks;
+use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
+use crate::engine::policy::Policy;
+use crate::engine::trainer::{train as run_loop, TrainerSettings};
+use crate::io::write_dir_atomic;
+use crate::methods::pairwise::{DataConfig, TrainData};
+use crate::output::{Input, OutputDir};
+use crate::train::checkpoint::StopFlag;
+use crate::train::rng::Rng;
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
+use diffpref_rewards::lrm::{LatentRewardModel, Trainable};
+use diffpref_rewards::metrics::{wilson_interval, Z95};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// `[lrm]`: the model and how it is trained.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrmSection {
+    /// VFE guidance `gs` on the pooled mid feature (1 = off). Default 7.5 (the paper).
+    pub guidance_scale: f64,
+    /// Train the UNet (down and mid blocks). Default true.
+    pub train_unet: bool,
+    /// Train the text encoder(s). Default true (the paper).
+    pub train_text_encoder: bool,
+    /// Training timesteps: 0 = uniform over all integers [0, T); S > 0 = the S-point grid {1, 1 + T/S, …}
+    /// (the LRM code's 20-point DDIM grid). Default 0.
+    pub timestep_grid: usize,
+}
+
+impl Default for LrmSection {
+    fn default() -> Self {
+        LrmSection {
+            guidance_scale: 7.5,
+            train_unet: true,
+            train_text_encoder: true,
+            timestep_grid: 0,
+        }
+    }
+}
+
+/// Pairs made from the backbone's own samples, labelled by the shapes world's ground truth (`data make-prefs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MakePairsConfig {
+    /// Prompts, one per line (shapes captions). Required.
+    pub prompts: Option<PathBuf>,
+    /// Number of pairs. Default 1000.
+    pub pairs: usize,
+    /// Samples per pair; the pair is the best and the worst. Default 4.
+    pub candidates: usize,
+    /// Sampling steps and guidance. Default 10 and 7.5.
+    pub steps: usize,
+    pub guidance: f64,
+    /// Bradley–Terry temperature of the labels. Default 0.05.
+    pub temperature: f64,
+    /// Seed of the noise and the labels. Default 0.
+    pub seed: u64,
+    /// Pairs per sampling batch. Default 16.
+    pub batch_size: usize,
+}
+
+impl Default for MakePairsConfig {
+    fn default() -> Self {
+        MakePairsConfig {
+            prompts: None,
+            pairs: 1000,
+            candidates: 4,
+            steps: 10,
+            guidance: 7.5,
+            temperature: 0.05,
+            seed: 0,
+            batch_size: 16,
+        }
+    }
+}
+
+impl MakePairsConfig {
+    fn validate(&self, section: &str) -> Result<()> {
+        ensure!(self.prompts.is_some(), "{section} prompts is required");
+        ensure!(
+            (1..=1_000_000).contains(&self.pairs),
+            "{section} pairs must be 1 to 1000000 (got {})",
+            self.pairs
+        );
+        ensure!(
+            (2..=256).contains(&self.candidates),
+            "{section} candidates must be 2 to 256 (got {})",
+            self.candidates
+        );
+        ensure!(
+            (1..=1000).contains(&self.steps),
+            "{section} steps must be 1 to 1000 (got {})",
+            self.steps
+        );
+        ensure!(
+            self.guidance.is_finite(),
+            "{section} guidance must be finite"
+        );
+        ensure!(
+            self.temperature.is_finite() && self.temperature > 0.0,
+            "{section} temperature must be positive (got {})",
+            self.temperature
+        );
+        ensure!(
+            (1..=4096).contains(&self.batch_size),
+            "{section} batch_size must be 1 to 4096 (got {})",
+            self.batch_size
+        );
+        Ok(())
+    }
+
+    fn options(&self) -> MakePrefsOptions {
+        MakePrefsOptions {
+            pairs: self.pairs,
+            candidates: self.candidates,
+            temperature: self.temperature,
+            seed: self.seed,
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: None,
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+/// `[eval]`: held-out pair accuracy per timestep band.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrmEvalConfig {
+    /// Held-out pairs (JSONL manifest). Default: none (then `make`, or no evaluation).
+    pub manifest: Option<PathBuf>,
+    /// Make the held-out pairs (into `<output_dir>/eval-pairs`) as `[pairs]` does.
+    pub make: Option<MakePairsConfig>,
+    /// Timestep bands `[lo, hi)`. Default [0, 200), [200, 500), [500, 800), [800, 1000).
+    pub bands: Vec<[u64; 2]>,
+    /// Seed of the evaluation's timesteps and noise. Default 0.
+    pub seed: u64,
+    /// Pairs scored per batch. Default 64.
+    pub batch_size: usize,
+}
+
+impl Default for LrmEvalConfig {
+    fn default() -> Self {
+        LrmEvalConfig {
+            manifest: None,
+            make: None,
+            bands: vec![[0, 200], [200, 500], [500, 800], [800, 1000]],
+            seed: 0,
+            batch_size: 64,
+        }
+    }
+}
+
+/// A whole `diffpref train lrm` run. See `examples/lrm.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrmConfig {
+    /// The backbone: a diffusers model folder. Required.
+    pub model: String,
+    /// Run folder (checkpoints, metrics, `lrm/`, `lrm_eval.json`). Default `runs/lrm`.
+    pub output_dir: Option<PathBuf>,
+    pub seed: u64,
+    pub device: DeviceSpec,
+    /// Continue from the latest checkpoint. Default true.
+    pub resume: bool,
+    /// Write into a non-empty `output_dir` not written by `train lrm`. Default false.
+    pub overwrite: bool,
+    pub lrm: LrmSection,
+    pub data: DataConfig,
+    /// Make the training pairs first (shapes world). Default: none (use `[data]`).
+    pub pairs: Option<MakePairsConfig>,
+    pub optim: OptimConfig,
+    pub log: LogConfig,
+    pub eval: LrmEvalConfig,
+}
+
+impl Default for LrmConfig {
+    fn default() -> Self {
+        LrmConfig {
+            model: String::new(),
+            output_dir: None,
+            seed: 0,
+            device: DeviceSpec::Cpu,
+            resume: true,
+            overwrite: false,
+            lrm: LrmSection::default(),
+            data: DataConfig::default(),
+            pairs: None,
+            optim: OptimConfig::default(),
+            log: LogConfig::default(),
+            eval: LrmEvalConfig::default(),
+        }
+    }
+}
+
+impl LrmConfig {
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<LrmConfig> {
+        crate::config::load_toml(path, overrides)
+    }
+
+    pub fn from_toml(text: &str, what: &str, overrides: &[String]) -> Result<LrmConfig> {
+        crate::config::from_toml(text, what, overrides)
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        self.output_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs/lrm"))
+    }
+
+    /// The training manifest: `[data] manifest`, or the pairs `[pairs]` makes.
+    fn train_manifest(&self) -> Option<PathBuf> {
+        match &self.pairs {
+            Some(_) => Some(self.output_dir().join("pairs/manifest.jsonl")),
+            None => self.data.manifest.clone(),
+        }
+    }
+
+    fn eval_manifest(&self) -> Option<PathBuf> {
+        match &self.eval.make {
+            Some(_) => Some(self.output_dir().join("eval-pairs/manifest.jsonl")),
+            None => self.eval.manifest.clone(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            !self.model.is_empty(),
+            "`model` (the backbone's model folder) is required"
+        );
+        let l = &self.lrm;
+        ensure!(
+            l.guidance_scale.is_finite() && l.guidance_scale >= 0.0,
+            "[lrm] guidance_scale must be finite and >= 0 (got {})",
+            l.guidance_scale
+        );
+        ensure!(
+            l.timestep_grid <= 1000,
+            "[lrm] timestep_grid must be 0 (uniform) or a grid of at most 1000 points (got {})",
+            l.timestep_grid
+        );
+        self.optim.validate()?;
+        ensure!(
+            self.data.unpaired_manifest.is_none(),
+            "[data] unpaired_manifest: an LRM trains on pairs (give [data] manifest or parquet)"
+        );
+        match &self.pairs {
+            Some(p) => {
+                p.validate("[pairs]")?;
+                ensure!(
+                    self.data.manifest.is_none() && self.data.parquet.is_empty(),
+                    "[pairs] makes the training pairs: remove [data] manifest / parquet, or [pairs]"
+                );
+            }
+            None => ensure!(
+                self.data.manifest.is_some() || !self.data.parquet.is_empty(),
+                "no training pairs: set [data] manifest (or parquet), or [pairs] to make them"
+            ),
+        }
+        if let Some(m) = &self.eval.make {
+            m.validate("[eval.make]")?;
+            ensure!(
+                self.eval.manifest.is_none(),
+                "[eval] give either manifest or make, not both"
+            );
+        }
+        for (i, [lo, hi]) in self.eval.bands.iter().enumerate() {
+            ensure!(lo < hi, "[eval] bands[{i}] = [{lo}, {hi}] needs lo < hi");
+        }
+        ensure!(
+            (1..=4096).contains(&self.eval.batch_size),
+            "[eval] batch_size must be 1 to 4096"
+        );
+        Ok(())
+    }
+}
+
+/// Multi-Preference Consistent Filtering (the paper's §3.3, strategy S2): a win–lose pair is kept when every
+/// reward gap `G_k = r_k(chosen) − r_k(rejected)` clears its threshold (`G_k > thr_k`, strict as in the code;
+/// the paper's thresholds: aesthetic −0.5, CLIP 0, VQAScore 0).
+pub fn mpcf_keep(gaps: &[f64], thresholds: &[f64]) -> bool {
+    gaps.len() == thresholds.len() && gaps.iter().zip(thresholds).all(|(g, t)| g > t)
+}
+
+/// The Bradley–Terry cross-entropy of the module docs, mean over pairs, for score gaps `Δ` `[N]` and labels
+/// `y` `[N]` (f32), and the share of pairs ranked as labelled (`Δ > 0` where `y > ½`, `Δ < 0` where `y < ½`).
+pub fn bt_loss(delta: &Tensor, y: &Tensor) -> Result<(Tensor, f64)> {
+    // −[y log σ(Δ) + (1 − y) log σ(−Δ)] = softplus(−Δ) + (1 − y) Δ
+    let softplus = |x: &Tensor| -> Result<Tensor> {
+        // log(1 + e^x) = max(x, 0) + log(1 + e^−|x|)
+        Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+    };
+    let loss = (softplus(&delta.neg()?)? + ((1.0 - y)? * delta)?)?.mean_all()?;
+    let d: Vec<f32> = delta.to_vec1()?;
+    let yv: Vec<f32> = y.to_vec1()?;
+    let (mut right, mut n) = (0usize, 0usize);
+    for (d, y) in d.iter().zip(&yv) {
+        if *y != 0.5 {
+            n += 1;
+            if (*d > 0.0) == (*y > 0.5) {
+                right += 1;
+            }
+        }
+    }
+    Ok((loss, right as f64 / n.max(1) as f64))
+}
+
+/// The training timesteps of `timestep_grid = s` for a schedule of `t_max` steps.
+fn draw_t(rng: &mut Rng, grid: usize, t_max: u64) -> u64 {
+    if grid == 0 {
+        rng.below(t_max)
+    } else {
+        let stride = (t_max / grid as u64).max(1);
+        (1 + stride * rng.below(grid as u64)).min(t_max - 1)
+    }
+}
+
+/// Clean latents `[chosen…; rejected…]` of pairs (stored sampler latents when every pair has them and `stored`,
+/// else the VAE modes of the preprocessed images).
+fn pair_latents(
+    lrm: &LatentRewardModel,
+    pairs: &[PairImages],
+    pcfg: &PreprocessConfig,
+    stored: bool,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let m = &lrm.model;
+    let side = pcfg.resolution as usize / m.vae_scale_factor();
+    if let Some(z) = crate::methods::pairwise::stored_pair_latents(
+        stored,
+        pairs,
+        m.unet.config().in_channels,
+        side,
+        pcfg.random_flip,
+    )? {
+        return Ok(z.to_device(m.device())?);
+    }
+    let mut imgs = Vec::with_capacity(2 * pairs.len());
+    let mut rej = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let pp = preprocess_pair(&p.chosen, &p.rejected, pcfg, rng)
+            .with_context(|| format!("pair {}", p.source))?;
+        imgs.push(pp.chosen);
+        rej.push(pp.rejected);
+    }
+    imgs.extend(rej);
+    // preprocess gives [-1, 1]; the LRM encodes [0, 1].
+    let x = ((Tensor::stack(&imgs, 0)?.to_device(m.device())? + 1.0)? * 0.5)?;
+    Ok(lrm.encode_images(&x)?.detach())
+}
+
+/// Scores of pairs noised at per-pair timesteps `t` (`[P]`) with independent noise: returns `Δ = s_w − s_l`.
+fn pair_gaps(
+    lrm: &LatentRewardModel,
+    schedule: &NoiseSchedule,
+    z: &Tensor,
+    prompts: &[&str],
+    t: &[u64],
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let p = prompts.len();
+    let dev = z.device().clone();
+    let noise = rng.normal_tensor(z.dims(), &dev)?;
+    let tt: Vec<f32> = t.iter().chain(t.iter()).map(|&x| x as f32).collect();
+    let tt = Tensor::from_vec(tt, 2 * p, &dev)?;
+    let x_t = schedule.add_noise(&z.to_dtype(DType::F32)?, &noise, &tt)?;
+    let both: Vec<&str> = prompts.iter().chain(prompts.iter()).copied().collect();
+    let s = lrm.score_latents(&x_t, &tt, &both)?;
+    Ok((s.narrow(0, 0, p)? - s.narrow(0, p, p)?)?)
+}
+
+/// Accuracy of an LRM on held-out pairs in one timestep band.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BandAccuracy {
+    pub band: [u64; 2],
+    /// Pairs with a definite label.
+    pub pairs: usize,
+    /// Share ranked as labelled, and its Wilson 95% interval.
+    pub accuracy: f64,
+    pub ci: [f64; 2],
+    /// Share ranked as the ground truth ranks them (pairs with `reward_chosen` ≠ `reward_rejected`).
+    pub truth_pairs: usize,
+    pub truth_accuracy: Option<f64>,
+    pub truth_ci: Option<[f64; 2]>,
+}
+
+/// The ground-truth rewards of a manifest's lines (`reward_chosen`, `reward_rejected`), by `"file:line"` source.
+fn truth_of(manifest: &Path) -> Result<std::collections::HashMap<String, (f64, f64)>> {
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("cannot read {}", manifest.display()))?;
+    let mut out = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(c), Some(r)) = (
+            v.get("reward_chosen").and_then(|x| x.as_f64()),
+            v.get("reward_rejected").and_then(|x| x.as_f64()),
+        ) {
+            out.insert(format!("{}:{}", manifest.display(), i + 1), (c, r));
+        }
+    }
+    Ok(out)
+}
+
+/// Pair accuracy per band (see the module docs) of `lrm` on the pairs of `manifest`.
+pub fn evaluate(
+    lrm: &LatentRewardModel,
+    manifest: &Path,
+    bands: &[[u64; 2]],
+    seed: u64,
+    batch_size: usize,
+    pcfg: &PreprocessConfig,
+    stored: bool,
+) -> Result<Vec<BandAccuracy>> {
+    let opts = ManifestOptions {
+        drop_ties: true,
+        check_images: true,
+        skip_bad: false,
+    };
+    let (pairs, _) = load_manifest(manifest, &opts)?;
+    ensure!(!pairs.is_empty(), "{}: no pairs", manifest.display());
+    let truth = truth_of(manifest)?;
+    let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(
+        &lrm.model.scheduler_config_path,
+    )?)?;
+    let mut dataset =
+        crate::data::PairDataset::new(crate::data::PairSource::Manifest(pairs), 0, false);
+    let mut out = Vec::with_capacity(bands.len());
+    for &[lo, hi] in bands {
+        let hi = hi.min(schedule.num_train_timesteps() as u64);
+        ensure!(lo < hi, "[eval] band [{lo}, {hi}) lies outside the schedule");
+        let mut rng = Rng::derive(seed, &format!("lrm-eval-{lo}-{hi}"));
+        let mut img_rng = Rng::derive(seed, "lrm-eval-images");
+        let (mut right, mut n, mut t_right, mut t_n) = (0usize, 0usize, 0usize, 0usize);
+        let mut start = 0;
+        while start < dataset.len() {
+            let k = batch_size.min(dataset.len() - start);
+            let mut batch = Vec::with_capacity(k);
+            for i in start..start + k {
+                batch.push(dataset.load(i)?);
+            }
+            let z = pair_latents(lrm, &batch, pcfg, stored, &mut img_rng)?;
+            let prompts: Vec<&str> = batch.iter().map(|p| p.prompt.as_str()).collect();
+            let t: Vec<u64> = (0..k).map(|_| lo + rng.below(hi - lo)).collect();
+            let d: Vec<f32> = pair_gaps(lrm, &schedule, &z, &prompts, &t, &mut rng)?.to_vec1()?;
+            for (p, d) in batch.iter().zip(d) {
+                n += 1;
+                if d > 0.0 {
+                    right += 1;
+                }
+                if let Some((c, r)) = truth.get(&p.source) {
+                    if c != r {
+                        t_n += 1;
+                        if (d > 0.0) == (c > r) {
+                            t_right += 1;
+                        }
+                    }
+                }
+            }
+            start += k;
+        }
+        let (a, b) = wilson_interval(right as f64, n as f64, Z95);
+        let truth_ci = (t_n > 0).then(|| {
+            let (a, b) = wilson_interval(t_right as f64, t_n as f64, Z95);
+            [a, b]
+        });
+        out.push(BandAccuracy {
+            band: [lo, hi],
+            pairs: n,
+            accuracy: right as f64 / n.max(1) as f64,
+            ci: [a, b],
+            truth_pairs: t_n,
+            truth_accuracy: (t_n > 0).then(|| t_right as f64 / t_n as f64),
+            truth_ci,
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Serialize, Deserialize)]
+struct LrmState {
+    noise_rng: Rng,
+    data_rng: Rng,
+    position: crate::data::DatasetPosition,
+}
+
+/// LRM training as a [`Method`].
+pub struct LrmMethod {
+    pub lrm: LatentRewardModel,
+    schedule: NoiseSchedule,
+    data: TrainData,
+    pcfg: PreprocessConfig,
+    stored: bool,
+    grid: usize,
+    noise_rng: Rng,
+    data_rng: Rng,
+}
+
+impl LrmMethod {
+    pub fn new(cfg: &LrmConfig, lrm: LatentRewardModel, data: &DataConfig) -> Result<LrmMethod> {
+        let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(
+            &lrm.model.scheduler_config_path,
+        )?)?;
+        let (data_src, _) = TrainData::load(data, cfg.seed)?;
+        Ok(LrmMethod {
+            lrm,
+            schedule,
+            data: data_src,
+            pcfg: PreprocessConfig {
+                center_crop: data.center_crop,
+                random_flip: data.random_flip,
+                ..PreprocessConfig::new(data.resolution)
+            },
+            stored: data.stored_latents,
+            grid: cfg.lrm.timestep_grid,
+            noise_rng: Rng::derive(cfg.seed, "lrm-noise"),
+            data_rng: Rng::derive(cfg.seed, "lrm-data"),
+        })
+    }
+}
+
+impl Method for LrmMethod {
+    fn name(&self) -> &str {
+        "lrm"
+    }
+
+    fn unit(&self) -> &str {
+        "pairs"
+    }
+
+    fn headline_metric(&self) -> Option<&'static str> {
+        Some("accuracy")
+    }
+
+    fn micro_step(&mut self, ctx: &StepContext<'_>) -> Result<MicroStep> {
+        let TrainData::Pairs(dataset) = &mut self.data else {
+            bail!("an LRM trains on pairs");
+        };
+        let pairs = dataset.next_batch(ctx.batch_size)?;
+        let z = pair_latents(&self.lrm, &pairs, &self.pcfg, self.stored, &mut self.data_rng)?;
+        let t_max = self.schedule.num_train_timesteps() as u64;
+        let t: Vec<u64> = (0..pairs.len())
+            .map(|_| draw_t(&mut self.noise_rng, self.grid, t_max))
+            .collect();
+        let prompts: Vec<&str> = pairs.iter().map(|p| p.prompt.as_str()).collect();
+        let delta = pair_gaps(&self.lrm, &self.schedule, &z, &prompts, &t, &mut self.noise_rng)?;
+        let y = Tensor::from_vec(
+            pairs.iter().map(|p| p.label).collect::<Vec<f32>>(),
+            pairs.len(),
+            delta.device(),
+        )?;
+        let (loss, acc) = bt_loss(&delta, &y)?;
+        Ok(MicroStep {
+            loss,
+            metrics: vec![
+                ("accuracy", acc),
+                ("temperature", self.lrm.temperature()?),
+                (
+                    "gap_abs",
+                    delta.abs()?.mean_all()?.to_scalar::<f32>()? as f64,
+                ),
+            ],
+            units: pairs.len(),
+            about: format!(
+                "pairs {}",
+                pairs.iter().map(|p| p.source.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+
+    fn on_start(&mut self, ctx: StartContext<'_>) -> Result<()> {
+        ctx.progress.println(format!(
+            "lrm: {} training pairs, VFE guidance {}, backbone {}",
+            match &self.data {
+                TrainData::Pairs(d) => d.len(),
+                _ => 0,
+            },
+            self.lrm.config.guidance_scale,
+            self.lrm.config.backbone.display()
+        ));
+        Ok(())
+    }
+
+    fn state(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(LrmState {
+            noise_rng: self.noise_rng.clone(),
+            data_rng: self.data_rng.clone(),
+            position: self.data.position(),
+        })?)
+    }
+
+    fn load_state(&mut self, state: serde_json::Value) -> Result<()> {
+        let s: LrmState = serde_json::from_value(state)?;
+        self.noise_rng = s.noise_rng;
+        self.data_rng = s.data_rng;
+        self.data.seek(s.position)
+    }
+}
+
+/// What `train lrm` produced.
+#[derive(Clone, Debug)]
+pub struct LrmSummary {
+    pub steps: u64,
+    pub output_dir: PathBuf,
+    /// The trained LRM folder.
+    pub lrm: PathBuf,
+    pub interrupted: bool,
+    /// Held-out accuracy per band before and after training.
+    pub before: Option<Vec<BandAccuracy>>,
+    pub after: Option<Vec<BandAccuracy>>,
+    pub seconds: f64,
+}
+
+/// Makes `<out>/<name>` with `cfg`'s pairs unless a finished set is there.
+fn ensure_pairs(
+    backbone: &Path,
+    device: &Device,
+    cfg: &MakePairsConfig,
+    dir: &Path,
+    progress: bool,
+) -> Result<()> {
+    if dir.join("manifest.jsonl").exists() {
+        return Ok(());
+    }
+    let prompts_file = cfg.prompts.as_ref().context("prompts")?;
+    let captions = crate::eval::read_prompts(prompts_file, true)
+        .with_context(|| format!("{}", prompts_file.display()))?;
+    let model = diffpref_pipelines::loading::StableDiffusion::load(
+        backbone,
+        &diffpref_pipelines::loading::LoadOptions {
+            dtype: DType::F32,
+            device: device.clone(),
+            variant: None,
+        },
+    )?;
+    let pb = if progress {
+        Some(crate::train::metrics::count_bar(cfg.pairs, "pairs"))
+    } else {
+        None
+    };
+    write_dir_atomic(dir, |d| {
+        let s = make_prefs(&model, &captions, &cfg.options(), d, &|| {
+            if let Some(p) = &pb {
+                p.inc(1)
+            }
+        })?;
+        eprintln!(
+            "made {} pairs in {} (the chosen image has the higher ground-truth reward in {:.1}%)",
+            cfg.pairs,
+            dir.display(),
+            100.0 * s.agree as f64 / cfg.pairs as f64
+        );
+        Ok(())
+    })?;
+    if let Some(p) = pb {
+        p.finish_and_clear();
+    }
+    Ok(())
+}
+
+fn print_bands(what: &str, bands: &[BandAccuracy]) {
+    for b in bands {
+        let truth = match (b.truth_accuracy, b.truth_ci) {
+            (Some(a), Some(ci)) => format!(
+                "; vs ground truth {a:.3} [{:.3}, {:.3}] ({} pairs)",
+                ci[0], ci[1], b.truth_pairs
+            ),
+            _ => String::new(),
+        };
+        eprintln!(
+            "  {what} t in [{}, {}): accuracy {:.3} [{:.3}, {:.3}] ({} pairs){truth}",
+            b.band[0], b.band[1], b.accuracy, b.ci[0], b.ci[1], b.pairs
+        );
+    }
+}
+
+/// Runs (or resumes) `train lrm`.
+pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let out = cfg.output_dir();
+    let backbone = diffpref_pipelines::loading::resolve_model(&cfg.model, None)
+        .with_context(|| format!("model {}", cfg.model))?;
+    let guard = OutputDir {
+        path: &out,
+        key: "output_dir",
+        command: "train lrm",
+        legacy: &[],
+    };
+    let mut inputs = vec![Input::new("model", &backbone)];
+    if let Some(m) = &cfg.data.manifest {
+        inputs.push(Input::new("[data] manifest", m));
+    }
+    if let Some(m) = &cfg.eval.manifest {
+        inputs.push(Input::new("[eval] manifest", m));
+    }
+    let prompt_files: Vec<PathBuf> = cfg
+        .pairs
+        .iter()
+        .chain(cfg.eval.make.iter())
+        .filter_map(|p| p.prompts.clone())
+        .collect();
+    for p in &prompt_files {
+        inputs.push(Input::new("prompts file", p));
+    }
+    guard.check(&inputs, cfg.overwrite)?;
+    guard.create()?;
+    let device = cfg.device.device()?;
+    let progress = cfg.log.progress;
+    if let Some(p) = &cfg.pairs {
+        ensure_pairs(&backbone, &device, p, &out.join("pairs"), progress)?;
+    }
+    if let Some(p) = &cfg.eval.make {
+        ensure_pairs(&backbone, &device, p, &out.join("eval-pairs"), progress)?;
+    }
+    let mut data = cfg.data.clone();
+    data.manifest = cfg.train_manifest();
+    let lrm = LatentRewardModel::new_trainable(
+        &backbone,
+        cfg.lrm.guidance_scale,
+        Trainable {
+            unet: cfg.lrm.train_unet,
+            text_encoders: cfg.lrm.train_text_encoder,
+        },
+        Rng::derive(cfg.seed, "lrm-init").next_u64(),
+        &device,
+    )?;
+    let pcfg = PreprocessConfig {
+        center_crop: data.center_crop,
+        random_flip: false,
+        ..PreprocessConfig::new(data.resolution)
+    };
+    let eval_manifest = cfg.eval_manifest();
+    let eval_json = out.join("lrm_eval.json");
+    let before = match &eval_manifest {
+        Some(m) => {
+            // The untrained model's accuracy is kept from the first run of this folder.
+            let prev: Option<serde_json::Value> = std::fs::read_to_string(&eval_json)
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok());
+            match prev.and_then(|v| serde_json::from_value(v["before"].clone()).ok()) {
+                Some(b) => Some(b),
+                None => {
+                    let b = evaluate(&lrm, m, &cfg.eval.bands, cfg.eval.seed, cfg.eval.batch_size, &pcfg, data.stored_latents)?;
+                    print_bands("before", &b);
+                    crate::io::write_atomic(
+                        &eval_json,
+                        serde_json::to_string_pretty(&serde_json::json!({ "before": b }))?.as_bytes(),
+                    )?;
+                    Some(b)
+                }
+            }
+        }
+        None => None,
+    };
+    let policy = Policy::without_reference(lrm.trainable_vars());
+    let mut method = LrmMethod::new(cfg, lrm, &data)?;
+    let settings = TrainerSettings {
+        optim: cfg.optim.clone(),
+        log: cfg.log.clone(),
+        output_dir: out.clone(),
+        resume: cfg.resume,
+        checkpoints: true,
+        config: serde_json::to_value(cfg)?,
+    };
+    let outcome = run_loop(&settings, &policy, &mut method, &mut Hooks::none(), stop)?;
+    let lrm_dir = out.join("lrm");
+    write_dir_atomic(&lrm_dir, |d| Ok(method.lrm.save(d)?))?;
+    let after = match (&eval_manifest, outcome.interrupted) {
+        (Some(m), false) => {
+            let a = evaluate(&method.lrm, m, &cfg.eval.bands, cfg.eval.seed, cfg.eval.batch_size, &pcfg, data.stored_latents)?;
+            print_bands("after", &a);
+            crate::io::write_atomic(
+                &eval_json,
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "before": before,
+                    "after": a,
+                    "steps": outcome.steps,
+                    "train_seconds": t0.elapsed().as_secs_f64(),
+                }))?
+                .as_bytes(),
+            )?;
+            Some(a)
+        }
+        _ => None,
+    };
+    Ok(LrmSummary {
+        steps: outcome.steps,
+        output_dir: out,
+        lrm: lrm_dir,
+        interrupted: outcome.interrupted,
+        before,
+        after,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bt_loss_matches_hand_computed_values_and_gradient() {
+        let d = &Device::Cpu;
+        let delta = Tensor::new(&[1.0f32, -2.0, 0.5], d).unwrap();
+        let y = Tensor::new(&[1.0f32, 1.0, 0.5], d).unwrap();
+        let (loss, acc) = bt_loss(&delta, &y).unwrap();
+        let sp = |x: f64| (1.0 + x.exp()).ln();
+        // y = 1: softplus(−Δ); y = ½: ½ softplus(−Δ) + ½ softplus(Δ).
+        let want = (sp(-1.0) + sp(2.0) + 0.5 * sp(-0.5) + 0.5 * sp(0.5)) / 3.0;
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        assert!((acc - 0.5).abs() < 1e-12, "ties do not count: {acc}");
+        // dℓ/dΔ = σ(Δ) − y, over N.
+        let v = candle_core::Var::from_tensor(&delta).unwrap();
+        let (l, _) = bt_loss(v.as_tensor(), &y).unwrap();
+        let g = l.backward().unwrap().get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let s = |x: f64| 1.0 / (1.0 + (-x).exp());
+        for (got, want) in g.iter().zip([s(1.0) - 1.0, s(-2.0) - 1.0, s(0.5) - 0.5]) {
+            assert!((*got as f64 - want / 3.0).abs() < 1e-6, "{g:?}");
+        }
+        // Large gaps stay finite.
+        let big = Tensor::new(&[200.0f32, -200.0], d).unwrap();
+        let (l, _) = bt_loss(&big, &Tensor::new(&[1.0f32, 1.0], d).unwrap()).unwrap();
+        assert!((l.to_scalar::<f32>().unwrap() - 100.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn timestep_grid_is_the_ddim_grid() {
+        let mut rng = Rng::derive(0, "t");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            seen.insert(draw_t(&mut rng, 20, 1000));
+        }
+        let want: std::collections::BTreeSet<u64> = (0..20).map(|k| 1 + 50 * k).collect();
+        assert_eq!(seen, want);
+        assert!((0..100).all(|_| draw_t(&mut rng, 0, 1000) < 1000));
+    }
+
+    #[test]
+    fn mpcf_keeps_pairs_whose_gaps_all_clear_the_thresholds() {
+        let s2 = [-0.5, 0.0, 0.0];
+        assert!(mpcf_keep(&[-0.4, 0.01, 0.2], &s2));
+        assert!(!mpcf_keep(&[-0.6, 0.01, 0.2], &s2));
+        assert!(!mpcf_keep(&[0.3, 0.0, 0.2], &s2), "strict, as the code");
+        assert!(!mpcf_keep(&[0.3, 0.1], &s2));
+    }
+}
