@@ -6,9 +6,11 @@
 //! Methods: the Diffusion-DPO loss family (`dpo` = the sigmoid loss, `ipo`, `hinge`, `robust`, `simpo`,
 //! `mapo`, `kto`, `sft`), trained as LoRAs by [`crate::methods::pairwise::train`] with the DPO configuration's
 //! data, optimizer and budget; and `grpo`, trained by [`crate::methods::grpo::train`] with the GRPO
-//! configuration (its own budget: online methods are compared at their own defaults). Each trains into
-//! `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the DPO configuration's, and
-//! the GRPO configuration must name the same model.
+//! configuration (its own budget: online methods are compared at their own defaults); and `lpo`: a latent
+//! reward model trained by [`crate::methods::lrm::train`] with the LRM configuration (into `OUT/lpo-lrm/`),
+//! then [`crate::methods::lpo::train`] with the LPO configuration and that LRM (its train time is the sum of
+//! both). Each trains into `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the
+//! DPO configuration's, and the online configurations must name the same model.
 
 use crate::engine::config::TrainMode;
 use crate::eval::{
@@ -16,6 +18,8 @@ use crate::eval::{
 };
 use crate::methods::dpo::LossKind;
 use crate::methods::grpo::GrpoConfig;
+use crate::methods::lpo::LpoConfig;
+use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
 use crate::output::{Input, OutputDir};
 use anyhow::{bail, ensure, Context, Result};
@@ -30,19 +34,22 @@ pub enum AlignMethod {
     /// A member of the DPO loss family.
     Pairwise(LossKind),
     Grpo,
+    Lpo,
 }
 
 /// The method of a name (`dpo` is the sigmoid loss).
 pub fn method_of(name: &str) -> Result<AlignMethod> {
-    if name == "grpo" {
-        return Ok(AlignMethod::Grpo);
+    match name {
+        "grpo" => return Ok(AlignMethod::Grpo),
+        "lpo" => return Ok(AlignMethod::Lpo),
+        _ => {}
     }
     let kind = if name == "dpo" { "sigmoid" } else { name };
     serde_json::from_value(serde_json::Value::String(kind.into()))
         .map(AlignMethod::Pairwise)
         .map_err(|_| {
             anyhow::anyhow!(
-                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft or grpo"
+                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo or lpo"
             )
         })
 }
@@ -54,6 +61,9 @@ pub struct AlignConfigs {
     pub dpo: DpoConfig,
     /// The `grpo` row's run.
     pub grpo: GrpoConfig,
+    /// The `lpo` row's LRM and LPO runs (its `lpo.lrm` is replaced by the LRM trained first).
+    pub lrm: LrmConfig,
+    pub lpo: LpoConfig,
 }
 
 /// One row of the table.
@@ -99,7 +109,9 @@ pub fn run_align(
 ) -> Result<AlignReport> {
     let cfg = &cfgs.dpo;
     ensure!(
-        cfg.run.mode == TrainMode::Lora && cfgs.grpo.run.mode == TrainMode::Lora,
+        cfg.run.mode == TrainMode::Lora
+            && cfgs.grpo.run.mode == TrainMode::Lora
+            && cfgs.lpo.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
     let prompts_file = cfg
@@ -120,6 +132,14 @@ pub fn run_align(
             cfg.run.model
         );
     }
+    if kinds.contains(&AlignMethod::Lpo) {
+        ensure!(
+            cfgs.lpo.run.model == cfg.run.model,
+            "bench align: the LPO configuration trains {} but the rows are evaluated on {}",
+            cfgs.lpo.run.model,
+            cfg.run.model
+        );
+    }
     let mut inputs = vec![
         Input::new("DPO model", Path::new(&cfg.run.model)),
         Input::new("GRPO model", Path::new(&cfgs.grpo.run.model)),
@@ -128,6 +148,8 @@ pub fn run_align(
         ("[eval] prompts file", &cfg.run.eval.prompts),
         ("[data] manifest", &cfg.data.manifest),
         ("[grpo] prompts file", &cfgs.grpo.grpo.prompts),
+        ("[lpo] prompts file", &cfgs.lpo.lpo.prompts),
+        ("LRM [data] manifest", &cfgs.lrm.data.manifest),
     ] {
         if let Some(p) = p {
             inputs.push(Input::new(what, p));
@@ -175,12 +197,32 @@ pub fn run_align(
                 quiet(&mut c.run);
                 crate::methods::grpo::train(&c, None)
             }
+            AlignMethod::Lpo => {
+                let lrm_dir = out.join(format!("{name}-lrm"));
+                if lrm_dir.exists() {
+                    std::fs::remove_dir_all(&lrm_dir)
+                        .with_context(|| format!("cannot clear {}", lrm_dir.display()))?;
+                }
+                let mut l = cfgs.lrm.clone();
+                l.output_dir = Some(lrm_dir);
+                l.resume = false;
+                l.log.progress = progress;
+                let lrm = crate::methods::lrm::train(&l, None).context("training the LRM")?;
+                ensure!(!lrm.interrupted, "training the LRM was interrupted");
+                let mut c = cfgs.lpo.clone();
+                c.lpo.lrm = Some(lrm.lrm);
+                quiet(&mut c.run);
+                crate::methods::lpo::train(&c, None)
+            }
         }
         .with_context(|| format!("training {name}"))?;
         if s.interrupted {
             bail!("training {name} was interrupted");
         }
-        let calls = s.last_metric("reward_calls").map(|c| c as u64);
+        let calls = s
+            .last_metric("reward_calls")
+            .or_else(|| s.last_metric("lrm_calls"))
+            .map(|c| c as u64);
         trained.push((
             name.clone(),
             s.weights,
@@ -266,6 +308,8 @@ pub fn run_align(
         "prompts_file": prompts_file,
         "budget_steps": cfg.run.optim.max_steps,
         "grpo_steps": cfgs.grpo.run.optim.max_steps,
+        "lpo_steps": cfgs.lpo.run.optim.max_steps,
+        "lrm_steps": cfgs.lrm.optim.max_steps,
         "batch_size": cfg.run.optim.batch_size,
         "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,

@@ -41,6 +41,8 @@ pub enum RewardKind {
     /// The shapes world's differentiable surrogate of that reward (a training reward; the exact one judges).
     #[value(name = "shapes-surrogate", alias = "shapes_surrogate")]
     ShapesSurrogate,
+    /// A latent reward model (`train lrm`): images are encoded by its backbone's VAE and scored at t = 0.
+    Lrm,
 }
 
 impl RewardKind {
@@ -102,6 +104,14 @@ pub fn load_reward(
         }
         RewardKind::Shapes => return Ok(Box::new(ShapesReward::new())),
         RewardKind::ShapesSurrogate => return Ok(Box::new(ShapesSurrogate(ShapesReward::new()))),
+        RewardKind::Lrm => {
+            let dir = Path::new(weights);
+            return Ok(Box::new(
+                diffpref_rewards::lrm::LatentRewardModel::load(dir, dtype, device).with_context(
+                    || format!("loading the latent reward model {}", dir.display()),
+                )?,
+            ));
+        }
     };
     let path = source::resolve(weights).with_context(|| format!("weights {weights}"))?;
     let mut opts = ClipLoadOptions {

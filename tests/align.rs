@@ -2,7 +2,9 @@
 //! same held-out prompts and noise, with paired differences, win rates, diversity and the report files.
 
 use diffpref::align::{format_table, run_align, AlignConfigs};
-use diffpref::assets::{default_dpo_config, default_grpo_config};
+use diffpref::assets::{
+    default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
+};
 use diffpref::eval::{read_prompts, sample_and_score, SampleOptions};
 use diffpref::rewards::shapes::ShapesReward;
 
@@ -35,6 +37,8 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let cfgs = AlignConfigs {
         dpo: cfg.clone(),
         grpo,
+        lrm: default_lrm_config(&[]).unwrap(),
+        lpo: default_lpo_config(&[]).unwrap(),
     };
     let methods = ["dpo".into(), "simpo".into(), "grpo".into()];
     let report = run_align(&cfgs, &methods, out.path(), false).unwrap();

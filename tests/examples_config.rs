@@ -78,3 +78,49 @@ fn embedded_grpo_default_points_at_the_shipped_assets() {
     assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
     assert!(cfg.reward.is_shapes());
 }
+
+#[test]
+fn lpo_and_lrm_example_configs_match_the_defaults() {
+    use diffpref::methods::lpo::LpoConfig;
+    use diffpref::methods::lrm::LrmConfig;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = LpoConfig::load(Some(&root.join("examples/lpo.toml")), &[]).unwrap();
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(LpoConfig::default()).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+        v["lpo"]["prompts"] = serde_json::Value::Null;
+        v["lpo"]["lrm"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+    let cfg = LrmConfig::load(Some(&root.join("examples/lrm.toml")), &[]).unwrap();
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(LrmConfig::default()).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+}
+
+#[test]
+fn embedded_lrm_and_lpo_defaults_point_at_the_shipped_assets() {
+    let cfg = diffpref::assets::default_lrm_config(&[]).unwrap();
+    cfg.validate().unwrap();
+    assert!(std::path::Path::new(&cfg.model)
+        .join("model_index.json")
+        .exists());
+    for p in cfg.pairs.iter().chain(cfg.eval.make.iter()) {
+        assert!(p.prompts.as_ref().unwrap().exists());
+    }
+    let cfg = diffpref::assets::default_lpo_config(&[]).unwrap();
+    cfg.validate().unwrap();
+    assert!(cfg.lpo.prompts.as_ref().unwrap().exists());
+    assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
+    // The LRM the default `train lrm` writes.
+    assert_eq!(
+        cfg.lpo.lrm.as_deref(),
+        Some(std::path::Path::new("runs/lrm-shapes/lrm"))
+    );
+}

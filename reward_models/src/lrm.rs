@@ -25,7 +25,7 @@
 //! As a [`Reward`] on images, the LRM encodes them with the backbone's VAE (the posterior mode) and scores the
 //! clean latents at timestep [`LatentRewardModel::reward_timestep`] (default 0).
 
-use crate::{Error, Reward, Result};
+use crate::{Error, Result, Reward};
 use candle_core::{DType, Device, Tensor, Var, D};
 use diffpref_pipelines::loading::{LoadOptions, ModelFamily, StableDiffusion};
 use diffpref_pipelines::models::clip_text::ClipTextModel;
@@ -79,8 +79,10 @@ pub struct LatentRewardModel {
     logit_scale: Var,
     /// Trainable backbone parameters (name, var) per part: `unet`, `text_encoder`, `text_encoder_2`.
     backbone_vars: Vec<(String, Vec<(String, Var)>)>,
-    /// The timestep images are scored at as a [`Reward`].
+    /// The timestep images are scored at as a [`Reward`] (their latents noised when > 0).
     pub reward_timestep: f64,
+    /// The seed of that noise (image `i` of a call gets the noise of `seed + i`).
+    pub noise_seed: u64,
 }
 
 /// UNet parameters the LRM's forward never reads (the up path and the output head).
@@ -100,15 +102,27 @@ fn te1_param_used(name: &str, family: ModelFamily, layers: usize) -> bool {
     !(name.contains(&last) || name.contains("final_layer_norm") || name.contains("text_projection"))
 }
 
-fn trainable_unet(dir: &Path, model: &StableDiffusion, device: &Device) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
+fn trainable_unet(
+    dir: &Path,
+    model: &StableDiffusion,
+    device: &Device,
+) -> Result<(UNet2DConditionModel, Vec<(String, Var)>)> {
     let files = find_weight_files(dir, "diffusion_pytorch_model", None)?;
     let p = Params::from_files(&files, DType::F32, device)?.trainable();
     let unet = UNet2DConditionModel::new(&p, model.unet.config().clone())?;
-    let vars = p.vars().into_iter().filter(|(n, _)| unet_param_used(n)).collect();
+    let vars = p
+        .vars()
+        .into_iter()
+        .filter(|(n, _)| unet_param_used(n))
+        .collect();
     Ok((unet, vars))
 }
 
-fn trainable_text(dir: &Path, enc: &ClipTextModel, device: &Device) -> Result<(ClipTextModel, Vec<(String, Var)>)> {
+fn trainable_text(
+    dir: &Path,
+    enc: &ClipTextModel,
+    device: &Device,
+) -> Result<(ClipTextModel, Vec<(String, Var)>)> {
     let files = find_weight_files(dir, "model", None)?;
     let p = Params::from_files(&files, DType::F32, device)?.trainable();
     let te = ClipTextModel::new(&p, enc.config.clone())?;
@@ -157,13 +171,16 @@ impl LatentRewardModel {
             backbone_vars.push(("unet".to_string(), vars));
         }
         if trainable.text_encoders {
-            let (te, vars) = trainable_text(&backbone.join("text_encoder"), &model.text_encoder, device)?;
+            let (te, vars) =
+                trainable_text(&backbone.join("text_encoder"), &model.text_encoder, device)?;
             let layers = te.config.num_hidden_layers;
             let fam = model.family;
             model.text_encoder = te;
             backbone_vars.push((
                 "text_encoder".to_string(),
-                vars.into_iter().filter(|(n, _)| te1_param_used(n, fam, layers)).collect(),
+                vars.into_iter()
+                    .filter(|(n, _)| te1_param_used(n, fam, layers))
+                    .collect(),
             ));
             if let Some(te2) = &model.text_encoder_2 {
                 let (te, vars) = trainable_text(&backbone.join("text_encoder_2"), te2, device)?;
@@ -173,14 +190,21 @@ impl LatentRewardModel {
         }
         let feature_dim = feature_dim(&model.unet);
         let embed_dim = text_dim(&model)?;
-        let w = diffpref_pipelines::pipeline::seeded_noise(seed, &[embed_dim, feature_dim], device)?;
+        let w =
+            diffpref_pipelines::pipeline::seeded_noise(seed, &[embed_dim, feature_dim], device)?;
         let visual_projection = Var::from_tensor(&(w.to_dtype(DType::F32)? * 0.02)?)?;
         let text_projection = match model.family {
-            ModelFamily::Sd => Some(Var::from_tensor(&Tensor::eye(embed_dim, DType::F32, device)?)?),
+            ModelFamily::Sd => Some(Var::from_tensor(&Tensor::eye(
+                embed_dim,
+                DType::F32,
+                device,
+            )?)?),
             ModelFamily::Sdxl => None,
         };
         let logit_scale = Var::from_tensor(&Tensor::new(&[LOGIT_SCALE_INIT as f32], device)?)?;
-        let backbone = backbone.canonicalize().unwrap_or_else(|_| backbone.to_path_buf());
+        let backbone = backbone
+            .canonicalize()
+            .unwrap_or_else(|_| backbone.to_path_buf());
         Ok(LatentRewardModel {
             config: LrmConfig {
                 backbone,
@@ -197,6 +221,7 @@ impl LatentRewardModel {
             logit_scale,
             backbone_vars,
             reward_timestep: 0.0,
+            noise_seed: 0,
         })
     }
 
@@ -225,11 +250,16 @@ impl LatentRewardModel {
             model.unet = UNet2DConditionModel::load(dir.join("unet"), None, dtype, device)?;
         }
         if config.text_encoder {
-            model.text_encoder = ClipTextModel::load(dir.join("text_encoder"), None, dtype, device)?;
+            model.text_encoder =
+                ClipTextModel::load(dir.join("text_encoder"), None, dtype, device)?;
         }
         if config.text_encoder_2 {
-            model.text_encoder_2 =
-                Some(ClipTextModel::load(dir.join("text_encoder_2"), None, dtype, device)?);
+            model.text_encoder_2 = Some(ClipTextModel::load(
+                dir.join("text_encoder_2"),
+                None,
+                dtype,
+                device,
+            )?);
         }
         let heads_path = dir.join(HEADS_FILE);
         if !heads_path.exists() {
@@ -273,13 +303,17 @@ impl LatentRewardModel {
             logit_scale,
             backbone_vars: Vec::new(),
             reward_timestep: 0.0,
+            noise_seed: 0,
         })
     }
 
     /// Every trainable parameter (the heads first, then the backbone parts), with unique names.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         let mut v = vec![
-            ("visual_projection.weight".to_string(), self.visual_projection.clone()),
+            (
+                "visual_projection.weight".to_string(),
+                self.visual_projection.clone(),
+            ),
             ("logit_scale".to_string(), self.logit_scale.clone()),
         ];
         if let Some(t) = &self.text_projection {
@@ -295,8 +329,14 @@ impl LatentRewardModel {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let heads: Vec<(String, Tensor)> = {
             let mut h = vec![
-                ("visual_projection.weight".to_string(), self.visual_projection.as_tensor().clone()),
-                ("logit_scale".to_string(), self.logit_scale.as_tensor().clone()),
+                (
+                    "visual_projection.weight".to_string(),
+                    self.visual_projection.as_tensor().clone(),
+                ),
+                (
+                    "logit_scale".to_string(),
+                    self.logit_scale.as_tensor().clone(),
+                ),
             ];
             if let Some(t) = &self.text_projection {
                 h.push(("text_projection.weight".to_string(), t.as_tensor().clone()));
@@ -310,12 +350,20 @@ impl LatentRewardModel {
             std::fs::create_dir_all(&out)
                 .map_err(|e| Error::msg(format!("cannot create {}: {e}", out.display())))?;
             std::fs::copy(src.join("config.json"), out.join("config.json")).map_err(|e| {
-                Error::msg(format!("copying {}: {e}", src.join("config.json").display()))
+                Error::msg(format!(
+                    "copying {}: {e}",
+                    src.join("config.json").display()
+                ))
             })?;
             // Every tensor of the part (the unused ones unchanged from the backbone), so the folder loads alone.
-            let file = if part == "unet" { "diffusion_pytorch_model" } else { "model" };
+            let file = if part == "unet" {
+                "diffusion_pytorch_model"
+            } else {
+                "model"
+            };
             let files = find_weight_files(&src, file, None)?;
-            let mut all: std::collections::BTreeMap<String, Tensor> = std::collections::BTreeMap::new();
+            let mut all: std::collections::BTreeMap<String, Tensor> =
+                std::collections::BTreeMap::new();
             for f in &files {
                 for (n, t) in candle_core::safetensors::load(f, &Device::Cpu)? {
                     all.insert(n, t);
@@ -347,7 +395,13 @@ impl LatentRewardModel {
             (Some(tok2), Some(te2)) => {
                 let (ids2, _) = tok2.encode_batch_on(prompts, dev)?;
                 let out2 = te2.forward(&ids2)?;
-                let hs = Tensor::cat(&[&out.penultimate_hidden_state, &out2.penultimate_hidden_state], 2)?;
+                let hs = Tensor::cat(
+                    &[
+                        &out.penultimate_hidden_state,
+                        &out2.penultimate_hidden_state,
+                    ],
+                    2,
+                )?;
                 let pooled = out2.text_embeds.clone().unwrap_or(out2.pooled.clone());
                 Ok((hs, pooled.to_dtype(DType::F32)?))
             }
@@ -377,7 +431,10 @@ impl LatentRewardModel {
     pub fn features(&self, x_t: &Tensor, t: &Tensor, prompts: &[&str]) -> Result<(Tensor, Tensor)> {
         let b = x_t.dim(0)?;
         if prompts.len() != b {
-            return Err(Error::msg(format!("LRM: {b} latents but {} prompts", prompts.len())));
+            return Err(Error::msg(format!(
+                "LRM: {b} latents but {} prompts",
+                prompts.len()
+            )));
         }
         let (_, _, h, w) = x_t.dims4()?;
         let gs = self.config.guidance_scale;
@@ -388,14 +445,31 @@ impl LatentRewardModel {
         }
         let (hs, text) = self.encode(&all)?;
         let t_txt = text.narrow(0, 0, b)?;
-        let t = t.flatten_all()?.to_dtype(DType::F32)?.to_device(x_t.device())?;
-        let t = if t.dim(0)? == 1 { t.broadcast_as(b)?.contiguous()? } else { t };
+        let t = t
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_device(x_t.device())?;
+        let t = if t.dim(0)? == 1 {
+            t.broadcast_as(b)?.contiguous()?
+        } else {
+            t
+        };
         let (input, tt, ehs, pooled) = if vfe {
-            let u = hs.narrow(0, b, 1)?.broadcast_as((b, hs.dim(1)?, hs.dim(2)?))?;
+            let u = hs
+                .narrow(0, b, 1)?
+                .broadcast_as((b, hs.dim(1)?, hs.dim(2)?))?;
             let ehs = Tensor::cat(&[&hs.narrow(0, 0, b)?, &u.contiguous()?], 0)?;
-            let tp = text.narrow(0, b, 1)?.broadcast_as((b, text.dim(1)?))?.contiguous()?;
+            let tp = text
+                .narrow(0, b, 1)?
+                .broadcast_as((b, text.dim(1)?))?
+                .contiguous()?;
             let pooled = Tensor::cat(&[&t_txt, &tp], 0)?;
-            (Tensor::cat(&[x_t, x_t], 0)?, Tensor::cat(&[&t, &t], 0)?, ehs, pooled)
+            (
+                Tensor::cat(&[x_t, x_t], 0)?,
+                Tensor::cat(&[&t, &t], 0)?,
+                ehs,
+                pooled,
+            )
         } else {
             (x_t.clone(), t.clone(), hs.narrow(0, 0, b)?, t_txt.clone())
         };
@@ -434,13 +508,19 @@ impl LatentRewardModel {
         let (feats, text) = self.features(x_t, t, prompts)?;
         let v = feats.matmul(&self.visual_projection.as_tensor().t()?)?;
         let cos = (normalize(&v)? * normalize(&text)?)?.sum(1)?;
-        let scale = self.logit_scale.as_tensor().clamp(f64::NEG_INFINITY, LOGIT_SCALE_MAX)?.exp()?;
+        let scale = self
+            .logit_scale
+            .as_tensor()
+            .clamp(f64::NEG_INFINITY, LOGIT_SCALE_MAX)?
+            .exp()?;
         Ok(cos.broadcast_mul(&scale)?)
     }
 
     /// The current `exp(τ)`.
     pub fn temperature(&self) -> Result<f64> {
-        Ok(self.logit_scale.as_tensor().to_vec1::<f32>()?[0].min(LOGIT_SCALE_MAX as f32).exp() as f64)
+        Ok(self.logit_scale.as_tensor().to_vec1::<f32>()?[0]
+            .min(LOGIT_SCALE_MAX as f32)
+            .exp() as f64)
     }
 
     /// Clean latents of images `[B, 3, H, W]` in [0, 1] (the VAE posterior mode, scaled).
@@ -461,17 +541,21 @@ fn feature_dim(unet: &UNet2DConditionModel) -> usize {
 /// D: the text embedding's length (the hidden size for SD 1.x/2.x, encoder 2's projection for SDXL).
 fn text_dim(model: &StableDiffusion) -> Result<usize> {
     match &model.text_encoder_2 {
-        Some(te2) => Ok(match (te2.config.has_projection(), te2.config.projection_dim) {
-            (true, Some(p)) => p,
-            _ => te2.config.hidden_size,
-        }),
+        Some(te2) => Ok(
+            match (te2.config.has_projection(), te2.config.projection_dim) {
+                (true, Some(p)) => p,
+                _ => te2.config.hidden_size,
+            },
+        ),
         None => Ok(model.text_encoder.config.hidden_size),
     }
 }
 
 fn check_guidance(gs: f64) -> Result<()> {
     if !gs.is_finite() || gs < 0.0 {
-        return Err(Error::msg(format!("the VFE guidance must be finite and >= 0 (got {gs})")));
+        return Err(Error::msg(format!(
+            "the VFE guidance must be finite and >= 0 (got {gs})"
+        )));
     }
     Ok(())
 }
@@ -503,6 +587,29 @@ impl Reward for LatentRewardModel {
     fn score(&self, images: &Tensor, prompts: &[&str]) -> Result<Tensor> {
         let z = self.encode_images(images)?;
         let t = Tensor::new(&[self.reward_timestep as f32], z.device())?;
+        let z = if self.reward_timestep > 0.0 {
+            let sc = diffpref_pipelines::schedulers::SchedulerConfig::from_file(
+                &self.model.scheduler_config_path,
+            )?;
+            let schedule = diffpref_pipelines::schedulers::NoiseSchedule::new(&sc)?;
+            let dims = z.dims()[1..].to_vec();
+            let mut shape = vec![1];
+            shape.extend(dims);
+            let noise = (0..z.dim(0)?)
+                .map(|i| {
+                    diffpref_pipelines::pipeline::seeded_noise(
+                        self.noise_seed + i as u64,
+                        &shape,
+                        z.device(),
+                    )
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let noise = Tensor::cat(&noise, 0)?.to_dtype(DType::F32)?;
+            let tt = t.broadcast_as(z.dim(0)?)?.contiguous()?;
+            schedule.add_noise(&z, &noise, &tt)?
+        } else {
+            z
+        };
         self.score_latents(&z, &t, prompts)
     }
 }

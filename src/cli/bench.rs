@@ -85,8 +85,17 @@ pub struct BenchArgs {
     /// align: the `grpo` row's configuration (default: assets/shapes/grpo.toml).
     #[arg(long)]
     pub grpo_config: Option<std::path::PathBuf>,
+    /// align: the `lpo` row's configuration (default: assets/shapes/lpo.toml; its `lpo.lrm` is the LRM the row
+    /// trains first).
+    #[arg(long)]
+    pub lpo_config: Option<std::path::PathBuf>,
+    /// align: the `lpo` row's LRM configuration (default: assets/shapes/lrm.toml).
+    #[arg(long)]
+    pub lrm_config: Option<std::path::PathBuf>,
     /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
-    /// every method's configuration, `loss.*` / `data.*` to DPO's, `grpo.*` / `rollout.*` / `reward.*` to GRPO's.
+    /// every method's configuration, `loss.*` / `data.*` to DPO's, `grpo.*` / `reward.*` to GRPO's, `rollout.*`
+    /// to GRPO's and LPO's, `lpo.*` to LPO's, `lrm.*` (with the `lrm.` stripped, e.g. `lrm.optim.max_steps=50`)
+    /// to the LPO row's LRM.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// align: output folder (one subfolder per method, align.json, grid.png).
@@ -862,21 +871,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The `--set` overrides of `bench align` for the DPO and the GRPO configuration (by the key's section).
-fn split_overrides(overrides: &[String]) -> (Vec<String>, Vec<String>) {
-    let (mut dpo, mut grpo) = (Vec::new(), Vec::new());
+/// The `--set` overrides of `bench align` for each configuration, by the key's section.
+#[derive(Default)]
+struct Overrides {
+    dpo: Vec<String>,
+    grpo: Vec<String>,
+    lpo: Vec<String>,
+    lrm: Vec<String>,
+}
+
+fn split_overrides(overrides: &[String]) -> Overrides {
+    let mut s = Overrides::default();
     for o in overrides {
         let key = o.split(['.', '=']).next().unwrap_or("").trim();
         match key {
-            "loss" | "data" => dpo.push(o.clone()),
-            "grpo" | "rollout" | "reward" => grpo.push(o.clone()),
+            "loss" | "data" => s.dpo.push(o.clone()),
+            "grpo" | "reward" => s.grpo.push(o.clone()),
+            "rollout" => {
+                s.grpo.push(o.clone());
+                s.lpo.push(o.clone());
+            }
+            "lpo" => s.lpo.push(o.clone()),
+            "lrm" => s
+                .lrm
+                .push(o.trim_start().trim_start_matches("lrm.").to_string()),
             _ => {
-                dpo.push(o.clone());
-                grpo.push(o.clone());
+                s.dpo.push(o.clone());
+                s.grpo.push(o.clone());
+                s.lpo.push(o.clone());
             }
         }
     }
-    (dpo, grpo)
+    s
 }
 
 /// `bench align`: see [`crate::align`].
@@ -885,21 +911,41 @@ fn align(a: &BenchArgs) -> Result<()> {
     if a.overwrite {
         overrides.insert(0, "overwrite=true".into());
     }
-    let (dpo_over, grpo_over) = split_overrides(&overrides);
+    let o = split_overrides(&overrides);
     let dpo = match &a.config {
-        Some(p) => crate::methods::pairwise::DpoConfig::load(Some(p), &dpo_over)?,
-        None => crate::assets::default_dpo_config(&dpo_over)?,
+        Some(p) => crate::methods::pairwise::DpoConfig::load(Some(p), &o.dpo)?,
+        None => crate::assets::default_dpo_config(&o.dpo)?,
     };
     dpo.validate()?;
     let grpo = match &a.grpo_config {
-        Some(p) => crate::methods::grpo::GrpoConfig::load(Some(p), &grpo_over)?,
-        None => crate::assets::default_grpo_config(&grpo_over)?,
+        Some(p) => crate::methods::grpo::GrpoConfig::load(Some(p), &o.grpo)?,
+        None => crate::assets::default_grpo_config(&o.grpo)?,
     };
     if a.methods.iter().any(|m| m == "grpo") {
         grpo.validate()?;
     }
+    let lrm = match &a.lrm_config {
+        Some(p) => crate::methods::lrm::LrmConfig::load(Some(p), &o.lrm)?,
+        None => crate::assets::default_lrm_config(&o.lrm)?,
+    };
+    let lpo = match &a.lpo_config {
+        Some(p) => crate::methods::lpo::LpoConfig::load(Some(p), &o.lpo)?,
+        None => crate::assets::default_lpo_config(&o.lpo)?,
+    };
+    if a.methods.iter().any(|m| m == "lpo") {
+        lrm.validate()?;
+        // The row trains its own LRM: the configured `lpo.lrm` is replaced.
+        let mut check = lpo.clone();
+        check.lpo.lrm = Some("lrm".into());
+        check.validate()?;
+    }
     let progress = dpo.run.log.progress;
-    let cfgs = crate::align::AlignConfigs { dpo, grpo };
+    let cfgs = crate::align::AlignConfigs {
+        dpo,
+        grpo,
+        lrm,
+        lpo,
+    };
     let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));
     println!(
@@ -924,13 +970,29 @@ mod tests {
             "loss.beta=100",
             "grpo.group_size=4",
             "seed=2",
+            "rollout.steps=5",
+            "lpo.k=3",
+            "lrm.optim.max_steps=7",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (d, g) = split_overrides(&o);
-        assert_eq!(d, ["optim.max_steps=3", "loss.beta=100", "seed=2"]);
-        assert_eq!(g, ["optim.max_steps=3", "grpo.group_size=4", "seed=2"]);
+        let s = split_overrides(&o);
+        assert_eq!(s.dpo, ["optim.max_steps=3", "loss.beta=100", "seed=2"]);
+        assert_eq!(
+            s.grpo,
+            [
+                "optim.max_steps=3",
+                "grpo.group_size=4",
+                "seed=2",
+                "rollout.steps=5"
+            ]
+        );
+        assert_eq!(
+            s.lpo,
+            ["optim.max_steps=3", "seed=2", "rollout.steps=5", "lpo.k=3"]
+        );
+        assert_eq!(s.lrm, ["optim.max_steps=7"]);
     }
 
     fn args(suite: Suite) -> BenchArgs {
@@ -947,6 +1009,8 @@ mod tests {
             methods: vec!["dpo".into()],
             config: None,
             grpo_config: None,
+            lpo_config: None,
+            lrm_config: None,
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,

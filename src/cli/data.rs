@@ -108,6 +108,10 @@ pub struct MakePrefsArgs {
     /// like the best-vs-worst binarisation of scored candidates (UltraFeedback, RLAIF).
     #[arg(long, default_value_t = 2)]
     pub candidates: usize,
+    /// Every two of a prompt's candidates make a pair (candidates choose 2 per prompt; `--pairs` counts the
+    /// sampled groups), instead of the best and the worst.
+    #[arg(long)]
+    pub all_pairs: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -200,23 +204,30 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
         guidance: a.guidance,
         scheduler,
         batch_size: a.batch_size,
+        all_pairs: a.all_pairs,
     };
     let mut summary = None;
     write_dir_atomic(&a.out, |dir| {
         mark(dir, MAKE_PREFS)?;
         let pb = progress(a.pairs, "pairs");
-        summary = Some(crate::data::prefs::make_prefs(&model, &captions, &opts, dir, &|| pb.inc(1))?);
+        summary = Some(crate::data::prefs::make_prefs(
+            &model,
+            &captions,
+            &opts,
+            dir,
+            &|| pb.inc(1),
+        )?);
         pb.finish_and_clear();
         Ok(())
     })?;
     let summary = summary.context("make-prefs wrote nothing")?;
     println!(
         "{} pairs in {}: mean reward {:.4}; the chosen image has the higher reward in {} ({:.1}%)",
-        a.pairs,
+        summary.pairs,
         a.out.join("manifest.jsonl").display(),
         summary.mean_reward,
         summary.agree,
-        100.0 * summary.agree as f64 / a.pairs as f64
+        100.0 * summary.agree as f64 / summary.pairs as f64
     );
     Ok(())
 }

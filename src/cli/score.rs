@@ -73,6 +73,16 @@ pub struct ScoreArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `lrm` only: the timestep images are scored at (their clean latents noised with a seeded noise when
+    /// T > 0); with --pairs, the accuracy at T alone instead of per timestep band.
+    #[arg(long)]
+    pub timestep: Option<u64>,
+    /// `lrm --pairs` only: the timestep bands `lo:hi,lo:hi,...` (default 0:200,200:500,500:800,800:1000).
+    #[arg(long)]
+    pub bands: Option<String>,
+    /// `lrm` only: the seed of the noise (and, per band, of the timesteps).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -346,9 +356,96 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
     Ok(())
 }
 
+/// `--bands lo:hi,...`.
+fn parse_bands(s: &str) -> Result<Vec<[u64; 2]>> {
+    s.split(',')
+        .map(|b| {
+            let (lo, hi) = b
+                .split_once(':')
+                .with_context(|| format!("--bands {s:?}: `{b}` is not lo:hi"))?;
+            let (lo, hi): (u64, u64) = (
+                lo.trim()
+                    .parse()
+                    .with_context(|| format!("--bands: `{lo}` is not a timestep"))?,
+                hi.trim()
+                    .parse()
+                    .with_context(|| format!("--bands: `{hi}` is not a timestep"))?,
+            );
+            if lo >= hi {
+                bail!("--bands: `{b}` needs lo < hi");
+            }
+            Ok([lo, hi])
+        })
+        .collect()
+}
+
+/// `score --reward lrm --pairs FILE`: accuracy per timestep band (see [`crate::methods::lrm::evaluate`]).
+fn run_lrm_pairs(
+    a: &ScoreArgs,
+    lrm: &diffpref_rewards::lrm::LatentRewardModel,
+    file: &Path,
+) -> Result<()> {
+    let bands = match (&a.bands, a.timestep) {
+        (Some(_), Some(_)) => bail!("give --timestep or --bands, not both"),
+        (Some(b), None) => parse_bands(b)?,
+        (None, Some(t)) => vec![[t, t + 1]],
+        (None, None) => vec![[0, 200], [200, 500], [500, 800], [800, 1000]],
+    };
+    // The images' own size (stored latents, when the manifest names them, are used as they are).
+    let first = read_jsonl(file)?;
+    let (line, v) = &first[0];
+    let img = relative_to(file, &str_field(file, *line, v, "chosen")?);
+    let (w, _) = image::image_dimensions(&img)
+        .with_context(|| format!("reading image {}", img.display()))?;
+    let pcfg = crate::data::PreprocessConfig::new(w);
+    let res =
+        crate::methods::lrm::evaluate(lrm, file, &bands, a.seed, a.batch_size.max(1), &pcfg, true)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"reward": "lrm", "weights": a.weights, "bands": res})
+            )?
+        );
+    } else {
+        for b in &res {
+            let truth = match (b.truth_accuracy, b.truth_ci) {
+                (Some(x), Some(ci)) => format!(
+                    "; vs reward_chosen/reward_rejected {x:.4} [{:.4}, {:.4}] ({} pairs)",
+                    ci[0], ci[1], b.truth_pairs
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "lrm t in [{}, {}): accuracy {:.4}, 95% CI [{:.4}, {:.4}] (Wilson, {} pairs){truth}",
+                b.band[0], b.band[1], b.accuracy, b.ci[0], b.ci[1], b.pairs
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: ScoreArgs) -> Result<()> {
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
+    if a.reward != RewardKind::Lrm && (a.timestep.is_some() || a.bands.is_some()) {
+        bail!("--timestep and --bands are for --reward lrm");
+    }
+    if a.reward == RewardKind::Lrm {
+        let dir = a
+            .weights
+            .as_deref()
+            .context("--reward lrm needs --weights (an LRM folder from `train lrm`)")?;
+        let mut lrm =
+            diffpref_rewards::lrm::LatentRewardModel::load(Path::new(dir), dtype, &device)
+                .with_context(|| format!("--weights {dir}"))?;
+        if let Some(p) = &a.pairs {
+            return run_lrm_pairs(&a, &lrm, p);
+        }
+        lrm.reward_timestep = a.timestep.unwrap_or(0) as f64;
+        lrm.noise_seed = a.seed;
+        return score_and_print(&a, &lrm, &device);
+    }
     let reward = load_reward_opt(
         a.reward,
         a.weights.as_deref(),
@@ -361,8 +458,12 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if let Some(p) = &a.pairs {
         return run_pairs(&a, reward.as_ref(), &device, p);
     }
-    let items = items(&a)?;
-    let scores = score_items(reward.as_ref(), &items, a.batch_size, &device)?;
+    score_and_print(&a, reward.as_ref(), &device)
+}
+
+fn score_and_print(a: &ScoreArgs, reward: &dyn Reward, device: &Device) -> Result<()> {
+    let items = items(a)?;
+    let scores = score_items(reward, &items, a.batch_size, device)?;
     let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
     if a.json {
         let results: Vec<serde_json::Value> = items

@@ -2,13 +2,13 @@
 
 use super::eval::print_comparison;
 use crate::assets::{
-    default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config, DEFAULT_DPO_PATH,
-    DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH,
+    default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
+    DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH,
 };
-use crate::methods::lpo::LpoConfig;
-use crate::methods::lrm::LrmConfig;
 use crate::engine::run::TrainSummary;
 use crate::methods::grpo::GrpoConfig;
+use crate::methods::lpo::LpoConfig;
+use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
 use crate::train::checkpoint::StopFlag;
 use anyhow::Result;
@@ -191,7 +191,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
                         "  t in [{}, {}): {} -> {:.3} [{:.3}, {:.3}] ({} pairs){truth}",
                         a.band[0],
                         a.band[1],
-                        b.map(|b| format!("{:.3}", b.accuracy)).unwrap_or_else(|| "-".into()),
+                        b.map(|b| format!("{:.3}", b.accuracy))
+                            .unwrap_or_else(|| "-".into()),
                         a.accuracy,
                         a.ci[0],
                         a.ci[1],

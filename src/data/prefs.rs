@@ -38,11 +38,17 @@ pub struct MakePrefsOptions {
     pub scheduler: Option<SchedulerKind>,
     /// Pairs sampled per pipeline call.
     pub batch_size: usize,
+    /// Every two of a prompt's candidates make a pair (`candidates` choose 2 pairs per sampled group, each
+    /// image written once as `img/NNNNN-J.png`), instead of the best and the worst: more pairs per sampled
+    /// image, with smaller gaps too.
+    pub all_pairs: bool,
 }
 
 /// What a set of pairs looks like.
 #[derive(Clone, Copy, Debug)]
 pub struct MakePrefsSummary {
+    /// Pairs written.
+    pub pairs: usize,
     /// Mean ground-truth reward of the pairs' images.
     pub mean_reward: f64,
     /// Pairs whose chosen image has the higher reward.
@@ -84,7 +90,8 @@ fn image_seed(seed: u64, i: usize, j: usize) -> u64 {
     Rng::derive(seed, &format!("make-prefs-image-{i}-{j}")).next_u64()
 }
 
-/// Writes the pairs of the module docs into the existing folder `dir`; `on_pair` is called after each pair.
+/// Writes the pairs of the module docs into the existing folder `dir` (`o.pairs` sampled groups: one pair
+/// each, or every two candidates with `all_pairs`); `on_pair` is called after each group.
 pub fn make_prefs(
     model: &StableDiffusion,
     captions: &[String],
@@ -154,37 +161,56 @@ pub fn make_prefs(
         for k in 0..n {
             let i = start + k;
             let group = &scores[k_c * k..k_c * (k + 1)];
-            let (ja, jb) = best_and_worst(group);
-            let (ra, rb) = (group[ja] as f64, group[jb] as f64);
-            let names = [format!("img/{i:05}-a.png"), format!("img/{i:05}-b.png")];
-            let latent_names = [
-                format!("img/{i:05}-a.latent.safetensors"),
-                format!("img/{i:05}-b.latent.safetensors"),
-            ];
-            for ((name, latent_name), j) in names.iter().zip(&latent_names).zip([ja, jb]) {
-                save_png(&images[k_c * k + j], dir.join(name))?;
-                save_latent(&dir.join(latent_name), &out.latents.get(k_c * k + j)?)?;
+            let candidates: Vec<(usize, usize)> = if o.all_pairs {
+                (0..k_c)
+                    .flat_map(|a| (a + 1..k_c).map(move |b| (a, b)))
+                    .collect()
+            } else {
+                vec![best_and_worst(group)]
+            };
+            let name = |j: usize, ext: &str| -> String {
+                if o.all_pairs {
+                    format!("img/{i:05}-{j}.{ext}")
+                } else {
+                    format!(
+                        "img/{i:05}-{}.{ext}",
+                        if candidates[0].0 == j { "a" } else { "b" }
+                    )
+                }
+            };
+            let mut written = vec![false; k_c];
+            for &(ja, jb) in &candidates {
+                for j in [ja, jb] {
+                    if !written[j] {
+                        save_png(&images[k_c * k + j], dir.join(name(j, "png")))?;
+                        save_latent(
+                            &dir.join(name(j, "latent.safetensors")),
+                            &out.latents.get(k_c * k + j)?,
+                        )?;
+                        written[j] = true;
+                    }
+                }
+                let (ra, rb) = (group[ja] as f64, group[jb] as f64);
+                let p_a = preference_probability(ra, rb, o.temperature);
+                let a_wins = labels.uniform() < p_a;
+                let (w, l) = if a_wins { (ja, jb) } else { (jb, ja) };
+                let (rc, rr) = if a_wins { (ra, rb) } else { (rb, ra) };
+                let pc = if a_wins { p_a } else { 1.0 - p_a };
+                sum_r += ra + rb;
+                if rc > rr {
+                    agree += 1;
+                }
+                lines.push(serde_json::to_string(&serde_json::json!({
+                    "prompt": prompts[k_c * k],
+                    "chosen": name(w, "png"),
+                    "rejected": name(l, "png"),
+                    "chosen_latent": name(w, "latent.safetensors"),
+                    "rejected_latent": name(l, "latent.safetensors"),
+                    "reward_chosen": rc,
+                    "reward_rejected": rr,
+                    "p_chosen": pc,
+                }))?);
             }
-            let p_a = preference_probability(ra, rb, o.temperature);
-            let a_wins = labels.uniform() < p_a;
-            let (w, l) = if a_wins { (0, 1) } else { (1, 0) };
-            let (chosen, rejected) = (&names[w], &names[l]);
-            let (rc, rr) = ([ra, rb][w], [ra, rb][l]);
-            let pc = if a_wins { p_a } else { 1.0 - p_a };
-            sum_r += ra + rb;
-            if rc > rr {
-                agree += 1;
-            }
-            lines.push(serde_json::to_string(&serde_json::json!({
-                "prompt": prompts[k_c * k],
-                "chosen": chosen,
-                "rejected": rejected,
-                "chosen_latent": latent_names[w],
-                "rejected_latent": latent_names[l],
-                "reward_chosen": rc,
-                "reward_rejected": rr,
-                "p_chosen": pc,
-            }))?);
             on_pair();
         }
         start += n;
@@ -193,7 +219,8 @@ pub fn make_prefs(
     text.push('\n');
     write_atomic(&dir.join("manifest.jsonl"), text.as_bytes())?;
     Ok(MakePrefsSummary {
-        mean_reward: sum_r / (2 * o.pairs) as f64,
+        pairs: lines.len(),
+        mean_reward: sum_r / (2 * lines.len()) as f64,
         agree,
     })
 }

