@@ -37,14 +37,37 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let cfgs = AlignConfigs {
         dpo: cfg.clone(),
         grpo,
-        lrm: default_lrm_config(&[]).unwrap(),
-        lpo: default_lpo_config(&[]).unwrap(),
+        // LPO in small: an LRM of one step (evaluated on 2 made pairs), then one LPO step of 2 tuples.
+        lrm: default_lrm_config(&[
+            "optim.max_steps=1".into(),
+            "optim.batch_size=2".into(),
+            "log.progress=false".into(),
+            "eval.make.pairs=2".into(),
+            "eval.make.steps=2".into(),
+        ])
+        .unwrap(),
+        lpo: default_lpo_config(&[
+            "log.progress=false".into(),
+            "optim.max_steps=1".into(),
+            "optim.batch_size=2".into(),
+            "lpo.prompts_per_round=2".into(),
+            "lpo.k=2".into(),
+            "lpo.threshold=[0.0, 0.0]".into(),
+            "rollout.steps=3".into(),
+        ])
+        .unwrap(),
     };
-    let methods = ["dpo".into(), "simpo".into(), "grpo".into()];
+    let methods = ["dpo".into(), "simpo".into(), "grpo".into(), "lpo".into()];
     let report = run_align(&cfgs, &methods, out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 4, "{table}");
+    assert_eq!(report.rows.len(), 5, "{table}");
+    let l = &report.rows[4];
+    assert_eq!((l.method.as_str(), l.steps), ("lpo", 1));
+    // The LRM scored 2 prompts x 2 children at each of the 3 steps.
+    assert_eq!(l.reward_calls, Some(12));
+    assert!(out.path().join("lpo-lrm/lrm/lrm_config.json").exists());
+    assert!(l.difference.is_some() && l.weights.as_ref().unwrap().exists());
     assert_eq!(report.rows[2].method, "simpo");
     let g = &report.rows[3];
     assert_eq!(

@@ -470,3 +470,40 @@ fn bad_lrm_and_lpo_configurations_are_named() {
     .to_string();
     assert!(e.contains("[lpo] lrm"), "{e}");
 }
+
+#[test]
+fn lrm_train_score_and_an_lpo_step_on_sd2_and_sdxl_style_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["tiny-sd2", "tiny-sdxl"] {
+        let root = tmp.path().join(name);
+        let pairs = make_pairs(&fixture(name), &root.join("pairs"), 2, 1);
+        let mut cfg = lrm_config(&root.join("lrm"), &pairs, &pairs, &["optim.max_steps = 1"]);
+        cfg.model = fixture(name).display().to_string();
+        let s = lrm::train(&cfg, None).unwrap();
+        assert_eq!(s.steps, 1);
+        let back = LatentRewardModel::load(&s.lrm, DType::F32, &Device::Cpu).unwrap();
+        let images = ((randn(4, &[1, 3, 32, 32]) * 0.2).unwrap() + 0.5).unwrap();
+        assert!(back.score(&images, &["a red circle"]).unwrap().to_vec1::<f32>().unwrap()[0].is_finite());
+        let prompts = root.join("prompts.txt");
+        std::fs::write(&prompts, "a red circle\n").unwrap();
+        diffpref::alloc::retain_freed_memory();
+        let sets: Vec<String> = vec![
+            format!("model = {:?}", fixture(name).display().to_string()),
+            format!("output_dir = {:?}", root.join("lpo").display().to_string()),
+            format!("lpo.prompts = {:?}", prompts.display().to_string()),
+            format!("lpo.lrm = {:?}", s.lrm.display().to_string()),
+            "lpo.prompts_per_round = 2".into(),
+            "lpo.k = 2".into(),
+            "lpo.threshold = [0.0, 0.0]".into(),
+            "lora.rank = 2".into(),
+            "rollout.steps = 3".into(),
+            "optim.batch_size = 2".into(),
+            "optim.max_steps = 1".into(),
+            "log.progress = false".into(),
+        ];
+        let t = lpo::train(&LpoConfig::load(None, &sets).unwrap(), None).unwrap();
+        assert_eq!(t.steps, 1);
+        assert!(t.last_metric("loss").unwrap().is_finite());
+        assert!(t.weights.exists());
+    }
+}

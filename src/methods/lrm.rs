@@ -17,8 +17,8 @@
 //! **Data.** `[data]` is `train dpo`'s (a JSONL manifest or Pick-a-Pic parquet). In the shapes world, `[pairs]`
 //! makes the training pairs first (`data make-prefs` into `<output_dir>/pairs`: samples of the backbone labelled
 //! by a Bradley–Terry draw on the ground-truth reward), and `[eval] make` the held-out pairs
-//! (`<output_dir>/eval-pairs`). Multi-Preference Consistent Filtering (the paper's §3.3) keeps the pairs whose
-//! per-reward gaps all agree: with a manifest's per-pair reward columns, [`mpcf_keep`].
+//! (`<output_dir>/eval-pairs`). (The paper's Multi-Preference Consistent Filtering of Pick-a-Pic by three
+//! external rewards' gaps is not built in: filter the manifest before training.)
 //!
 //! **Evaluation.** Pair accuracy per timestep band ([`evaluate`]): each held-out pair is noised at a timestep
 //! drawn uniformly from each band (fixed draws from `[eval] seed`, the same for any weights) and counted right
@@ -316,13 +316,6 @@ impl LrmConfig {
         );
         Ok(())
     }
-}
-
-/// Multi-Preference Consistent Filtering (the paper's §3.3, strategy S2): a win–lose pair is kept when every
-/// reward gap `G_k = r_k(chosen) − r_k(rejected)` clears its threshold (`G_k > thr_k`, strict as in the code;
-/// the paper's thresholds: aesthetic −0.5, CLIP 0, VQAScore 0).
-pub fn mpcf_keep(gaps: &[f64], thresholds: &[f64]) -> bool {
-    gaps.len() == thresholds.len() && gaps.iter().zip(thresholds).all(|(g, t)| g > t)
 }
 
 /// The Bradley–Terry cross-entropy of the module docs, mean over pairs, for score gaps `Δ` `[N]` and labels
@@ -922,14 +915,5 @@ mod tests {
         let want: std::collections::BTreeSet<u64> = (0..20).map(|k| 1 + 50 * k).collect();
         assert_eq!(seen, want);
         assert!((0..100).all(|_| draw_t(&mut rng, 0, 1000) < 1000));
-    }
-
-    #[test]
-    fn mpcf_keeps_pairs_whose_gaps_all_clear_the_thresholds() {
-        let s2 = [-0.5, 0.0, 0.0];
-        assert!(mpcf_keep(&[-0.4, 0.01, 0.2], &s2));
-        assert!(!mpcf_keep(&[-0.6, 0.01, 0.2], &s2));
-        assert!(!mpcf_keep(&[0.3, 0.0, 0.2], &s2), "strict, as the code");
-        assert!(!mpcf_keep(&[0.3, 0.1], &s2));
     }
 }
