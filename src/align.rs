@@ -221,7 +221,7 @@ pub fn run_align(
         }
         let calls = s
             .last_metric("reward_calls")
-            .or_else(|| s.last_metric("lrm_calls"))
+            .or_else(|| s.last_metric("scorer_calls"))
             .map(|c| c as u64);
         trained.push((
             name.clone(),

@@ -507,3 +507,39 @@ fn lrm_train_score_and_an_lpo_step_on_sd2_and_sdxl_style_models() {
         assert!(t.weights.exists());
     }
 }
+
+#[test]
+fn lpo_with_an_image_reward_on_each_childs_prediction_as_the_step_scorer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\na blue square\n").unwrap();
+    diffpref::alloc::retain_freed_memory();
+    let sets: Vec<String> = vec![
+        format!("model = {:?}", fixture("tiny-sd").display().to_string()),
+        format!("output_dir = {:?}", tmp.path().join("run").display().to_string()),
+        format!("lpo.prompts = {:?}", prompts.display().to_string()),
+        "lpo.scorer = \"reward\"".into(),
+        "lpo.score_scale = 20.0".into(),
+        "lpo.prompts_per_round = 2".into(),
+        "lpo.k = 3".into(),
+        "lpo.threshold = [0.0, 0.0]".into(),
+        "reward.kind = \"shapes\"".into(),
+        "lora.rank = 2".into(),
+        "rollout.steps = 3".into(),
+        "optim.batch_size = 2".into(),
+        "optim.max_steps = 2".into(),
+        "log.progress = false".into(),
+    ];
+    let cfg = LpoConfig::load(None, &sets).unwrap();
+    cfg.validate().unwrap();
+    let s = lpo::train(&cfg, None).unwrap();
+    assert_eq!(s.steps, 2);
+    assert!(s.last_metric("loss").unwrap().is_finite());
+    // Each round scores 2 prompts x 3 children at each of the 3 steps.
+    assert_eq!(s.last_metric("scorer_calls").unwrap() as u64 % 18, 0);
+    // Without an LRM, scorer = "lrm" is refused naming the key.
+    let mut bad = sets.clone();
+    bad[3] = "lpo.scorer = \"lrm\"".into();
+    let e = LpoConfig::load(None, &bad).unwrap().validate().unwrap_err().to_string();
+    assert!(e.contains("[lpo] lrm"), "{e}");
+}

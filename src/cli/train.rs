@@ -227,10 +227,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let s = crate::methods::lpo::train(&cfg, Some(stop))?;
             if let (Some(loss), Some(acc)) = (s.last_metric("loss"), s.last_metric("step_acc")) {
                 println!(
-                    "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} LRM calls",
+                    "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} scorer calls",
                     s.steps,
                     s.last_metric("tuples_kept").unwrap_or(0.0),
-                    s.last_metric("lrm_calls").unwrap_or(0.0)
+                    s.last_metric("scorer_calls").unwrap_or(0.0)
                 );
             }
             report(&s);

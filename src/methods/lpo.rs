@@ -29,8 +29,13 @@
 //! of them, and a new round is sampled whenever the queue runs short (the last tuples of a round train with the
 //! next round's first). The reference is the base model (adapters off, or the frozen copy).
 //!
-//! The training reward is the LRM; the held-out judge is `[eval]` (on the shapes world: the exact reward on
-//! held-out prompts), as for every method.
+//! **Scorers.** `scorer = "lrm"` is LPO; `scorer = "reward"` scores each child's decoded prediction x̂₀ (one more
+//! guided policy forward at the child's timestep) with any `[reward]` — SPO's step scoring with an image
+//! reward, e.g. the shapes world's exact reward as an oracle that tells the scorer's quality from the
+//! optimiser's. `score_scale` multiplies the scores before `p_w − p_l` (a reward's gaps are in its own units).
+//!
+//! The training reward is the step scorer; the held-out judge is `[eval]` (on the shapes world: the exact
+//! reward on held-out prompts), as for every method.
 
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
@@ -72,14 +77,33 @@ pub enum ScoreAt {
     Child,
 }
 
+/// What scores the children of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scorer {
+    /// The latent reward model `lpo.lrm` on the noisy children (LPO).
+    #[default]
+    Lrm,
+    /// `[reward]` on the decoded prediction x̂₀ of each child (one more guided forward of the policy at the
+    /// child's timestep; the last step's children are x₀ themselves), times `lpo.score_scale`: SPO's step
+    /// scoring with any image reward, e.g. the shapes world's exact reward as an oracle, to tell the scorer's
+    /// quality from the optimiser's.
+    Reward,
+}
+
 /// `[lpo]`: the method's settings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LpoSection {
     /// Training prompts, one per line. Required.
     pub prompts: Option<PathBuf>,
-    /// The latent reward model folder (written by `train lrm`). Required.
+    /// The latent reward model folder (written by `train lrm`). Required with `scorer = "lrm"`.
     pub lrm: Option<PathBuf>,
+    /// lrm | reward (see [`Scorer`]). Default lrm.
+    pub scorer: Scorer,
+    /// Scores are multiplied by this before `p_w − p_l` (a reward's gaps are in its own units; the LRM's are
+    /// logits). Default 1.
+    pub score_scale: f64,
     /// Prompts sampled per round. Default 5.
     pub prompts_per_round: usize,
     /// Children per step, K. Default 4.
@@ -105,6 +129,8 @@ impl Default for LpoSection {
         LpoSection {
             prompts: None,
             lrm: None,
+            scorer: Scorer::Lrm,
+            score_scale: 1.0,
             prompts_per_round: 5,
             k: 4,
             beta: 500.0,
@@ -127,6 +153,8 @@ pub struct LpoConfig {
     pub run: RunConfig,
     pub lpo: LpoSection,
     pub rollout: RolloutConfig,
+    /// The step scorer with `lpo.scorer = "reward"` (any [`crate::scoring::RewardSpec`]).
+    pub reward: crate::scoring::RewardSpec,
 }
 
 impl LpoConfig {
@@ -150,9 +178,17 @@ impl LpoConfig {
             l.prompts.is_some(),
             "[lpo] prompts (the training prompts, one per line) is required"
         );
+        match l.scorer {
+            Scorer::Lrm => ensure!(
+                l.lrm.is_some(),
+                "[lpo] lrm (a latent reward model folder, from `diffpref train lrm`) is required with scorer = \"lrm\""
+            ),
+            Scorer::Reward => self.reward.validate("[reward]")?,
+        }
         ensure!(
-            l.lrm.is_some(),
-            "[lpo] lrm (a latent reward model folder, from `diffpref train lrm`) is required"
+            l.score_scale.is_finite() && l.score_scale > 0.0,
+            "[lpo] score_scale must be positive (got {})",
+            l.score_scale
         );
         ensure!(
             (1..=crate::engine::config::MAX_BATCH).contains(&l.prompts_per_round),
@@ -325,7 +361,7 @@ struct LpoState {
     prompt_epoch: u64,
     prompt_index: usize,
     rounds: u64,
-    lrm_calls: u64,
+    scorer_calls: u64,
     tuples_kept: u64,
     tuples_seen: u64,
     queue_prompts: Vec<String>,
@@ -342,7 +378,8 @@ pub struct LpoMethod {
     rule: StepRule,
     sigmas: Vec<f64>,
     sigma_range: [f64; 2],
-    lrm: LatentRewardModel,
+    lrm: Option<LatentRewardModel>,
+    reward: Option<(Box<dyn diffpref_rewards::Reward>, usize)>,
     prompts: Vec<String>,
     seed: u64,
     noise_rng: Rng,
@@ -351,7 +388,7 @@ pub struct LpoMethod {
     prompt_index: usize,
     order: Vec<usize>,
     rounds: u64,
-    lrm_calls: u64,
+    scorer_calls: u64,
     tuples_kept: u64,
     tuples_seen: u64,
     queue: Tuples,
@@ -363,24 +400,33 @@ impl LpoMethod {
     pub fn new(cfg: &LpoConfig, model: StableDiffusion) -> Result<LpoMethod> {
         let prompts_file = cfg.lpo.prompts.as_ref().context("[lpo] prompts")?;
         let prompts = read_prompts(prompts_file, false).context("[lpo] prompts")?;
-        let lrm_dir = cfg.lpo.lrm.as_ref().context("[lpo] lrm")?;
-        let lrm = LatentRewardModel::load(lrm_dir, cfg.lpo.lrm_dtype.dtype(), model.device())
-            .with_context(|| {
-                format!(
-                    "[lpo] lrm = {}: loading the latent reward model (train one with `diffpref train lrm`)",
+        let (lrm, reward) = match cfg.lpo.scorer {
+            Scorer::Lrm => {
+                let lrm_dir = cfg.lpo.lrm.as_ref().context("[lpo] lrm")?;
+                let lrm = LatentRewardModel::load(lrm_dir, cfg.lpo.lrm_dtype.dtype(), model.device())
+                    .with_context(|| {
+                        format!(
+                            "[lpo] lrm = {}: loading the latent reward model (train one with `diffpref train lrm`)",
+                            lrm_dir.display()
+                        )
+                    })?;
+                let (lc, mc) = (
+                    lrm.model.unet.config().in_channels,
+                    model.unet.config().in_channels,
+                );
+                ensure!(
+                    lc == mc && lrm.model.vae_scale_factor() == model.vae_scale_factor(),
+                    "[lpo] lrm {}: its backbone's latents ({lc} channels) are not the model's ({mc}): an LRM \
+                     scores latents of its own VAE",
                     lrm_dir.display()
-                )
-            })?;
-        let (lc, mc) = (
-            lrm.model.unet.config().in_channels,
-            model.unet.config().in_channels,
-        );
-        ensure!(
-            lc == mc && lrm.model.vae_scale_factor() == model.vae_scale_factor(),
-            "[lpo] lrm {}: its backbone's latents ({lc} channels) are not the model's ({mc}): an LRM scores \
-             latents of its own VAE",
-            lrm_dir.display()
-        );
+                );
+                (Some(lrm), None)
+            }
+            Scorer::Reward => (
+                None,
+                Some((cfg.reward.load("[reward]", model.device())?, cfg.reward.batch_size)),
+            ),
+        };
         let rule = StepRule::new(&model, &cfg.rollout)?;
         let sigmas = step_sigmas(&rule)?;
         let stoch: Vec<f64> = rule
@@ -401,6 +447,7 @@ impl LpoMethod {
             sigmas,
             sigma_range,
             lrm,
+            reward,
             prompts,
             cfg: cfg.lpo.clone(),
             rollout_cfg: cfg.rollout.clone(),
@@ -411,7 +458,7 @@ impl LpoMethod {
             prompt_index: 0,
             order: Vec::new(),
             rounds: 0,
-            lrm_calls: 0,
+            scorer_calls: 0,
             tuples_kept: 0,
             tuples_seen: 0,
             queue: Tuples::default(),
@@ -449,30 +496,67 @@ impl LpoMethod {
                 .is_none_or(|[lo, hi]| t >= lo as f64 && t < hi as f64)
     }
 
-    /// The LRM's scores of children `[B, K, C, h, w]` → `[B][K]`.
+    /// The scores of children `[B, K, C, h, w]` of step `k` (timestep `t`) → `[B][K]`, times `score_scale`.
     fn score_children(
         &mut self,
+        policy: &Policy,
         children: &Tensor,
-        t: f64,
+        k: usize,
         prompts: &[String],
     ) -> Result<Vec<Vec<f64>>> {
-        let (b, k) = (children.dim(0)?, children.dim(1)?);
-        let flat = children.flatten_to(1)?;
+        let (b, kk) = (children.dim(0)?, children.dim(1)?);
+        let flat = children.flatten_to(1)?.to_dtype(DType::F32)?;
         let ps: Vec<&str> = prompts
             .iter()
-            .flat_map(|p| std::iter::repeat_n(p.as_str(), k))
+            .flat_map(|p| std::iter::repeat_n(p.as_str(), kk))
             .collect();
-        let tt = Tensor::new(&[t as f32], flat.device())?;
-        let s: Vec<f32> = self
-            .lrm
-            .score_latents(&flat.to_dtype(DType::F32)?, &tt, &ps)?
+        let t = self.rule.timesteps[k];
+        let s: Tensor = if let Some(lrm) = &self.lrm {
+            let t_score = match self.cfg.score_at {
+                ScoreAt::Parent => t,
+                ScoreAt::Child => (t - self.rule.step_ratio as f64).max(0.0),
+            };
+            let tt = Tensor::new(&[t_score as f32], flat.device())?;
+            lrm.score_latents(&flat, &tt, &ps)?
+        } else {
+            // x̂₀ of each child: the policy's guided prediction at the next step (the last step's children are
+            // x₀).
+            let rule = &self.rule;
+            let x0 = if k + 1 < rule.timesteps.len() {
+                let n = b * kk;
+                let pixels = flat.dim(2)? * self.model.vae_scale_factor();
+                policy.with_weights(&mut self.model, Weights::Current, |m| {
+                    let cond = Conditioning::new(m, &ps, rule.guidance, pixels)?;
+                    let tt = Tensor::full(rule.timesteps[k + 1] as f32, n, m.device())?;
+                    let eps = guided_output(&m.unet, &flat, &tt, &cond, rule.guidance)?.detach();
+                    let z = flat.zeros_like()?;
+                    Ok(transition(rule, &eps, &flat, &vec![k + 1; n], DdimTransition::Noise(&z))?
+                        .pred_x0
+                        .detach())
+                })?
+            } else {
+                flat.clone()
+            };
+            let images = self
+                .model
+                .vae
+                .decode_to_image01(&x0.to_dtype(self.model.dtype())?)?
+                .to_dtype(DType::F32)?;
+            // Scored as 8-bit images, as the judge sees them.
+            let imgs = crate::imaging::tensor_to_images(&images)?;
+            let x = crate::imaging::images_to_tensor(&imgs, self.model.device())?;
+            let (reward, bs) = self.reward.as_ref().context("lpo: no step scorer")?;
+            reward.score_batched(&x, &ps, *bs)?
+        };
+        let s: Vec<f32> = s
             .detach()
             .to_dtype(DType::F32)?
             .to_device(&Device::Cpu)?
             .to_vec1()?;
-        self.lrm_calls += (b * k) as u64;
-        Ok(s.chunks(k)
-            .map(|c| c.iter().map(|&x| x as f64).collect())
+        self.scorer_calls += (b * kk) as u64;
+        let scale = self.cfg.score_scale;
+        Ok(s.chunks(kk)
+            .map(|c| c.iter().map(|&x| x as f64 * scale).collect())
             .collect())
     }
 
@@ -526,11 +610,7 @@ impl LpoMethod {
             let choice: Vec<usize> = if self.trainable(k)
                 || self.cfg.continuation == Continuation::Best
             {
-                let t_score = match self.cfg.score_at {
-                    ScoreAt::Parent => t,
-                    ScoreAt::Child => (t - self.rule.step_ratio as f64).max(0.0),
-                };
-                let scores = self.score_children(&br.children, t_score, &prompts)?;
+                let scores = self.score_children(policy, &br.children, k, &prompts)?;
                 let th = dynamic_threshold(self.sigmas[k], self.sigma_range, self.cfg.threshold);
                 let mut choice = Vec::with_capacity(b);
                 for (i, s) in scores.iter().enumerate() {
@@ -604,7 +684,7 @@ impl Method for LpoMethod {
 
     fn on_start(&mut self, ctx: StartContext<'_>) -> Result<()> {
         ctx.progress.println(format!(
-            "lpo: {} prompts x {} children per step, {} training prompts, LRM {}",
+            "lpo: {} prompts x {} children per step, {} training prompts, scorer {}",
             self.cfg.prompts_per_round,
             self.cfg.k,
             self.prompts.len(),
@@ -706,16 +786,19 @@ impl Method for LpoMethod {
 
     fn after_step(&mut self, _ctx: &StepContext<'_>) -> Result<Vec<(&'static str, f64)>> {
         Ok(vec![
-            ("lrm_calls", self.lrm_calls as f64),
+            ("scorer_calls", self.scorer_calls as f64),
             ("tuples_kept", self.tuples_kept as f64),
         ])
     }
 
     fn report(&self) -> serde_json::Value {
         serde_json::json!({
-            "training_reward": "lrm",
+            "training_reward": match &self.reward {
+                Some((r, _)) => format!("{} (on each child's x0 prediction)", r.name()),
+                None => "lrm".to_string(),
+            },
             "lrm": self.cfg.lrm,
-            "lrm_calls": self.lrm_calls,
+            "scorer_calls": self.scorer_calls,
             "rounds": self.rounds,
             "tuples_kept": self.tuples_kept,
             "tuples_seen": self.tuples_seen,
@@ -729,7 +812,7 @@ impl Method for LpoMethod {
             prompt_epoch: self.prompt_epoch,
             prompt_index: self.prompt_index,
             rounds: self.rounds,
-            lrm_calls: self.lrm_calls,
+            scorer_calls: self.scorer_calls,
             tuples_kept: self.tuples_kept,
             tuples_seen: self.tuples_seen,
             queue_prompts: self.queue.prompts.clone(),
@@ -745,7 +828,7 @@ impl Method for LpoMethod {
         self.prompt_index = s.prompt_index;
         self.order = self.order_for(s.prompt_epoch);
         self.rounds = s.rounds;
-        self.lrm_calls = s.lrm_calls;
+        self.scorer_calls = s.scorer_calls;
         self.tuples_kept = s.tuples_kept;
         self.tuples_seen = s.tuples_seen;
         self.queue = Tuples {
@@ -816,7 +899,7 @@ pub fn train(cfg: &LpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     if let Some(p) = &cfg.lpo.prompts {
         inputs.push(crate::output::Input::new("[lpo] prompts file", p));
     }
-    if let Some(p) = &cfg.lpo.lrm {
+    if let (Some(p), Scorer::Lrm) = (&cfg.lpo.lrm, cfg.lpo.scorer) {
         inputs.push(crate::output::Input::new("[lpo] lrm folder", p));
     }
     cfg.run
