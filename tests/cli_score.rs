@@ -353,22 +353,50 @@ fn score_with_a_latent_reward_model_on_images_at_a_timestep_and_pairs_per_band()
     let imgs = tmp.path().join("imgs");
     std::fs::create_dir_all(&imgs).unwrap();
     for i in 0..3u32 {
-        pattern(32, 32, i).save(imgs.join(format!("{i}.png"))).unwrap();
+        pattern(32, 32, i)
+            .save(imgs.join(format!("{i}.png")))
+            .unwrap();
     }
     let w = lrm_dir.display().to_string();
     let i = imgs.display().to_string();
     let score = |extra: &[&str]| -> Vec<f64> {
-        let mut args = vec!["score", "--reward", "lrm", "--weights", &w, "--images", &i, "--prompt", "a red circle", "--json"];
+        let mut args = vec![
+            "score",
+            "--reward",
+            "lrm",
+            "--weights",
+            &w,
+            "--images",
+            &i,
+            "--prompt",
+            "a red circle",
+            "--json",
+        ];
         args.extend_from_slice(extra);
         let doc: serde_json::Value = serde_json::from_str(&ok(&diffpref(&args))).unwrap();
-        doc["results"].as_array().unwrap().iter().map(|r| r["score"].as_f64().unwrap()).collect()
+        doc["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["score"].as_f64().unwrap())
+            .collect()
     };
     let clean = score(&[]);
     // The library at t = 0 gives the same scores.
     let loaded = LatentRewardModel::load(&lrm_dir, DType::F32, &Device::Cpu).unwrap();
-    let files: Vec<_> = (0..3).map(|k| image::open(imgs.join(format!("{k}.png"))).unwrap().to_rgb8()).collect();
+    let files: Vec<_> = (0..3)
+        .map(|k| {
+            image::open(imgs.join(format!("{k}.png")))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
     let x = images_to_tensor(&files, &Device::Cpu).unwrap();
-    let lib: Vec<f32> = loaded.score(&x, &["a red circle"; 3]).unwrap().to_vec1().unwrap();
+    let lib: Vec<f32> = loaded
+        .score(&x, &["a red circle"; 3])
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for (a, b) in clean.iter().zip(&lib) {
         assert!((a - *b as f64).abs() < 1e-4, "{clean:?} vs {lib:?}");
     }
@@ -387,19 +415,56 @@ fn score_with_a_latent_reward_model_on_images_at_a_timestep_and_pairs_per_band()
     )
     .unwrap();
     let p = pairs.display().to_string();
-    let out = ok(&diffpref(&["score", "--reward", "lrm", "--weights", &w, "--pairs", &p, "--bands", "0:300,300:1000", "--json"]));
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "lrm",
+        "--weights",
+        &w,
+        "--pairs",
+        &p,
+        "--bands",
+        "0:300,300:1000",
+        "--json",
+    ]));
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     let bands = doc["bands"].as_array().unwrap();
     assert_eq!(bands.len(), 2);
     for b in bands {
         assert_eq!(b["pairs"], 2);
-        let (a, lo, hi) = (b["accuracy"].as_f64().unwrap(), b["ci"][0].as_f64().unwrap(), b["ci"][1].as_f64().unwrap());
+        let (a, lo, hi) = (
+            b["accuracy"].as_f64().unwrap(),
+            b["ci"][0].as_f64().unwrap(),
+            b["ci"][1].as_f64().unwrap(),
+        );
         let right = (a * 2.0).round();
         let (wl, wh) = wilson_interval(right, 2.0, Z95);
         assert!((lo - wl).abs() < 1e-9 && (hi - wh).abs() < 1e-9);
     }
-    let err = fails(&diffpref(&["score", "--reward", "lrm", "--weights", &w, "--pairs", &p, "--bands", "500:100"]));
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "lrm",
+        "--weights",
+        &w,
+        "--pairs",
+        &p,
+        "--bands",
+        "500:100",
+    ]));
     assert!(err.contains("--bands"), "{err}");
-    let err = fails(&diffpref(&["score", "--reward", "clip", "--weights", &w, "--images", &i, "--prompt", "x", "--timestep", "3"]));
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "clip",
+        "--weights",
+        &w,
+        "--images",
+        &i,
+        "--prompt",
+        "x",
+        "--timestep",
+        "3",
+    ]));
     assert!(err.contains("--timestep"), "{err}");
 }

@@ -483,7 +483,12 @@ fn lrm_train_score_and_an_lpo_step_on_sd2_and_sdxl_style_models() {
         assert_eq!(s.steps, 1);
         let back = LatentRewardModel::load(&s.lrm, DType::F32, &Device::Cpu).unwrap();
         let images = ((randn(4, &[1, 3, 32, 32]) * 0.2).unwrap() + 0.5).unwrap();
-        assert!(back.score(&images, &["a red circle"]).unwrap().to_vec1::<f32>().unwrap()[0].is_finite());
+        assert!(back
+            .score(&images, &["a red circle"])
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+            .is_finite());
         let prompts = root.join("prompts.txt");
         std::fs::write(&prompts, "a red circle\n").unwrap();
         diffpref::alloc::retain_freed_memory();
@@ -516,7 +521,10 @@ fn lpo_with_an_image_reward_on_each_childs_prediction_as_the_step_scorer() {
     diffpref::alloc::retain_freed_memory();
     let sets: Vec<String> = vec![
         format!("model = {:?}", fixture("tiny-sd").display().to_string()),
-        format!("output_dir = {:?}", tmp.path().join("run").display().to_string()),
+        format!(
+            "output_dir = {:?}",
+            tmp.path().join("run").display().to_string()
+        ),
         format!("lpo.prompts = {:?}", prompts.display().to_string()),
         "lpo.scorer = \"reward\"".into(),
         "lpo.score_scale = 20.0".into(),
@@ -540,6 +548,10 @@ fn lpo_with_an_image_reward_on_each_childs_prediction_as_the_step_scorer() {
     // Without an LRM, scorer = "lrm" is refused naming the key.
     let mut bad = sets.clone();
     bad[3] = "lpo.scorer = \"lrm\"".into();
-    let e = LpoConfig::load(None, &bad).unwrap().validate().unwrap_err().to_string();
+    let e = LpoConfig::load(None, &bad)
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[lpo] lrm"), "{e}");
 }

@@ -424,7 +424,10 @@ impl LpoMethod {
             }
             Scorer::Reward => (
                 None,
-                Some((cfg.reward.load("[reward]", model.device())?, cfg.reward.batch_size)),
+                Some((
+                    cfg.reward.load("[reward]", model.device())?,
+                    cfg.reward.batch_size,
+                )),
             ),
         };
         let rule = StepRule::new(&model, &cfg.rollout)?;
@@ -530,9 +533,15 @@ impl LpoMethod {
                     let tt = Tensor::full(rule.timesteps[k + 1] as f32, n, m.device())?;
                     let eps = guided_output(&m.unet, &flat, &tt, &cond, rule.guidance)?.detach();
                     let z = flat.zeros_like()?;
-                    Ok(transition(rule, &eps, &flat, &vec![k + 1; n], DdimTransition::Noise(&z))?
-                        .pred_x0
-                        .detach())
+                    Ok(transition(
+                        rule,
+                        &eps,
+                        &flat,
+                        &vec![k + 1; n],
+                        DdimTransition::Noise(&z),
+                    )?
+                    .pred_x0
+                    .detach())
                 })?
             } else {
                 flat.clone()
