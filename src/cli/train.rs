@@ -212,7 +212,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     let lrm = cfg.lpo.lrm.clone().unwrap_or_default();
                     if !lrm.join(diffpref_rewards::lrm::CONFIG_FILE).exists() {
                         anyhow::bail!(
-                            "the default `train lpo` uses the latent reward model at {}: train it first with                              `diffpref train lrm` (no arguments), or give --set lpo.lrm=DIR",
+                            "the default `train lpo` uses the latent reward model at {}: train it first with `diffpref train lrm` (no arguments), or give --set lpo.lrm=DIR",
                             lrm.display()
                         );
                     }
