@@ -215,28 +215,17 @@ fn lrm_config(dir: &Path, manifest: &Path, eval: &Path, extra: &[&str]) -> LrmCo
     LrmConfig::load(None, &sets).unwrap()
 }
 
+/// The f32 values of every tensor of every safetensors file under `dir`, as bytes, by file and name.
 fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for e in walk(dir) {
         if e.extension().is_some_and(|x| x == "safetensors") {
-            let map = candle_core::safetensors::load(&e, &Device::Cpu).unwrap();
-            let mut v: Vec<(String, Vec<u8>)> = map
-                .into_iter()
-                .map(|(k, t)| {
-                    let b = t
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect();
-                    (format!("{}:{k}", e.strip_prefix(dir).unwrap().display()), b)
-                })
-                .collect();
-            out.append(&mut v);
+            let file = e.strip_prefix(dir).unwrap().display().to_string();
+            out.extend(
+                dir_bytes_file(&e)
+                    .into_iter()
+                    .map(|(k, b)| (format!("{file}:{k}"), b)),
+            );
         }
     }
     out.sort();

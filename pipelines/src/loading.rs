@@ -265,6 +265,13 @@ impl StableDiffusion {
     /// Encodes prompts as the diffusers pipelines do: SD 1.x/2.x use `last_hidden_state`; SDXL concatenates
     /// the penultimate hidden states of both encoders and pools from the second one.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
+        Ok(self.encode_prompts_pooled(prompts)?.0)
+    }
+
+    /// [`StableDiffusion::encode_prompts`] plus every family's pooled text embedding `[B, D]`: the EOS state of
+    /// the text encoder (SD 1.x/2.x, which the UNet does not use) or encoder 2's `text_embeds` (SDXL, the
+    /// embeds' `pooled`).
+    pub fn encode_prompts_pooled(&self, prompts: &[&str]) -> Result<(PromptEmbeds, Tensor)> {
         let dev = self.device();
         let (ids, _) = self.tokenizer.encode_batch_on(prompts, dev)?;
         let out = self.text_encoder.forward(&ids)?;
@@ -280,15 +287,21 @@ impl StableDiffusion {
                     2,
                 )?;
                 let pooled = out2.text_embeds.clone().unwrap_or(out2.pooled.clone());
-                Ok(PromptEmbeds {
-                    hidden_states: hs,
-                    pooled: Some(pooled),
-                })
+                Ok((
+                    PromptEmbeds {
+                        hidden_states: hs,
+                        pooled: Some(pooled.clone()),
+                    },
+                    pooled,
+                ))
             }
-            _ => Ok(PromptEmbeds {
-                hidden_states: out.last_hidden_state,
-                pooled: None,
-            }),
+            _ => Ok((
+                PromptEmbeds {
+                    hidden_states: out.last_hidden_state,
+                    pooled: None,
+                },
+                out.pooled,
+            )),
         }
     }
 

@@ -30,6 +30,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use diffpref_pipelines::loading::{LoadOptions, ModelFamily, StableDiffusion};
 use diffpref_pipelines::models::clip_text::ClipTextModel;
 use diffpref_pipelines::models::unet::{AddedCond, UNet2DConditionModel};
+use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
 use diffpref_pipelines::weights::{check_loaded, find_weight_files, Params};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -83,6 +84,14 @@ pub struct LatentRewardModel {
     pub reward_timestep: f64,
     /// The seed of that noise (image `i` of a call gets the noise of `seed + i`).
     pub noise_seed: u64,
+    /// The backbone's noise schedule (what noises the latents of [`Reward::score`]).
+    schedule: NoiseSchedule,
+}
+
+fn schedule_of(model: &StableDiffusion) -> Result<NoiseSchedule> {
+    Ok(NoiseSchedule::new(&SchedulerConfig::from_file(
+        &model.scheduler_config_path,
+    )?)?)
 }
 
 /// UNet parameters the LRM's forward never reads (the up path and the output head).
@@ -206,6 +215,7 @@ impl LatentRewardModel {
             .canonicalize()
             .unwrap_or_else(|_| backbone.to_path_buf());
         Ok(LatentRewardModel {
+            schedule: schedule_of(&model)?,
             config: LrmConfig {
                 backbone,
                 guidance_scale,
@@ -296,6 +306,7 @@ impl LatentRewardModel {
         };
         let logit_scale = get("logit_scale", &[1])?;
         Ok(LatentRewardModel {
+            schedule: schedule_of(&model)?,
             config,
             model,
             visual_projection,
@@ -384,36 +395,21 @@ impl LatentRewardModel {
         self.model.device()
     }
 
+    /// The backbone's noise schedule.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
     /// The prompts' UNet conditioning and their text embedding `T` (`[B, D]`, f32), with graph through the
     /// text encoder(s) when they are trainable.
     fn encode(&self, prompts: &[&str]) -> Result<(Tensor, Tensor)> {
-        let m = &self.model;
-        let dev = m.device();
-        let (ids, _) = m.tokenizer.encode_batch_on(prompts, dev)?;
-        let out = m.text_encoder.forward(&ids)?;
-        match (&m.tokenizer_2, &m.text_encoder_2) {
-            (Some(tok2), Some(te2)) => {
-                let (ids2, _) = tok2.encode_batch_on(prompts, dev)?;
-                let out2 = te2.forward(&ids2)?;
-                let hs = Tensor::cat(
-                    &[
-                        &out.penultimate_hidden_state,
-                        &out2.penultimate_hidden_state,
-                    ],
-                    2,
-                )?;
-                let pooled = out2.text_embeds.clone().unwrap_or(out2.pooled.clone());
-                Ok((hs, pooled.to_dtype(DType::F32)?))
-            }
-            _ => {
-                let pooled = out.pooled.to_dtype(DType::F32)?;
-                let t = match &self.text_projection {
-                    Some(w) => pooled.matmul(&w.as_tensor().t()?)?,
-                    None => pooled,
-                };
-                Ok((out.last_hidden_state, t))
-            }
-        }
+        let (embeds, pooled) = self.model.encode_prompts_pooled(prompts)?;
+        let pooled = pooled.to_dtype(DType::F32)?;
+        let t = match &self.text_projection {
+            Some(w) => pooled.matmul(&w.as_tensor().t()?)?,
+            None => pooled,
+        };
+        Ok((embeds.hidden_states, t))
     }
 
     /// SDXL's added conditioning for `n` rows of `pooled` text embeds at latent side `side`.
@@ -588,10 +584,6 @@ impl Reward for LatentRewardModel {
         let z = self.encode_images(images)?;
         let t = Tensor::new(&[self.reward_timestep as f32], z.device())?;
         let z = if self.reward_timestep > 0.0 {
-            let sc = diffpref_pipelines::schedulers::SchedulerConfig::from_file(
-                &self.model.scheduler_config_path,
-            )?;
-            let schedule = diffpref_pipelines::schedulers::NoiseSchedule::new(&sc)?;
             let dims = z.dims()[1..].to_vec();
             let mut shape = vec![1];
             shape.extend(dims);
@@ -606,7 +598,7 @@ impl Reward for LatentRewardModel {
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let noise = Tensor::cat(&noise, 0)?.to_dtype(DType::F32)?;
             let tt = t.broadcast_as(z.dim(0)?)?.contiguous()?;
-            schedule.add_noise(&z, &noise, &tt)?
+            self.schedule.add_noise(&z, &noise, &tt)?
         } else {
             z
         };

@@ -43,7 +43,7 @@ use crate::train::checkpoint::StopFlag;
 use crate::train::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use diffpref_pipelines::schedulers::{NoiseSchedule, SchedulerConfig};
+use diffpref_pipelines::schedulers::NoiseSchedule;
 use diffpref_rewards::lrm::{LatentRewardModel, Trainable};
 use diffpref_rewards::metrics::{wilson_interval, Z95};
 use serde::{Deserialize, Serialize};
@@ -457,11 +457,27 @@ pub fn evaluate(
     let (pairs, _) = load_manifest(manifest, &opts)?;
     ensure!(!pairs.is_empty(), "{}: no pairs", manifest.display());
     let truth = truth_of(manifest)?;
-    let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(
-        &lrm.model.scheduler_config_path,
-    )?)?;
+    let schedule = lrm.schedule();
     let mut dataset =
         crate::data::PairDataset::new(crate::data::PairSource::Manifest(pairs), 0, false);
+    // The pairs' clean latents, prompts and ground truth, read once for every band.
+    let mut img_rng = Rng::derive(seed, "lrm-eval-images");
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < dataset.len() {
+        let k = batch_size.min(dataset.len() - start);
+        let batch = (start..start + k)
+            .map(|i| dataset.load(i))
+            .collect::<Result<Vec<_>>>()?;
+        let z = pair_latents(lrm, &batch, pcfg, stored, &mut img_rng)?;
+        let prompts: Vec<String> = batch.iter().map(|p| p.prompt.clone()).collect();
+        let truths: Vec<Option<(f64, f64)>> = batch
+            .iter()
+            .map(|p| truth.get(&p.source).copied())
+            .collect();
+        batches.push((z, prompts, truths));
+        start += k;
+    }
     let mut out = Vec::with_capacity(bands.len());
     for &[lo, hi] in bands {
         let hi = hi.min(schedule.num_train_timesteps() as u64);
@@ -470,25 +486,19 @@ pub fn evaluate(
             "[eval] band [{lo}, {hi}) lies outside the schedule"
         );
         let mut rng = Rng::derive(seed, &format!("lrm-eval-{lo}-{hi}"));
-        let mut img_rng = Rng::derive(seed, "lrm-eval-images");
         let (mut right, mut n, mut t_right, mut t_n) = (0usize, 0usize, 0usize, 0usize);
-        let mut start = 0;
-        while start < dataset.len() {
-            let k = batch_size.min(dataset.len() - start);
-            let mut batch = Vec::with_capacity(k);
-            for i in start..start + k {
-                batch.push(dataset.load(i)?);
-            }
-            let z = pair_latents(lrm, &batch, pcfg, stored, &mut img_rng)?;
-            let prompts: Vec<&str> = batch.iter().map(|p| p.prompt.as_str()).collect();
-            let t: Vec<u64> = (0..k).map(|_| lo + rng.below(hi - lo)).collect();
-            let d: Vec<f32> = pair_gaps(lrm, &schedule, &z, &prompts, &t, &mut rng)?.to_vec1()?;
-            for (p, d) in batch.iter().zip(d) {
+        for (z, prompts, truths) in &batches {
+            let prompts: Vec<&str> = prompts.iter().map(|p| p.as_str()).collect();
+            let t: Vec<u64> = (0..prompts.len())
+                .map(|_| lo + rng.below(hi - lo))
+                .collect();
+            let d: Vec<f32> = pair_gaps(lrm, schedule, z, &prompts, &t, &mut rng)?.to_vec1()?;
+            for (truth, d) in truths.iter().zip(d) {
                 n += 1;
                 if d > 0.0 {
                     right += 1;
                 }
-                if let Some((c, r)) = truth.get(&p.source) {
+                if let Some((c, r)) = truth {
                     if c != r {
                         t_n += 1;
                         if (d > 0.0) == (c > r) {
@@ -497,7 +507,6 @@ pub fn evaluate(
                     }
                 }
             }
-            start += k;
         }
         let (a, b) = wilson_interval(right as f64, n as f64, Z95);
         let truth_ci = (t_n > 0).then(|| {
@@ -527,7 +536,6 @@ struct LrmState {
 /// LRM training as a [`Method`].
 pub struct LrmMethod {
     pub lrm: LatentRewardModel,
-    schedule: NoiseSchedule,
     data: TrainData,
     pcfg: PreprocessConfig,
     stored: bool,
@@ -538,13 +546,9 @@ pub struct LrmMethod {
 
 impl LrmMethod {
     pub fn new(cfg: &LrmConfig, lrm: LatentRewardModel, data: &DataConfig) -> Result<LrmMethod> {
-        let schedule = NoiseSchedule::new(&SchedulerConfig::from_file(
-            &lrm.model.scheduler_config_path,
-        )?)?;
         let (data_src, _) = TrainData::load(data, cfg.seed)?;
         Ok(LrmMethod {
             lrm,
-            schedule,
             data: data_src,
             pcfg: PreprocessConfig {
                 center_crop: data.center_crop,
@@ -584,14 +588,14 @@ impl Method for LrmMethod {
             self.stored,
             &mut self.data_rng,
         )?;
-        let t_max = self.schedule.num_train_timesteps() as u64;
+        let t_max = self.lrm.schedule().num_train_timesteps() as u64;
         let t: Vec<u64> = (0..pairs.len())
             .map(|_| draw_t(&mut self.noise_rng, self.grid, t_max))
             .collect();
         let prompts: Vec<&str> = pairs.iter().map(|p| p.prompt.as_str()).collect();
         let delta = pair_gaps(
             &self.lrm,
-            &self.schedule,
+            self.lrm.schedule(),
             &z,
             &prompts,
             &t,
