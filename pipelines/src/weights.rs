@@ -102,6 +102,11 @@ impl Params {
         self
     }
 
+    /// Whether tensors are handed out as [`Var`]s ([`Params::trainable`]).
+    pub fn is_trainable(&self) -> bool {
+        self.store.trainable
+    }
+
     /// The vars created so far (only when [`Params::trainable`]), with their full names.
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.store.vars.lock().unwrap().clone()

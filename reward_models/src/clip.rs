@@ -14,7 +14,7 @@
 use crate::preprocess::{Preprocess, Preprocessed, ResizeMode, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 use crate::source;
 use crate::{Error, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use diffpref_pipelines::models::clip_text::{ClipTextConfig, ClipTextModel};
 use diffpref_pipelines::nn::{attention, linear, merge_heads, split_heads, Activation, LayerNorm};
 use diffpref_pipelines::tokenizer::ClipTokenizer;
@@ -417,6 +417,39 @@ impl ClipConfig {
         Ok(c)
     }
 
+    /// The transformers `CLIPModel` `config.json` of this config (HF layout; what
+    /// [`ClipConfig::from_hf_json`] reads back; the preprocessing is not part of it).
+    pub fn to_hf_json(&self) -> String {
+        let tower = |t: &TowerConfig| {
+            serde_json::json!({
+                "hidden_size": t.width,
+                "num_hidden_layers": t.layers,
+                "num_attention_heads": t.heads,
+                "intermediate_size": t.mlp_dim,
+                "hidden_act": t.hidden_act,
+                "layer_norm_eps": t.layer_norm_eps,
+            })
+        };
+        let mut text = tower(&self.text.tower);
+        text["vocab_size"] = self.text.vocab_size.into();
+        text["max_position_embeddings"] = self.text.context_length.into();
+        text["eos_token_id"] = self.text.eos_token_id.into();
+        text["model_type"] = "clip_text_model".into();
+        let mut vision = tower(&self.vision.tower);
+        vision["image_size"] = self.vision.image_size.into();
+        vision["patch_size"] = self.vision.patch_size.into();
+        vision["num_channels"] = 3.into();
+        vision["model_type"] = "clip_vision_model".into();
+        serde_json::to_string_pretty(&serde_json::json!({
+            "architectures": ["CLIPModel"],
+            "model_type": "clip",
+            "projection_dim": self.embed_dim,
+            "text_config": text,
+            "vision_config": vision,
+        }))
+        .expect("a JSON value serialises")
+    }
+
     /// Reads open_clip's `open_clip_config.json` (`{model_cfg, preprocess_cfg}`, as open_clip's hub
     /// configs). Without `preprocess_cfg` the preprocessing is open_clip's default (shortest side + centre
     /// crop, OpenAI mean/std).
@@ -733,11 +766,20 @@ impl Dense {
     }
 }
 
-/// A pre-LayerNorm transformer block with packed q/k/v.
+/// The attention's input projections.
+#[derive(Clone)]
+enum Qkv {
+    /// One `[3W, W]` map (q, k, v stacked).
+    Packed(Dense),
+    /// Three maps (trainable transformers checkpoints).
+    Split(Box<[Dense; 3]>),
+}
+
+/// A pre-LayerNorm transformer block.
 #[derive(Clone)]
 struct Block {
     ln_1: LayerNorm,
-    qkv: Dense,
+    qkv: Qkv,
     out: Dense,
     ln_2: LayerNorm,
     fc1: Dense,
@@ -754,16 +796,22 @@ impl Block {
         let q = Dense::load(&a.pp("q_proj"), d, d, true)?;
         let k = Dense::load(&a.pp("k_proj"), d, d, true)?;
         let v = Dense::load(&a.pp("v_proj"), d, d, true)?;
-        let qkv = Dense {
-            w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
-            b: Some(Tensor::cat(
-                &[
-                    q.b.as_ref().unwrap(),
-                    k.b.as_ref().unwrap(),
-                    v.b.as_ref().unwrap(),
-                ],
-                0,
-            )?),
+        // Packed for one matmul, unless the weights are trainable: a concatenated copy would not follow the
+        // optimizer's in-place updates of the three vars.
+        let qkv = if p.is_trainable() {
+            Qkv::Split(Box::new([q, k, v]))
+        } else {
+            Qkv::Packed(Dense {
+                w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
+                b: Some(Tensor::cat(
+                    &[
+                        q.b.as_ref().unwrap(),
+                        k.b.as_ref().unwrap(),
+                        v.b.as_ref().unwrap(),
+                    ],
+                    0,
+                )?),
+            })
         };
         Ok(Block {
             ln_1: LayerNorm::new(&p.pp("layer_norm1"), d, t.layer_norm_eps)?,
@@ -784,10 +832,10 @@ impl Block {
         let a = p.pp("attn");
         Ok(Block {
             ln_1: LayerNorm::new(&p.pp("ln_1"), d, t.layer_norm_eps)?,
-            qkv: Dense {
+            qkv: Qkv::Packed(Dense {
                 w: a.get((3 * d, d), "in_proj_weight")?,
                 b: Some(a.get(3 * d, "in_proj_bias")?),
-            },
+            }),
             out: Dense::load(&a.pp("out_proj"), d, d, true)?,
             ln_2: LayerNorm::new(&p.pp("ln_2"), d, t.layer_norm_eps)?,
             fc1: Dense::load(&p.pp("mlp").pp("c_fc"), d, t.mlp_dim, true)?,
@@ -798,18 +846,81 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        self.forward_modulated(x, mask, None)
+    }
+
+    /// The block, with DiT's adaLN-Zero modulation when `m` is given (`[B, W]` each, see
+    /// [`BlockModulation`]).
+    fn forward_modulated(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        m: Option<&BlockModulation>,
+    ) -> candle_core::Result<Tensor> {
+        // LN(h)·(1 + scale) + shift, per sample.
+        let modulate = |h: Tensor, shift: &Tensor, scale: &Tensor| -> candle_core::Result<Tensor> {
+            h.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+                .broadcast_add(&shift.unsqueeze(1)?)
+        };
         let d = x.dim(D::Minus1)?;
-        let h = self.ln_1.forward(x)?;
-        let qkv = self.qkv.forward(&h)?;
-        let q = split_heads(&qkv.narrow(D::Minus1, 0, d)?, self.heads)?;
-        let k = split_heads(&qkv.narrow(D::Minus1, d, d)?, self.heads)?;
-        let v = split_heads(&qkv.narrow(D::Minus1, 2 * d, d)?, self.heads)?;
-        let o = merge_heads(&attention(&q, &k, &v, mask, false)?)?;
-        let x = (x + self.out.forward(&o)?)?;
-        let h = self.ln_2.forward(&x)?;
-        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
+        let mut h = self.ln_1.forward(x)?;
+        if let Some(m) = m {
+            h = modulate(h, &m.shift_attn, &m.scale_attn)?;
+        }
+        let (q, k, v) = match &self.qkv {
+            Qkv::Packed(p) => {
+                let qkv = p.forward(&h)?;
+                (
+                    qkv.narrow(D::Minus1, 0, d)?,
+                    qkv.narrow(D::Minus1, d, d)?,
+                    qkv.narrow(D::Minus1, 2 * d, d)?,
+                )
+            }
+            Qkv::Split(s) => (s[0].forward(&h)?, s[1].forward(&h)?, s[2].forward(&h)?),
+        };
+        let q = split_heads(&q, self.heads)?;
+        let k = split_heads(&k, self.heads)?;
+        let v = split_heads(&v, self.heads)?;
+        let mut o = self
+            .out
+            .forward(&merge_heads(&attention(&q, &k, &v, mask, false)?)?)?;
+        if let Some(m) = m {
+            o = o.broadcast_mul(&m.gate_attn.unsqueeze(1)?)?;
+        }
+        let x = (x + o)?;
+        let mut h = self.ln_2.forward(&x)?;
+        if let Some(m) = m {
+            h = modulate(h, &m.shift_mlp, &m.scale_mlp)?;
+        }
+        let mut h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
+        if let Some(m) = m {
+            h = h.broadcast_mul(&m.gate_mlp.unsqueeze(1)?)?;
+        }
         x + h
     }
+}
+
+/// DiT's adaLN-Zero modulation of one image-tower block (each `[B, W]`):
+/// `h ← h + gate_attn ⊙ Attn(LN₁(h)·(1 + scale_attn) + shift_attn)`,
+/// `h ← h + gate_mlp ⊙ MLP(LN₂(h)·(1 + scale_mlp) + shift_mlp)`.
+#[derive(Clone, Debug)]
+pub struct BlockModulation {
+    pub shift_attn: Tensor,
+    pub scale_attn: Tensor,
+    pub gate_attn: Tensor,
+    pub shift_mlp: Tensor,
+    pub scale_mlp: Tensor,
+    pub gate_mlp: Tensor,
+}
+
+/// A conditioning of the whole image tower (the step-aware preference model's timestep): one
+/// [`BlockModulation`] per block, and `pooled ← pooled·(1 + scale) + shift` after the final LayerNorm of the
+/// class token (`pooled_shift`, `pooled_scale`: `[B, W]`).
+#[derive(Clone, Debug)]
+pub struct TowerModulation {
+    pub blocks: Vec<BlockModulation>,
+    pub pooled_shift: Tensor,
+    pub pooled_scale: Tensor,
 }
 
 fn get_f32_scalar(p: &Params, name: &str) -> Result<Tensor> {
@@ -900,7 +1011,7 @@ impl VisionTower {
                     LayerNorm::new(&v.pp("ln_pre"), w, t.layer_norm_eps)?,
                     blocks,
                     LayerNorm::new(&v.pp("ln_post"), w, t.layer_norm_eps)?,
-                    v.get((w, embed), "proj")?.t()?.contiguous()?,
+                    v.get((w, embed), "proj")?.t()?,
                 )
             }
         };
@@ -918,6 +1029,28 @@ impl VisionTower {
 
     /// Runs the tower on normalised `pixel_values` `[B, 3, S, S]` (S = image_size), cast to the model dtype.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<VisionOutput> {
+        self.forward_modulated(pixel_values, None)
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// [`VisionTower::forward`] under a [`TowerModulation`] (one per block; `None` = the plain tower).
+    pub fn forward_modulated(
+        &self,
+        pixel_values: &Tensor,
+        modulation: Option<&TowerModulation>,
+    ) -> Result<VisionOutput> {
+        if let Some(m) = modulation {
+            if m.blocks.len() != self.blocks.len() {
+                return Err(Error::msg(format!(
+                    "a tower modulation for {} blocks given to a tower of {}",
+                    m.blocks.len(),
+                    self.blocks.len()
+                )));
+            }
+        }
         let (b, c, h, w) = pixel_values.dims4()?;
         let s = self.cfg.image_size;
         if c != 3 || h != s || w != s {
@@ -946,10 +1079,15 @@ impl VisionTower {
             .contiguous()?;
         let mut x = Tensor::cat(&[&cls, &tokens], 1)?.broadcast_add(&self.positions)?;
         x = self.ln_pre.forward(&x)?;
-        for blk in &self.blocks {
-            x = blk.forward(&x, None)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward_modulated(&x, None, modulation.map(|m| &m.blocks[i]))?;
         }
-        let pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let mut pooled = self.ln_post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        if let Some(m) = modulation {
+            pooled = pooled
+                .broadcast_mul(&(&m.pooled_scale + 1.0)?)?
+                .broadcast_add(&m.pooled_shift)?;
+        }
         let embeds = linear(&pooled, &self.proj, None)?;
         Ok(VisionOutput {
             hidden: x,
@@ -997,7 +1135,7 @@ impl OpenClipText {
             positions: p.get((cfg.context_length, w), "positional_embedding")?,
             blocks,
             ln_final: LayerNorm::new(&p.pp("ln_final"), w, t.layer_norm_eps)?,
-            proj: p.get((w, embed), "text_projection")?.t()?.contiguous()?,
+            proj: p.get((w, embed), "text_projection")?.t()?,
             cfg: cfg.clone(),
         })
     }
@@ -1158,7 +1296,26 @@ impl ClipModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let path = path.as_ref();
+        Ok(Self::load_impl(path.as_ref(), opts, dtype, device, false)?.0)
+    }
+
+    /// [`ClipModel::load_with`] in f32 with every parameter a [`Var`], returned with its checkpoint name (to
+    /// train the model and save it under the same names).
+    pub fn load_trainable(
+        path: impl AsRef<Path>,
+        opts: &ClipLoadOptions,
+        device: &Device,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        Self::load_impl(path.as_ref(), opts, DType::F32, device, true)
+    }
+
+    fn load_impl(
+        path: &Path,
+        opts: &ClipLoadOptions,
+        dtype: DType,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
         let dir = if path.is_file() {
             path.parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -1205,7 +1362,10 @@ impl ClipModel {
             };
             source::find_weights(&dir, bases)?
         };
-        let p = source::open_params(&files, dtype, device)?;
+        let mut p = source::open_params(&files, dtype, device)?;
+        if trainable {
+            p = p.trainable();
+        }
         let mut model = Self::from_params(&p, config, !opts.vision_only)
             .map_err(|e| source::name_source(e, &files))?;
         model.source = files
@@ -1222,7 +1382,8 @@ impl ClipModel {
                 model.tokenizer = Some(ClipTokenizer::from_dir(&t)?);
             }
         }
-        Ok(model)
+        let vars = if trainable { p.vars() } else { Vec::new() };
+        Ok((model, vars))
     }
 
     /// Builds the model from any parameter source (safetensors, pickle map, [`Params::random`]).

@@ -16,6 +16,7 @@ pub mod preprocess;
 pub mod scores;
 pub mod shapes;
 pub mod source;
+pub mod spm;
 
 pub use aesthetic::{Aesthetic, AestheticHead};
 pub use clip::{ClipConfig, ClipLoadOptions, ClipModel};
