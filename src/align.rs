@@ -9,7 +9,10 @@
 //! configuration (its own budget: online methods are compared at their own defaults); and `lpo`: a latent
 //! reward model trained by [`crate::methods::lrm::train`] with the LRM configuration (into `OUT/lpo-lrm/`),
 //! then [`crate::methods::lpo::train`] with the LPO configuration and that LRM (its train time is the sum of
-//! both). Each trains into `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the
+//! both); and `spo`: a step-aware preference model trained by [`crate::methods::spm::train`] with the SPM
+//! configuration (into `OUT/spo-spm/`), then [`crate::methods::spo::train`] with the SPO configuration and
+//! that SPM (`spo.scorer = "reward"` skips the SPM: the configured reward scores the steps). Each trains into
+//! `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the
 //! DPO configuration's, and the online configurations must name the same model.
 
 use crate::engine::config::TrainMode;
@@ -21,6 +24,8 @@ use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
+use crate::methods::spm::SpmConfig;
+use crate::methods::spo::{SpoConfig, SpoScorer};
 use crate::output::{Input, OutputDir};
 use anyhow::{bail, ensure, Context, Result};
 use diffpref_rewards::metrics::MeanCi;
@@ -35,6 +40,7 @@ pub enum AlignMethod {
     Pairwise(LossKind),
     Grpo,
     Lpo,
+    Spo,
 }
 
 /// The method of a name (`dpo` is the sigmoid loss).
@@ -42,6 +48,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
     match name {
         "grpo" => return Ok(AlignMethod::Grpo),
         "lpo" => return Ok(AlignMethod::Lpo),
+        "spo" => return Ok(AlignMethod::Spo),
         _ => {}
     }
     let kind = if name == "dpo" { "sigmoid" } else { name };
@@ -49,7 +56,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         .map(AlignMethod::Pairwise)
         .map_err(|_| {
             anyhow::anyhow!(
-                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo or lpo"
+                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo or spo"
             )
         })
 }
@@ -64,6 +71,9 @@ pub struct AlignConfigs {
     /// The `lpo` row's LRM and LPO runs (its `lpo.lrm` is replaced by the LRM trained first).
     pub lrm: LrmConfig,
     pub lpo: LpoConfig,
+    /// The `spo` row's SPM and SPO runs (its `spo.spm` is replaced by the SPM trained first).
+    pub spm: SpmConfig,
+    pub spo: SpoConfig,
 }
 
 /// One row of the table.
@@ -111,7 +121,8 @@ pub fn run_align(
     ensure!(
         cfg.run.mode == TrainMode::Lora
             && cfgs.grpo.run.mode == TrainMode::Lora
-            && cfgs.lpo.run.mode == TrainMode::Lora,
+            && cfgs.lpo.run.mode == TrainMode::Lora
+            && cfgs.spo.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
     let prompts_file = cfg
@@ -140,6 +151,14 @@ pub fn run_align(
             cfg.run.model
         );
     }
+    if kinds.contains(&AlignMethod::Spo) {
+        ensure!(
+            cfgs.spo.run.model == cfg.run.model,
+            "bench align: the SPO configuration trains {} but the rows are evaluated on {}",
+            cfgs.spo.run.model,
+            cfg.run.model
+        );
+    }
     let mut inputs = vec![
         Input::new("DPO model", Path::new(&cfg.run.model)),
         Input::new("GRPO model", Path::new(&cfgs.grpo.run.model)),
@@ -150,6 +169,8 @@ pub fn run_align(
         ("[grpo] prompts file", &cfgs.grpo.grpo.prompts),
         ("[lpo] prompts file", &cfgs.lpo.lpo.prompts),
         ("LRM [data] manifest", &cfgs.lrm.data.manifest),
+        ("[spo] prompts file", &cfgs.spo.spo.prompts),
+        ("SPM [data] manifest", &cfgs.spm.data.manifest),
     ] {
         if let Some(p) = p {
             inputs.push(Input::new(what, p));
@@ -210,9 +231,28 @@ pub fn run_align(
                 let lrm = crate::methods::lrm::train(&l, None).context("training the LRM")?;
                 ensure!(!lrm.interrupted, "training the LRM was interrupted");
                 let mut c = cfgs.lpo.clone();
-                c.lpo.lrm = Some(lrm.lrm);
+                c.lpo.lrm = Some(lrm.weights);
                 quiet(&mut c.run);
                 crate::methods::lpo::train(&c, None)
+            }
+            AlignMethod::Spo => {
+                let mut c = cfgs.spo.clone();
+                if c.spo.scorer == SpoScorer::Spm {
+                    let spm_dir = out.join(format!("{name}-spm"));
+                    if spm_dir.exists() {
+                        std::fs::remove_dir_all(&spm_dir)
+                            .with_context(|| format!("cannot clear {}", spm_dir.display()))?;
+                    }
+                    let mut m = cfgs.spm.clone();
+                    m.output_dir = Some(spm_dir);
+                    m.resume = false;
+                    m.log.progress = progress;
+                    let spm = crate::methods::spm::train(&m, None).context("training the SPM")?;
+                    ensure!(!spm.interrupted, "training the SPM was interrupted");
+                    c.spo.spm = Some(spm.weights);
+                }
+                quiet(&mut c.run);
+                crate::methods::spo::train(&c, None)
             }
         }
         .with_context(|| format!("training {name}"))?;
@@ -310,6 +350,8 @@ pub fn run_align(
         "grpo_steps": cfgs.grpo.run.optim.max_steps,
         "lpo_steps": cfgs.lpo.run.optim.max_steps,
         "lrm_steps": cfgs.lrm.optim.max_steps,
+        "spo_steps": cfgs.spo.run.optim.max_steps,
+        "spm_steps": cfgs.spm.optim.max_steps,
         "batch_size": cfg.run.optim.batch_size,
         "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,

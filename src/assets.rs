@@ -9,6 +9,8 @@ use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
+use crate::methods::spm::SpmConfig;
+use crate::methods::spo::SpoConfig;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
@@ -29,6 +31,18 @@ pub const DEFAULT_LRM_TOML: &str = include_str!("../assets/shapes/lrm.toml");
 
 /// Where the default LRM configuration lives in a checkout (for messages).
 pub const DEFAULT_LRM_PATH: &str = "assets/shapes/lrm.toml";
+
+/// The default SPM configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_SPM_TOML: &str = include_str!("../assets/shapes/spm.toml");
+
+/// Where the default SPM configuration lives in a checkout (for messages).
+pub const DEFAULT_SPM_PATH: &str = "assets/shapes/spm.toml";
+
+/// The default SPO configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_SPO_TOML: &str = include_str!("../assets/shapes/spo.toml");
+
+/// Where the default SPO configuration lives in a checkout (for messages).
+pub const DEFAULT_SPO_PATH: &str = "assets/shapes/spo.toml";
 
 /// The default LPO configuration (paths relative to the checkout root, `assets/...`).
 pub const DEFAULT_LPO_TOML: &str = include_str!("../assets/shapes/lpo.toml");
@@ -91,6 +105,24 @@ pub fn default_grpo_config(overrides: &[String]) -> Result<GrpoConfig> {
     Ok(cfg)
 }
 
+/// The default SPM run on the shapes world with `overrides` applied; its `assets/` paths point at
+/// [`assets_dir`].
+pub fn default_spm_config(overrides: &[String]) -> Result<SpmConfig> {
+    let mut cfg = SpmConfig::from_toml(DEFAULT_SPM_TOML, DEFAULT_SPM_PATH, overrides)?;
+    let assets = assets_dir()?;
+    cfg.model = resolve(&cfg.model, &assets);
+    resolve_path(&mut cfg.data.manifest, &assets);
+    resolve_path(&mut cfg.eval.manifest, &assets);
+    resolve_path(&mut cfg.spm.clip, &assets);
+    if let Some(p) = &mut cfg.pairs {
+        resolve_path(&mut p.prompts, &assets);
+    }
+    if let Some(p) = &mut cfg.eval.make {
+        resolve_path(&mut p.prompts, &assets);
+    }
+    Ok(cfg)
+}
+
 /// The default LRM run on the shapes world with `overrides` applied; its `assets/` paths point at
 /// [`assets_dir`].
 pub fn default_lrm_config(overrides: &[String]) -> Result<LrmConfig> {
@@ -117,6 +149,17 @@ pub fn default_lpo_config(overrides: &[String]) -> Result<LpoConfig> {
     resolve_run(&mut cfg.run, &assets);
     resolve_path(&mut cfg.lpo.prompts, &assets);
     resolve_path(&mut cfg.lpo.lrm, &assets);
+    Ok(cfg)
+}
+
+/// The default SPO run on the shapes world with `overrides` applied; its `assets/` paths point at
+/// [`assets_dir`] (the SPM it names, `runs/spm-shapes/spm`, is relative to the working directory).
+pub fn default_spo_config(overrides: &[String]) -> Result<SpoConfig> {
+    let mut cfg = SpoConfig::from_toml(DEFAULT_SPO_TOML, DEFAULT_SPO_PATH, overrides)?;
+    let assets = assets_dir()?;
+    resolve_run(&mut cfg.run, &assets);
+    resolve_path(&mut cfg.spo.prompts, &assets);
+    resolve_path(&mut cfg.spo.spm, &assets);
     Ok(cfg)
 }
 

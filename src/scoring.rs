@@ -43,6 +43,8 @@ pub enum RewardKind {
     ShapesSurrogate,
     /// A latent reward model (`train lrm`): images are encoded by its backbone's VAE and scored at t = 0.
     Lrm,
+    /// A step-aware preference model (`train spm`): images scored as clean (t = 0).
+    Spm,
 }
 
 impl RewardKind {
@@ -104,6 +106,15 @@ pub fn load_reward(
         }
         RewardKind::Shapes => return Ok(Box::new(ShapesReward::new())),
         RewardKind::ShapesSurrogate => return Ok(Box::new(ShapesSurrogate(ShapesReward::new()))),
+        RewardKind::Spm => {
+            let dir = Path::new(weights);
+            return Ok(Box::new(
+                diffpref_rewards::spm::StepAwarePreferenceModel::load(dir, dtype, device)
+                    .with_context(|| {
+                        format!("loading the step-aware preference model {}", dir.display())
+                    })?,
+            ));
+        }
         RewardKind::Lrm => {
             let dir = Path::new(weights);
             return Ok(Box::new(

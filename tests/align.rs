@@ -4,6 +4,7 @@
 use diffpref::align::{format_table, run_align, AlignConfigs};
 use diffpref::assets::{
     default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
+    default_spm_config, default_spo_config,
 };
 use diffpref::eval::{read_prompts, sample_and_score, SampleOptions};
 use diffpref::rewards::shapes::ShapesReward;
@@ -56,12 +57,47 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             "rollout.steps=3".into(),
         ])
         .unwrap(),
+        // SPO in small: an SPM of one step on 2 made pairs (evaluated on 2 more), then one SPO step.
+        spm: default_spm_config(&[
+            "optim.max_steps=1".into(),
+            "optim.batch_size=2".into(),
+            "log.progress=false".into(),
+            "pairs.pairs=2".into(),
+            "pairs.candidates=2".into(),
+            "pairs.steps=2".into(),
+            "eval.make.pairs=2".into(),
+            "eval.make.steps=2".into(),
+        ])
+        .unwrap(),
+        spo: default_spo_config(&[
+            "log.progress=false".into(),
+            "optim.max_steps=1".into(),
+            "optim.batch_size=2".into(),
+            "spo.prompts_per_round=2".into(),
+            "spo.k=2".into(),
+            "spo.threshold=0.0".into(),
+            "rollout.steps=3".into(),
+        ])
+        .unwrap(),
     };
-    let methods = ["dpo".into(), "simpo".into(), "grpo".into(), "lpo".into()];
+    let methods = [
+        "dpo".into(),
+        "simpo".into(),
+        "grpo".into(),
+        "lpo".into(),
+        "spo".into(),
+    ];
     let report = run_align(&cfgs, &methods, out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 5, "{table}");
+    assert_eq!(report.rows.len(), 6, "{table}");
+    let o = &report.rows[5];
+    assert_eq!((o.method.as_str(), o.steps), ("spo", 1));
+    // The SPM scored 2 prompts x 2 children at each of the 3 steps (667, 334, 1: all inside [0, 800)).
+    assert_eq!(o.reward_calls, Some(12));
+    assert!(out.path().join("spo-spm/spm/spm_config.json").exists());
+    assert!(out.path().join("spo-spm/spm_eval.json").exists());
+    assert!(o.difference.is_some() && o.weights.as_ref().unwrap().exists());
     let l = &report.rows[4];
     assert_eq!((l.method.as_str(), l.steps), ("lpo", 1));
     // The LRM scored 2 prompts x 2 children at the one step of 3 (t = 667) inside the default's timestep_range.

@@ -1,10 +1,14 @@
-//! The latent reward model and LPO on small settings: every trainable LRM parameter gets a gradient, a saved
-//! LRM scores as the trained one, SD2/SDXL-style backbones, `train lrm` and `train lpo` end to end on tiny-sd
-//! with bit-identical resume, the sampler's σ on SD1.5's 20-step grid (the threshold's input), the step range.
+//! The step-level methods on small settings: the latent reward model and LPO (every trainable LRM parameter
+//! gets a gradient, a saved LRM scores as the trained one, SD2/SDXL-style backbones, `train lrm` and `train
+//! lpo` end to end on tiny-sd with bit-identical resume, the sampler's σ on SD1.5's 20-step grid (the
+//! threshold's input), the step range), and the step-aware preference model and SPO (`train spm` with the tiny
+//! CLIP as its backbone and `train spo` end to end with bit-identical resume, the step range, bad settings).
 
 use candle_core::{DType, Device, Tensor};
 use diffpref::methods::lpo::{self, LpoConfig};
 use diffpref::methods::lrm::{self, LrmConfig};
+use diffpref::methods::spm::{self, SpmConfig};
+use diffpref::methods::spo::{self, SpoConfig};
 use diffpref_rewards::lrm::{LatentRewardModel, Trainable};
 use diffpref_rewards::Reward;
 use std::path::{Path, PathBuf};
@@ -291,7 +295,7 @@ fn train_lrm_then_lpo_end_to_end_with_bit_identical_resume() {
     )
     .unwrap();
     assert_eq!(resumed.steps, 4);
-    assert_eq!(dir_bytes(&full.lrm), dir_bytes(&resumed.lrm));
+    assert_eq!(dir_bytes(&full.weights), dir_bytes(&resumed.weights));
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(full.output_dir.join("lrm_eval.json")).unwrap(),
     )
@@ -307,7 +311,7 @@ fn train_lrm_then_lpo_end_to_end_with_bit_identical_resume() {
             format!("model = {:?}", fixture("tiny-sd").display().to_string()),
             format!("output_dir = {:?}", dir.display().to_string()),
             format!("lpo.prompts = {:?}", prompts.display().to_string()),
-            format!("lpo.lrm = {:?}", full.lrm.display().to_string()),
+            format!("lpo.lrm = {:?}", full.weights.display().to_string()),
             "lpo.prompts_per_round = 2".into(),
             "lpo.k = 3".into(),
             "lpo.threshold = [0.0, 0.0]".into(),
@@ -470,7 +474,7 @@ fn lrm_train_score_and_an_lpo_step_on_sd2_and_sdxl_style_models() {
         cfg.model = fixture(name).display().to_string();
         let s = lrm::train(&cfg, None).unwrap();
         assert_eq!(s.steps, 1);
-        let back = LatentRewardModel::load(&s.lrm, DType::F32, &Device::Cpu).unwrap();
+        let back = LatentRewardModel::load(&s.weights, DType::F32, &Device::Cpu).unwrap();
         let images = ((randn(4, &[1, 3, 32, 32]) * 0.2).unwrap() + 0.5).unwrap();
         assert!(back
             .score(&images, &["a red circle"])
@@ -485,7 +489,7 @@ fn lrm_train_score_and_an_lpo_step_on_sd2_and_sdxl_style_models() {
             format!("model = {:?}", fixture(name).display().to_string()),
             format!("output_dir = {:?}", root.join("lpo").display().to_string()),
             format!("lpo.prompts = {:?}", prompts.display().to_string()),
-            format!("lpo.lrm = {:?}", s.lrm.display().to_string()),
+            format!("lpo.lrm = {:?}", s.weights.display().to_string()),
             "lpo.prompts_per_round = 2".into(),
             "lpo.k = 2".into(),
             "lpo.threshold = [0.0, 0.0]".into(),
@@ -543,4 +547,219 @@ fn lpo_with_an_image_reward_on_each_childs_prediction_as_the_step_scorer() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("[lpo] lrm"), "{e}");
+}
+
+fn spm_config(dir: &Path, manifest: &Path, eval: &Path, extra: &[&str]) -> SpmConfig {
+    diffpref::alloc::retain_freed_memory();
+    let mut sets = vec![
+        format!("model = {:?}", fixture("tiny-sd").display().to_string()),
+        format!("output_dir = {:?}", dir.display().to_string()),
+        format!(
+            "spm.clip = {:?}",
+            fixture("tiny-clip-hf").display().to_string()
+        ),
+        format!("data.manifest = {:?}", manifest.display().to_string()),
+        format!("eval.manifest = {:?}", eval.display().to_string()),
+        "data.resolution = 32".into(),
+        "eval.bands = [[0, 500], [500, 1000]]".into(),
+        "optim.batch_size = 2".into(),
+        "optim.lr = 1e-3".into(),
+        "log.progress = false".into(),
+        "log.checkpoint_every = 1".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    SpmConfig::load(None, &sets).unwrap()
+}
+
+#[test]
+fn train_spm_then_spo_end_to_end_with_bit_identical_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train_pairs = make_pairs(&fixture("tiny-sd"), &tmp.path().join("pairs"), 6, 0);
+    let eval_pairs = make_pairs(&fixture("tiny-sd"), &tmp.path().join("eval"), 4, 9);
+
+    // SPM (the tiny CLIP as a PickScore-like backbone): 3 steps straight, or 1 then resumed to 3.
+    let full = spm::train(
+        &spm_config(
+            &tmp.path().join("spm-full"),
+            &train_pairs,
+            &eval_pairs,
+            &["optim.max_steps = 3"],
+        ),
+        None,
+    )
+    .unwrap();
+    assert_eq!(full.steps, 3);
+    let after = full.after.as_ref().unwrap();
+    assert_eq!(after.len(), 2);
+    assert!(after
+        .iter()
+        .all(|b| b.pairs == 4 && b.ci[0] <= b.accuracy && b.accuracy <= b.ci[1]));
+    let part_dir = tmp.path().join("spm-part");
+    spm::train(
+        &spm_config(
+            &part_dir,
+            &train_pairs,
+            &eval_pairs,
+            &["optim.max_steps = 1"],
+        ),
+        None,
+    )
+    .unwrap();
+    let resumed = spm::train(
+        &spm_config(
+            &part_dir,
+            &train_pairs,
+            &eval_pairs,
+            &["optim.max_steps = 3"],
+        ),
+        None,
+    )
+    .unwrap();
+    assert_eq!(dir_bytes(&full.weights), dir_bytes(&resumed.weights));
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(full.output_dir.join("spm_eval.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(report["after"][1]["accuracy"].is_number());
+    // The trained timestep conditioning moved off its zero init.
+    let heads = dir_bytes_file(&full.weights.join(diffpref_rewards::spm::HEADS_FILE));
+    let w = heads.iter().find(|(k, _)| k == "adaln.0.weight").unwrap();
+    assert!(w.1.iter().any(|&b| b != 0));
+
+    // SPO with that SPM: every pair kept (threshold 0), K = 3, a round of 2 prompts, 4 steps.
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\na blue square\n").unwrap();
+    let spo_cfg = |dir: &Path, steps: u64, extra: &[&str]| -> SpoConfig {
+        diffpref::alloc::retain_freed_memory();
+        let mut sets = vec![
+            format!("model = {:?}", fixture("tiny-sd").display().to_string()),
+            format!("output_dir = {:?}", dir.display().to_string()),
+            format!("spo.prompts = {:?}", prompts.display().to_string()),
+            format!("spo.spm = {:?}", full.weights.display().to_string()),
+            "spo.prompts_per_round = 2".into(),
+            "spo.k = 3".into(),
+            "spo.threshold = 0.0".into(),
+            "spo.timestep_range = [0, 1000]".into(),
+            "lora.rank = 2".into(),
+            "rollout.steps = 4".into(),
+            "optim.batch_size = 2".into(),
+            "optim.lr = 1e-3".into(),
+            format!("optim.max_steps = {steps}"),
+            "log.progress = false".into(),
+            "log.checkpoint_every = 1".into(),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        SpoConfig::load(None, &sets).unwrap()
+    };
+    let a = spo::train(&spo_cfg(&tmp.path().join("spo-full"), 5, &[]), None).unwrap();
+    assert_eq!(a.steps, 5);
+    let part = tmp.path().join("spo-part");
+    spo::train(&spo_cfg(&part, 2, &[]), None).unwrap();
+    let b = spo::train(&spo_cfg(&part, 5, &[]), None).unwrap();
+    let lora = |s: &diffpref::engine::run::TrainSummary| dir_bytes_file(&s.weights);
+    assert_eq!(lora(&a), lora(&b));
+    let series = |p: &Path, k: &str| {
+        diffpref::train::metrics::series(&diffpref::train::metrics::read_metrics(p).unwrap(), k)
+    };
+    assert_eq!(series(&a.metrics, "loss"), series(&b.metrics, "loss"));
+    // On-policy first step: policy = reference, the loss is log 2 exactly.
+    let l = series(&a.metrics, "loss");
+    assert!((l[0].1 - 2f64.ln()).abs() < 1e-6, "{l:?}");
+    assert!(lora(&a).iter().any(|(_, v)| v.iter().any(|&x| x != 0)));
+    // A round scores 2 prompts x 3 children at each of the 4 steps.
+    assert_eq!(a.last_metric("scorer_calls").unwrap() as u64 % 24, 0);
+
+    // The step range: pairs only from steps with t < 500 (the paper trains the low-noise steps).
+    let c = spo::train(
+        &spo_cfg(
+            &tmp.path().join("spo-range"),
+            2,
+            &["spo.timestep_range = [0, 500]"],
+        ),
+        None,
+    )
+    .unwrap();
+    assert!(series(&c.metrics, "mean_t").iter().all(|(_, t)| *t < 500.0));
+}
+
+#[test]
+fn bad_spm_and_spo_configurations_are_named() {
+    let base = ["model = \"x\"".to_string(), "data.manifest = \"m\"".into()];
+    for (sets, key) in [
+        (vec![], "[spm] needs a backbone"),
+        (
+            vec!["spm.clip = \"c\"", "spm.scratch = { image_size = 32, patch_size = 4, width = 64, layers = 2, heads = 4 }"],
+            "not both",
+        ),
+        (
+            vec!["spm.scratch = { image_size = 30, patch_size = 4, width = 64, layers = 2, heads = 4 }"],
+            "[spm.scratch] image_size",
+        ),
+        (vec!["spm.clip = \"c\"", "spm.guidance = -2"], "[spm] guidance"),
+    ] {
+        let mut s = base.to_vec();
+        s.extend(sets.iter().map(|x| x.to_string()));
+        let e = SpmConfig::load(None, &s)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{sets:?}: {e}");
+    }
+    let base = [
+        "model = \"x\"".to_string(),
+        "spo.prompts = \"p\"".into(),
+        "spo.spm = \"s\"".into(),
+    ];
+    for (set, key) in [
+        ("spo.k = 1", "[spo] k"),
+        ("spo.threshold = 1.5", "[spo] threshold"),
+        ("spo.clip_range = 1.5", "[spo] clip_range"),
+        ("spo.beta = 0", "[spo] beta"),
+        ("spo.timestep_range = [800, 200]", "[spo] timestep_range"),
+    ] {
+        let mut s = base.to_vec();
+        s.push(set.into());
+        let e = SpoConfig::load(None, &s)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{set}: {e}");
+    }
+    let e = SpoConfig::load(
+        None,
+        &["model = \"x\"".into(), "spo.prompts = \"p\"".into()],
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("[spo] spm"), "{e}");
+    // A folder that is not an SPM is named when the run loads it.
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.txt");
+    std::fs::write(&prompts, "a red circle\n").unwrap();
+    let cfg = SpoConfig::load(
+        None,
+        &[
+            format!("model = {:?}", fixture("tiny-sd").display().to_string()),
+            format!(
+                "output_dir = {:?}",
+                tmp.path().join("run").display().to_string()
+            ),
+            format!("spo.prompts = {:?}", prompts.display().to_string()),
+            format!(
+                "spo.spm = {:?}",
+                fixture("tiny-clip-hf").display().to_string()
+            ),
+            "log.progress = false".into(),
+        ],
+    )
+    .unwrap();
+    let e = format!("{:#}", spo::train(&cfg, None).unwrap_err());
+    assert!(
+        e.contains("[spo] spm") && e.contains("spm_config.json"),
+        "{e}"
+    );
 }

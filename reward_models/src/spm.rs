@@ -34,7 +34,9 @@
 //! modulations: `time_embedder.linear_{1,2}.{weight,bias}`, `adaln.{i}.{weight,bias}`,
 //! `final_adaln.{weight,bias}`). The folder also loads as a plain CLIP model (the timestep ignored).
 
-use crate::clip::{l2_normalize, BlockModulation, ClipConfig, ClipLoadOptions, Layout, TowerModulation};
+use crate::clip::{
+    l2_normalize, BlockModulation, ClipConfig, ClipLoadOptions, Layout, TowerModulation,
+};
 use crate::{ClipModel, Error, Result, Reward};
 use candle_core::{DType, Device, Tensor, Var, D};
 use diffpref_pipelines::nn::linear;
@@ -269,7 +271,11 @@ impl StepAwarePreferenceModel {
             Ok(Var::from_tensor(&(n.to_dtype(DType::F32)? * 0.02)?)?)
         };
         let zeros = |shape: &[usize]| -> Result<Var> {
-            Ok(Var::from_tensor(&Tensor::zeros(shape, DType::F32, device)?)?)
+            Ok(Var::from_tensor(&Tensor::zeros(
+                shape,
+                DType::F32,
+                device,
+            )?)?)
         };
         let time_1 = Dense {
             w: normal(seed.wrapping_add(1), &[w, f])?,

@@ -43,9 +43,16 @@ fn a_fresh_spm_scores_as_its_clip_at_every_timestep() {
     let want: Vec<f32> = plain.score(&x, &prompts).unwrap().to_vec1().unwrap();
     for t in [0f32, 251.0, 951.0] {
         let tt = Tensor::new(&[t], &dev).unwrap();
-        let got: Vec<f32> = spm.score_images(&x, &prompts, &tt).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = spm
+            .score_images(&x, &prompts, &tt)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "t {t}: {got:?} vs {want:?}");
+            assert!(
+                (g - w).abs() < 1e-4 * w.abs().max(1.0),
+                "t {t}: {got:?} vs {want:?}"
+            );
         }
     }
     // Distinct scores: the comparison is not vacuous.
@@ -123,7 +130,8 @@ fn saved_spms_load_back_to_the_same_scores_and_the_timestep_matters_after_traini
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            v.set(&(v.as_tensor() + (r * 0.05).unwrap()).unwrap()).unwrap();
+            v.set(&(v.as_tensor() + (r * 0.05).unwrap()).unwrap())
+                .unwrap();
         }
         let x = images(2, 24, 3);
         let prompts = ["a red circle", "three yellow triangles"];
@@ -139,11 +147,17 @@ fn saved_spms_load_back_to_the_same_scores_and_the_timestep_matters_after_traini
         for t in [0f32, 600.0] {
             let (a, b) = (at(&spm, t), at(&back, t));
             for (a, b) in a.iter().zip(&b) {
-                assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "{backbone:?} t {t}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() < 1e-5 * a.abs().max(1.0),
+                    "{backbone:?} t {t}: {a} vs {b}"
+                );
             }
         }
         let (s0, s6) = (at(&spm, 0.0), at(&spm, 600.0));
-        assert!((s0[0] - s6[0]).abs() > 1e-6, "{backbone:?}: the timestep changes nothing");
+        assert!(
+            (s0[0] - s6[0]).abs() > 1e-6,
+            "{backbone:?}: the timestep changes nothing"
+        );
         // As a Reward: the image at reward_timestep.
         let mut back = back;
         back.reward_timestep = 600.0;
@@ -154,9 +168,13 @@ fn saved_spms_load_back_to_the_same_scores_and_the_timestep_matters_after_traini
 
 #[test]
 fn a_folder_without_an_spm_config_is_a_clear_error() {
-    let e = StepAwarePreferenceModel::load(&fixtures().join("tiny-clip-hf"), DType::F32, &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("spm_config.json") && e.contains("tiny-clip-hf"), "{e}");
+    let e =
+        StepAwarePreferenceModel::load(&fixtures().join("tiny-clip-hf"), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+    assert!(
+        e.contains("spm_config.json") && e.contains("tiny-clip-hf"),
+        "{e}"
+    );
 }

@@ -92,10 +92,17 @@ pub struct BenchArgs {
     /// align: the `lpo` row's LRM configuration (default: assets/shapes/lrm.toml).
     #[arg(long)]
     pub lrm_config: Option<std::path::PathBuf>,
+    /// align: the `spo` row's configuration (default: assets/shapes/spo.toml; its `spo.spm` is the SPM the row
+    /// trains first).
+    #[arg(long)]
+    pub spo_config: Option<std::path::PathBuf>,
+    /// align: the `spo` row's SPM configuration (default: assets/shapes/spm.toml).
+    #[arg(long)]
+    pub spm_config: Option<std::path::PathBuf>,
     /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
-    /// every method's configuration, `loss.*` / `data.*` to DPO's, `grpo.*` / `reward.*` to GRPO's, `rollout.*`
-    /// to GRPO's and LPO's, `lpo.*` to LPO's, `lrm.*` (with the `lrm.` stripped, e.g. `lrm.optim.max_steps=50`)
-    /// to the LPO row's LRM.
+    /// every method's configuration, `loss.*` / `data.*` to DPO's, `grpo.*` to GRPO's, `reward.*` to GRPO's and
+    /// SPO's, `rollout.*` to GRPO's, LPO's and SPO's, `lpo.*` to LPO's, `spo.*` to SPO's, `lrm.*` / `spm.*` (with
+    /// the prefix stripped, e.g. `lrm.optim.max_steps=50`) to the LPO row's LRM / the SPO row's SPM.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// align: output folder (one subfolder per method, align.json, grid.png).
@@ -878,6 +885,8 @@ struct Overrides {
     grpo: Vec<String>,
     lpo: Vec<String>,
     lrm: Vec<String>,
+    spo: Vec<String>,
+    spm: Vec<String>,
 }
 
 fn split_overrides(overrides: &[String]) -> Overrides {
@@ -886,19 +895,29 @@ fn split_overrides(overrides: &[String]) -> Overrides {
         let key = o.split(['.', '=']).next().unwrap_or("").trim();
         match key {
             "loss" | "data" => s.dpo.push(o.clone()),
-            "grpo" | "reward" => s.grpo.push(o.clone()),
+            "grpo" => s.grpo.push(o.clone()),
+            "reward" => {
+                s.grpo.push(o.clone());
+                s.spo.push(o.clone());
+            }
             "rollout" => {
                 s.grpo.push(o.clone());
                 s.lpo.push(o.clone());
+                s.spo.push(o.clone());
             }
             "lpo" => s.lpo.push(o.clone()),
+            "spo" => s.spo.push(o.clone()),
             "lrm" => s
                 .lrm
                 .push(o.trim_start().trim_start_matches("lrm.").to_string()),
+            "spm" => s
+                .spm
+                .push(o.trim_start().trim_start_matches("spm.").to_string()),
             _ => {
                 s.dpo.push(o.clone());
                 s.grpo.push(o.clone());
                 s.lpo.push(o.clone());
+                s.spo.push(o.clone());
             }
         }
     }
@@ -939,12 +958,31 @@ fn align(a: &BenchArgs) -> Result<()> {
         check.lpo.lrm = Some("lrm".into());
         check.validate()?;
     }
+    let spm = match &a.spm_config {
+        Some(p) => crate::methods::spm::SpmConfig::load(Some(p), &o.spm)?,
+        None => crate::assets::default_spm_config(&o.spm)?,
+    };
+    let spo = match &a.spo_config {
+        Some(p) => crate::methods::spo::SpoConfig::load(Some(p), &o.spo)?,
+        None => crate::assets::default_spo_config(&o.spo)?,
+    };
+    if a.methods.iter().any(|m| m == "spo") {
+        let mut check = spo.clone();
+        if check.spo.scorer == crate::methods::spo::SpoScorer::Spm {
+            spm.validate()?;
+            // The row trains its own SPM: the configured `spo.spm` is replaced.
+            check.spo.spm = Some("spm".into());
+        }
+        check.validate()?;
+    }
     let progress = dpo.run.log.progress;
     let cfgs = crate::align::AlignConfigs {
         dpo,
         grpo,
         lrm,
         lpo,
+        spm,
+        spo,
     };
     let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));
@@ -973,6 +1011,9 @@ mod tests {
             "rollout.steps=5",
             "lpo.k=3",
             "lrm.optim.max_steps=7",
+            "spo.k=2",
+            "spm.optim.max_steps=9",
+            "reward.kind=shapes",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -985,7 +1026,8 @@ mod tests {
                 "optim.max_steps=3",
                 "grpo.group_size=4",
                 "seed=2",
-                "rollout.steps=5"
+                "rollout.steps=5",
+                "reward.kind=shapes"
             ]
         );
         assert_eq!(
@@ -993,6 +1035,17 @@ mod tests {
             ["optim.max_steps=3", "seed=2", "rollout.steps=5", "lpo.k=3"]
         );
         assert_eq!(s.lrm, ["optim.max_steps=7"]);
+        assert_eq!(s.spm, ["optim.max_steps=9"]);
+        assert_eq!(
+            s.spo,
+            [
+                "optim.max_steps=3",
+                "seed=2",
+                "rollout.steps=5",
+                "spo.k=2",
+                "reward.kind=shapes"
+            ]
+        );
     }
 
     fn args(suite: Suite) -> BenchArgs {
@@ -1011,6 +1064,8 @@ mod tests {
             grpo_config: None,
             lpo_config: None,
             lrm_config: None,
+            spo_config: None,
+            spm_config: None,
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,

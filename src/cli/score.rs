@@ -73,14 +73,15 @@ pub struct ScoreArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// `lrm` only: the timestep images are scored at (their clean latents noised with a seeded noise when
-    /// T > 0); with --pairs, the accuracy at T alone instead of per timestep band.
+    /// `lrm` / `spm` only: the timestep images are scored at (their clean latents noised with a seeded noise
+    /// when T > 0; the SPM scores the x0 its diffusion model predicts from them); with --pairs, the accuracy at
+    /// T alone instead of per timestep band.
     #[arg(long)]
     pub timestep: Option<u64>,
-    /// `lrm --pairs` only: the timestep bands `lo:hi,lo:hi,...` (default 0:200,200:500,500:800,800:1000).
+    /// `lrm` / `spm` with `--pairs` only: the timestep bands `lo:hi,lo:hi,...` (default 0:200,200:500,500:800,800:1000).
     #[arg(long)]
     pub bands: Option<String>,
-    /// `lrm` only: the seed of the noise (and, per band, of the timesteps).
+    /// `lrm` / `spm` only: the seed of the noise (and, per band, of the timesteps).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -379,10 +380,11 @@ fn parse_bands(s: &str) -> Result<Vec<[u64; 2]>> {
         .collect()
 }
 
-/// `score --reward lrm --pairs FILE`: accuracy per timestep band (see [`crate::methods::lrm::evaluate`]).
-fn run_lrm_pairs(
+/// `score --reward lrm|spm --pairs FILE`: accuracy per timestep band (see [`crate::methods::lrm::evaluate`]).
+fn run_step_pairs(
     a: &ScoreArgs,
-    lrm: &diffpref_rewards::lrm::LatentRewardModel,
+    name: &str,
+    model: &dyn crate::methods::lrm::StepRewardModel,
     file: &Path,
 ) -> Result<()> {
     let bands = match (&a.bands, a.timestep) {
@@ -398,13 +400,20 @@ fn run_lrm_pairs(
     let (w, _) = image::image_dimensions(&img)
         .with_context(|| format!("reading image {}", img.display()))?;
     let pcfg = crate::data::PreprocessConfig::new(w);
-    let res =
-        crate::methods::lrm::evaluate(lrm, file, &bands, a.seed, a.batch_size.max(1), &pcfg, true)?;
+    let res = crate::methods::lrm::evaluate(
+        model,
+        file,
+        &bands,
+        a.seed,
+        a.batch_size.max(1),
+        &pcfg,
+        true,
+    )?;
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"reward": "lrm", "weights": a.weights, "bands": res})
+                &serde_json::json!({"reward": name, "weights": a.weights, "bands": res})
             )?
         );
     } else {
@@ -417,7 +426,7 @@ fn run_lrm_pairs(
                 _ => String::new(),
             };
             println!(
-                "lrm t in [{}, {}): accuracy {:.4}, 95% CI [{:.4}, {:.4}] (Wilson, {} pairs){truth}",
+                "{name} t in [{}, {}): accuracy {:.4}, 95% CI [{:.4}, {:.4}] (Wilson, {} pairs){truth}",
                 b.band[0], b.band[1], b.accuracy, b.ci[0], b.ci[1], b.pairs
             );
         }
@@ -428,8 +437,9 @@ fn run_lrm_pairs(
 pub fn run(a: ScoreArgs) -> Result<()> {
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
-    if a.reward != RewardKind::Lrm && (a.timestep.is_some() || a.bands.is_some()) {
-        bail!("--timestep and --bands are for --reward lrm");
+    let stepwise = matches!(a.reward, RewardKind::Lrm | RewardKind::Spm);
+    if !stepwise && (a.timestep.is_some() || a.bands.is_some()) {
+        bail!("--timestep and --bands are for --reward lrm and --reward spm");
     }
     if a.reward == RewardKind::Lrm {
         let dir = a
@@ -440,11 +450,28 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             diffpref_rewards::lrm::LatentRewardModel::load(Path::new(dir), dtype, &device)
                 .with_context(|| format!("--weights {dir}"))?;
         if let Some(p) = &a.pairs {
-            return run_lrm_pairs(&a, &lrm, p);
+            return run_step_pairs(&a, "lrm", &lrm, p);
         }
         lrm.reward_timestep = a.timestep.unwrap_or(0) as f64;
         lrm.noise_seed = a.seed;
         return score_and_print(&a, &lrm, &device);
+    }
+    if a.reward == RewardKind::Spm && (a.pairs.is_some() || a.timestep.unwrap_or(0) > 0) {
+        // Noisy steps: the SPM with the diffusion model that predicts its x0 inputs.
+        let dir = a
+            .weights
+            .as_deref()
+            .context("--reward spm needs --weights (an SPM folder from `train spm`)")?;
+        let spm =
+            diffpref_rewards::spm::StepAwarePreferenceModel::load(Path::new(dir), dtype, &device)
+                .with_context(|| format!("--weights {dir}"))?;
+        let mut m = crate::methods::spm::SpmOnLatents::new(spm, dtype)?;
+        if let Some(p) = &a.pairs {
+            return run_step_pairs(&a, "spm", &m, p);
+        }
+        m.reward_timestep = a.timestep.unwrap_or(0) as f64;
+        m.noise_seed = a.seed;
+        return score_and_print(&a, &m, &device);
     }
     let reward = load_reward_opt(
         a.reward,

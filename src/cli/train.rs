@@ -3,13 +3,17 @@
 use super::eval::print_comparison;
 use crate::assets::{
     default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
-    DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH,
+    default_spm_config, default_spo_config, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH,
+    DEFAULT_LRM_PATH, DEFAULT_SPM_PATH, DEFAULT_SPO_PATH,
 };
 use crate::engine::run::TrainSummary;
 use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
+use crate::methods::lrm::PairRmSummary;
 use crate::methods::pairwise::DpoConfig;
+use crate::methods::spm::SpmConfig;
+use crate::methods::spo::{SpoConfig, SpoScorer};
 use crate::train::checkpoint::StopFlag;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -40,6 +44,16 @@ pub enum Method {
     /// K children per step scored by a latent reward model (`train lrm`), LoRA or full. With no arguments: a
     /// LoRA on the shapes-world model with the LRM `train lrm` writes, judged on held-out prompts.
     Lpo(ConfigArgs),
+    /// A step-aware preference model (SPM, SPO's): a CLIP-family model with timestep conditioning scoring the
+    /// decoded x0 prediction of a noisy step, trained on preference pairs at random noise levels; reports pair
+    /// accuracy per timestep band. With no arguments: a new image tower for the shapes-world model, from pairs
+    /// of its samples labelled by the ground truth.
+    Spm(ConfigArgs),
+    /// Step-by-step preference optimisation (SPO): step-level preference optimisation on the model's own
+    /// trajectories, K children per step scored on their decoded x0 by a step-aware preference model (`train
+    /// spm`), a random child continuing, LoRA or full. With no arguments: a LoRA on the shapes-world model with
+    /// the SPM `train spm` writes, judged on held-out prompts.
+    Spo(ConfigArgs),
 }
 
 /// `--config FILE.toml [--set key=value ...] [--device D] [--dtype T]`.
@@ -174,34 +188,57 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 }
             };
             let s = crate::methods::lrm::train(&cfg, Some(stop))?;
-            if s.interrupted {
-                println!("interrupted; resume with the same command");
-            }
-            if let Some(after) = &s.after {
-                println!("held-out pair accuracy per timestep band (before -> after training):");
-                for (i, a) in after.iter().enumerate() {
-                    let b = s.before.as_ref().and_then(|b| b.get(i));
-                    let truth = match (a.truth_accuracy, a.truth_ci) {
-                        (Some(x), Some(ci)) => {
-                            format!("; vs ground truth {x:.3} [{:.3}, {:.3}]", ci[0], ci[1])
-                        }
-                        _ => String::new(),
-                    };
-                    println!(
-                        "  t in [{}, {}): {} -> {:.3} [{:.3}, {:.3}] ({} pairs){truth}",
-                        a.band[0],
-                        a.band[1],
-                        b.map(|b| format!("{:.3}", b.accuracy))
-                            .unwrap_or_else(|| "-".into()),
-                        a.accuracy,
-                        a.ci[0],
-                        a.ci[1],
-                        a.pairs
+            print_pair_rm(&s, "lrm");
+            Ok(())
+        }
+        Method::Spm(c) => {
+            let cfg = match &c.config {
+                Some(path) => SpmConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_spm_config(&c.overrides())?;
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_SPM_PATH}): an SPM for {}",
+                        cfg.model
                     );
+                    cfg
                 }
+            };
+            let s = crate::methods::spm::train(&cfg, Some(stop))?;
+            print_pair_rm(&s, "spm");
+            Ok(())
+        }
+        Method::Spo(c) => {
+            let cfg = match &c.config {
+                Some(path) => SpoConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_spo_config(&c.overrides())?;
+                    let spm = cfg.spo.spm.clone().unwrap_or_default();
+                    if cfg.spo.scorer == SpoScorer::Spm
+                        && !spm.join(diffpref_rewards::spm::CONFIG_FILE).exists()
+                    {
+                        anyhow::bail!(
+                            "the default `train spo` uses the step-aware preference model at {}: train it first with `diffpref train spm` (no arguments), or give --set spo.spm=DIR (or --set spo.scorer=reward for the exact shapes reward as an oracle step scorer)",
+                            spm.display()
+                        );
+                    }
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_SPO_PATH}): an SPO LoRA on {} with the SPM {}",
+                        cfg.run.model,
+                        spm.display()
+                    );
+                    cfg
+                }
+            };
+            let s = crate::methods::spo::train(&cfg, Some(stop))?;
+            if let (Some(loss), Some(acc)) = (s.last_metric("loss"), s.last_metric("step_acc")) {
+                println!(
+                    "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} scorer calls",
+                    s.steps,
+                    s.last_metric("tuples_kept").unwrap_or(0.0),
+                    s.last_metric("scorer_calls").unwrap_or(0.0)
+                );
             }
-            println!("lrm: {}", s.lrm.display());
-            println!("wall time: {:.0} s", s.seconds);
+            report(&s);
             Ok(())
         }
         Method::Lpo(c) => {
@@ -237,4 +274,36 @@ pub fn run(a: TrainArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `train lrm` / `train spm` print: the held-out pair accuracy per band, before and after.
+fn print_pair_rm(s: &PairRmSummary, name: &str) {
+    if s.interrupted {
+        println!("interrupted; resume with the same command");
+    }
+    if let Some(after) = &s.after {
+        println!("held-out pair accuracy per timestep band (before -> after training):");
+        for (i, a) in after.iter().enumerate() {
+            let b = s.before.as_ref().and_then(|b| b.get(i));
+            let truth = match (a.truth_accuracy, a.truth_ci) {
+                (Some(x), Some(ci)) => {
+                    format!("; vs ground truth {x:.3} [{:.3}, {:.3}]", ci[0], ci[1])
+                }
+                _ => String::new(),
+            };
+            println!(
+                "  t in [{}, {}): {} -> {:.3} [{:.3}, {:.3}] ({} pairs){truth}",
+                a.band[0],
+                a.band[1],
+                b.map(|b| format!("{:.3}", b.accuracy))
+                    .unwrap_or_else(|| "-".into()),
+                a.accuracy,
+                a.ci[0],
+                a.ci[1],
+                a.pairs
+            );
+        }
+    }
+    println!("{name}: {}", s.weights.display());
+    println!("wall time: {:.0} s", s.seconds);
 }

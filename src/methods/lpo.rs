@@ -51,6 +51,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use diffpref_pipelines::loading::StableDiffusion;
 use diffpref_pipelines::schedulers::DdimTransition;
 use diffpref_rewards::lrm::LatentRewardModel;
+use diffpref_rewards::spm::StepAwarePreferenceModel;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -185,44 +186,53 @@ impl LpoConfig {
             ),
             Scorer::Reward => self.reward.validate("[reward]")?,
         }
-        ensure!(
-            l.score_scale.is_finite() && l.score_scale > 0.0,
-            "[lpo] score_scale must be positive (got {})",
-            l.score_scale
-        );
-        ensure!(
-            (1..=crate::engine::config::MAX_BATCH).contains(&l.prompts_per_round),
-            "[lpo] prompts_per_round must be 1 to {}",
-            crate::engine::config::MAX_BATCH
-        );
-        ensure!(
-            (2..=64).contains(&l.k),
-            "[lpo] k (children per step) must be 2 to 64 (got {})",
-            l.k
-        );
-        ensure!(
-            l.beta.is_finite() && l.beta > 0.0,
-            "[lpo] beta must be positive (got {})",
-            l.beta
-        );
-        ensure!(
-            l.clip_range.is_finite() && l.clip_range > 0.0 && l.clip_range < 1.0,
-            "[lpo] clip_range must lie in (0, 1) (got {})",
-            l.clip_range
-        );
-        let [a, b] = l.threshold;
-        ensure!(
-            a.is_finite() && b.is_finite() && (0.0..1.0).contains(&a) && a <= b && b < 1.0,
-            "[lpo] threshold = [{a}, {b}] must satisfy 0 <= min <= max < 1 (p_w - p_l lies in [0, 1))"
-        );
-        if let Some([lo, hi]) = l.timestep_range {
-            ensure!(
-                lo < hi,
-                "[lpo] timestep_range = [{lo}, {hi}] must have lo < hi"
-            );
-        }
+        validate_step_settings("[lpo]", l)?;
         self.rollout.validate("[rollout]")
     }
+}
+
+/// Checks the fields of the step-level loop (`[lpo]`, or `[spo]` converted), naming `section`.
+pub(crate) fn validate_step_settings(section: &str, l: &LpoSection) -> Result<()> {
+    ensure!(
+        l.score_scale.is_finite() && l.score_scale > 0.0,
+        "{section} score_scale must be positive (got {})",
+        l.score_scale
+    );
+    ensure!(
+        (1..=crate::engine::config::MAX_BATCH).contains(&l.prompts_per_round),
+        "{section} prompts_per_round must be 1 to {}",
+        crate::engine::config::MAX_BATCH
+    );
+    ensure!(
+        (2..=64).contains(&l.k),
+        "{section} k (children per step) must be 2 to 64 (got {})",
+        l.k
+    );
+    ensure!(
+        l.beta.is_finite() && l.beta > 0.0,
+        "{section} beta must be positive (got {})",
+        l.beta
+    );
+    ensure!(
+        l.clip_range.is_finite() && l.clip_range > 0.0 && l.clip_range < 1.0,
+        "{section} clip_range must lie in (0, 1) (got {})",
+        l.clip_range
+    );
+    let [a, b] = l.threshold;
+    ensure!(
+        a.is_finite() && b.is_finite() && (0.0..1.0).contains(&a) && a <= b && b < 1.0,
+        "{section} threshold = [{a}, {b}] must satisfy 0 <= min <= max < 1 (p_w - p_l lies in [0, 1))"
+    );
+    if let Some([lo, hi]) = l.timestep_range {
+        ensure!(
+            lo < hi,
+            "{section} timestep_range = [{lo}, {hi}] must have lo < hi"
+        );
+    }
+    if l.prompts.is_none() {
+        bail!("{section} prompts (the training prompts, one per line) is required");
+    }
+    Ok(())
 }
 
 /// `p_w − p_l` of two scores: the softmax over (s_w, s_l) gives `tanh((s_w − s_l) / 2)`.
@@ -370,16 +380,38 @@ struct LpoState {
 
 const QUEUE_FILE: &str = "lpo_queue.safetensors";
 
-/// LPO as a [`Method`].
-pub struct LpoMethod {
+/// What scores the K children of a step (loaded).
+pub enum StepScorer {
+    /// A latent reward model on the noisy children (LPO).
+    Lrm(LatentRewardModel),
+    /// A step-aware preference model on each child's decoded x̂₀ at the child's timestep (SPO).
+    Spm(StepAwarePreferenceModel),
+    /// An image reward on each child's decoded x̂₀, with its batch size.
+    Reward(Box<dyn diffpref_rewards::Reward>, usize),
+}
+
+impl StepScorer {
+    fn describe(&self) -> String {
+        match self {
+            StepScorer::Lrm(l) => format!("latent reward model on {}", l.config.backbone.display()),
+            StepScorer::Spm(s) => format!("step-aware preference model ({})", s.clip.source),
+            StepScorer::Reward(r, _) => format!("{} on each child's x0 prediction", r.name()),
+        }
+    }
+}
+
+/// The step-level preference loop of LPO and SPO (see the module docs) as a [`Method`]: one implementation
+/// of "branch K children, score, keep a pair, continue", with any [`StepScorer`].
+pub struct StepLevelMethod {
+    /// `lpo` or `spo` (the metrics' and the random streams' name).
+    name: &'static str,
     model: StableDiffusion,
     cfg: LpoSection,
     rollout_cfg: RolloutConfig,
     rule: StepRule,
     sigmas: Vec<f64>,
     sigma_range: [f64; 2],
-    lrm: Option<LatentRewardModel>,
-    reward: Option<(Box<dyn diffpref_rewards::Reward>, usize)>,
+    scorer: StepScorer,
     prompts: Vec<String>,
     seed: u64,
     noise_rng: Rng,
@@ -396,41 +428,60 @@ pub struct LpoMethod {
     per_step: usize,
 }
 
-impl LpoMethod {
-    pub fn new(cfg: &LpoConfig, model: StableDiffusion) -> Result<LpoMethod> {
-        let prompts_file = cfg.lpo.prompts.as_ref().context("[lpo] prompts")?;
-        let prompts = read_prompts(prompts_file, false).context("[lpo] prompts")?;
-        let (lrm, reward) = match cfg.lpo.scorer {
-            Scorer::Lrm => {
-                let lrm_dir = cfg.lpo.lrm.as_ref().context("[lpo] lrm")?;
-                let lrm = LatentRewardModel::load(lrm_dir, cfg.lpo.lrm_dtype.dtype(), model.device())
-                    .with_context(|| {
-                        format!(
-                            "[lpo] lrm = {}: loading the latent reward model (train one with `diffpref train lrm`)",
-                            lrm_dir.display()
-                        )
-                    })?;
-                let (lc, mc) = (
-                    lrm.model.unet.config().in_channels,
-                    model.unet.config().in_channels,
-                );
-                ensure!(
-                    lc == mc && lrm.model.vae_scale_factor() == model.vae_scale_factor(),
-                    "[lpo] lrm {}: its backbone's latents ({lc} channels) are not the model's ({mc}): an LRM \
-                     scores latents of its own VAE",
-                    lrm_dir.display()
-                );
-                (Some(lrm), None)
-            }
-            Scorer::Reward => (
-                None,
-                Some((
-                    cfg.reward.load("[reward]", model.device())?,
-                    cfg.reward.batch_size,
-                )),
+/// The LRM of `[lpo] lrm`, checked against the model's latents.
+fn load_lrm(cfg: &LpoSection, model: &StableDiffusion) -> Result<LatentRewardModel> {
+    let lrm_dir = cfg.lrm.as_ref().context("[lpo] lrm")?;
+    let lrm = LatentRewardModel::load(lrm_dir, cfg.lrm_dtype.dtype(), model.device()).with_context(
+        || {
+            format!(
+                "[lpo] lrm = {}: loading the latent reward model (train one with `diffpref train lrm`)",
+                lrm_dir.display()
+            )
+        },
+    )?;
+    let (lc, mc) = (
+        lrm.model.unet.config().in_channels,
+        model.unet.config().in_channels,
+    );
+    ensure!(
+        lc == mc && lrm.model.vae_scale_factor() == model.vae_scale_factor(),
+        "[lpo] lrm {}: its backbone's latents ({lc} channels) are not the model's ({mc}): an LRM \
+         scores latents of its own VAE",
+        lrm_dir.display()
+    );
+    Ok(lrm)
+}
+
+impl StepLevelMethod {
+    /// LPO: `[lpo]`'s scorer.
+    pub fn lpo(cfg: &LpoConfig, model: StableDiffusion) -> Result<StepLevelMethod> {
+        let scorer = match cfg.lpo.scorer {
+            Scorer::Lrm => StepScorer::Lrm(load_lrm(&cfg.lpo, &model)?),
+            Scorer::Reward => StepScorer::Reward(
+                cfg.reward.load("[reward]", model.device())?,
+                cfg.reward.batch_size,
             ),
         };
-        let rule = StepRule::new(&model, &cfg.rollout)?;
+        Self::new("lpo", &cfg.lpo, &cfg.rollout, &cfg.run, scorer, model)
+    }
+
+    /// The loop with `settings` (the `[lpo]` fields; SPO converts its `[spo]`), sampling with `rollout`.
+    pub fn new(
+        name: &'static str,
+        settings: &LpoSection,
+        rollout: &RolloutConfig,
+        run: &RunConfig,
+        scorer: StepScorer,
+        model: StableDiffusion,
+    ) -> Result<StepLevelMethod> {
+        let section = format!("[{name}]");
+        let prompts_file = settings
+            .prompts
+            .as_ref()
+            .with_context(|| format!("{section} prompts"))?;
+        let prompts =
+            read_prompts(prompts_file, false).with_context(|| format!("{section} prompts"))?;
+        let rule = StepRule::new(&model, rollout)?;
         let sigmas = step_sigmas(&rule)?;
         let stoch: Vec<f64> = rule
             .stochastic_steps()
@@ -445,18 +496,18 @@ impl LpoMethod {
             stoch.iter().cloned().fold(f64::INFINITY, f64::min),
             stoch.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
         ];
-        let mut m = LpoMethod {
+        let mut m = StepLevelMethod {
+            name,
             rule,
             sigmas,
             sigma_range,
-            lrm,
-            reward,
+            scorer,
             prompts,
-            cfg: cfg.lpo.clone(),
-            rollout_cfg: cfg.rollout.clone(),
-            seed: cfg.run.seed,
-            noise_rng: Rng::derive(cfg.run.seed, "lpo-noise"),
-            select_rng: Rng::derive(cfg.run.seed, "lpo-select"),
+            cfg: settings.clone(),
+            rollout_cfg: rollout.clone(),
+            seed: run.seed,
+            noise_rng: Rng::derive(run.seed, &format!("{name}-noise")),
+            select_rng: Rng::derive(run.seed, &format!("{name}-select")),
             prompt_epoch: 0,
             prompt_index: 0,
             order: Vec::new(),
@@ -465,7 +516,7 @@ impl LpoMethod {
             tuples_kept: 0,
             tuples_seen: 0,
             queue: Tuples::default(),
-            per_step: cfg.run.optim.batch_size * cfg.run.optim.grad_accum,
+            per_step: run.optim.batch_size * run.optim.grad_accum,
             model,
         };
         m.order = m.order_for(0);
@@ -474,7 +525,7 @@ impl LpoMethod {
 
     fn order_for(&self, epoch: u64) -> Vec<usize> {
         let mut o: Vec<usize> = (0..self.prompts.len()).collect();
-        Rng::derive(self.seed, &format!("lpo-prompts/{epoch}")).shuffle(&mut o);
+        Rng::derive(self.seed, &format!("{}-prompts/{epoch}", self.name)).shuffle(&mut o);
         o
     }
 
@@ -514,7 +565,7 @@ impl LpoMethod {
             .flat_map(|p| std::iter::repeat_n(p.as_str(), kk))
             .collect();
         let t = self.rule.timesteps[k];
-        let s: Tensor = if let Some(lrm) = &self.lrm {
+        let s: Tensor = if let StepScorer::Lrm(lrm) = &self.scorer {
             let t_score = match self.cfg.score_at {
                 ScoreAt::Parent => t,
                 ScoreAt::Child => (t - self.rule.step_ratio as f64).max(0.0),
@@ -551,11 +602,33 @@ impl LpoMethod {
                 .vae
                 .decode_to_image01(&x0.to_dtype(self.model.dtype())?)?
                 .to_dtype(DType::F32)?;
-            // Scored as 8-bit images, as the judge sees them.
-            let imgs = crate::imaging::tensor_to_images(&images)?;
-            let x = crate::imaging::images_to_tensor(&imgs, self.model.device())?;
-            let (reward, bs) = self.reward.as_ref().context("lpo: no step scorer")?;
-            reward.score_batched(&x, &ps, *bs)?
+            match &self.scorer {
+                StepScorer::Spm(spm) => {
+                    // The child's own timestep (0 for the last step's x₀), as the SPM was trained.
+                    let t_child = rule.timesteps.get(k + 1).copied().unwrap_or(0.0);
+                    let tt = Tensor::new(&[t_child as f32], images.device())?;
+                    let mut parts = Vec::new();
+                    let n = images.dim(0)?;
+                    let mut i = 0;
+                    while i < n {
+                        let m = 64.min(n - i);
+                        parts.push(spm.score_images(
+                            &images.narrow(0, i, m)?,
+                            &ps[i..i + m],
+                            &tt,
+                        )?);
+                        i += m;
+                    }
+                    Tensor::cat(&parts, 0)?
+                }
+                StepScorer::Reward(reward, bs) => {
+                    // Scored as 8-bit images, as the judge sees them.
+                    let imgs = crate::imaging::tensor_to_images(&images)?;
+                    let x = crate::imaging::images_to_tensor(&imgs, self.model.device())?;
+                    reward.score_batched(&x, &ps, *bs)?
+                }
+                StepScorer::Lrm(_) => unreachable!("scored above"),
+            }
         };
         let s: Vec<f32> = s
             .detach()
@@ -678,9 +751,9 @@ impl LpoMethod {
     }
 }
 
-impl Method for LpoMethod {
+impl Method for StepLevelMethod {
     fn name(&self) -> &str {
-        "lpo"
+        self.name
     }
 
     fn unit(&self) -> &str {
@@ -693,15 +766,12 @@ impl Method for LpoMethod {
 
     fn on_start(&mut self, ctx: StartContext<'_>) -> Result<()> {
         ctx.progress.println(format!(
-            "lpo: {} prompts x {} children per step, {} training prompts, scorer {}",
+            "{}: {} prompts x {} children per step, {} training prompts, scorer: {}",
+            self.name,
             self.cfg.prompts_per_round,
             self.cfg.k,
             self.prompts.len(),
-            self.cfg
-                .lrm
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            self.scorer.describe()
         ));
         Ok(())
     }
@@ -715,9 +785,11 @@ impl Method for LpoMethod {
                 empty += 1;
                 if empty >= 20 {
                     bail!(
-                        "[lpo] 20 rounds in a row kept no tuple: no pair of children cleared the threshold {:?} \
-                         (lower [lpo] threshold, or check the LRM: `diffpref score --reward lrm`)",
-                        self.cfg.threshold
+                        "[{name}] 20 rounds in a row kept no tuple: no pair of children cleared the threshold {:?} \
+                         (lower [{name}] threshold, or check the step scorer: {})",
+                        self.cfg.threshold,
+                        self.scorer.describe(),
+                        name = self.name
                     );
                 }
             } else {
@@ -802,10 +874,7 @@ impl Method for LpoMethod {
 
     fn report(&self) -> serde_json::Value {
         serde_json::json!({
-            "training_reward": match &self.reward {
-                Some((r, _)) => format!("{} (on each child's x0 prediction)", r.name()),
-                None => "lrm".to_string(),
-            },
+            "training_reward": self.scorer.describe(),
             "lrm": self.cfg.lrm,
             "scorer_calls": self.scorer_calls,
             "rounds": self.rounds,
@@ -915,7 +984,7 @@ pub fn train(cfg: &LpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
         .check_output(&cfg.output_dir(), "train lpo", &inputs)?;
     let (mut model, model_dir) = load_model(&cfg.run)?;
     let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
-    let mut method = LpoMethod::new(cfg, model)?;
+    let mut method = StepLevelMethod::lpo(cfg, model)?;
     run(
         &cfg.run,
         &cfg.output_dir(),
@@ -996,5 +1065,79 @@ mod tests {
         // At the start (policy = reference) the loss is log 2.
         let (l0, _) = step_dpo_loss(&zero, &zero, &zero, &zero, beta, eps).unwrap();
         assert!((l0.to_scalar::<f32>().unwrap() as f64 - 2f64.ln()).abs() < 1e-6);
+    }
+
+    /// A round of the loop with the shapes surrogate as the step scorer (continuous: no ties), every pair kept.
+    fn round(continuation: &str, k: usize) -> Tuples {
+        let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts = tmp.path().join("p.txt");
+        std::fs::write(&prompts, "a red circle\na blue square\na green triangle\n").unwrap();
+        let sets: Vec<String> = vec![
+            format!("model = {:?}", fx.display().to_string()),
+            format!("lpo.prompts = {:?}", prompts.display().to_string()),
+            "lpo.scorer = \"reward\"".into(),
+            "reward.kind = \"shapes_surrogate\"".into(),
+            "lpo.prompts_per_round = 3".into(),
+            format!("lpo.k = {k}"),
+            "lpo.threshold = [0.0, 0.0]".into(),
+            format!("lpo.continuation = {continuation:?}"),
+            "lora.rank = 2".into(),
+            "rollout.steps = 8".into(),
+        ];
+        let cfg = LpoConfig::load(None, &sets).unwrap();
+        let (mut model, dir) = load_model(&cfg.run).unwrap();
+        let policy = load_policy(&cfg.run, &mut model, &dir).unwrap();
+        let mut m = StepLevelMethod::lpo(&cfg, model).unwrap();
+        m.new_round(&policy).unwrap();
+        std::mem::take(&mut m.queue)
+    }
+
+    fn same(a: &Tensor, b: &Tensor) -> bool {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        a == b
+    }
+
+    /// For each prompt's consecutive kept steps (k, k + 1): whether the next parent is the winner or the loser
+    /// of step k (with K = 2 it is always one of them: the pool's children share their parent).
+    fn continuations(t: &Tuples) -> (usize, usize) {
+        let (mut to_w, mut to_l) = (0, 0);
+        for i in 0..t.len() {
+            for j in 0..t.len() {
+                if t.prompts[i] == t.prompts[j] && t.steps[j] == t.steps[i] + 1 {
+                    let next = &t.parents[j];
+                    let (w, l) = (same(next, &t.winners[i]), same(next, &t.losers[i]));
+                    assert!(
+                        w != l,
+                        "the next parent is one of the two children, exactly"
+                    );
+                    if w {
+                        to_w += 1;
+                    } else {
+                        to_l += 1;
+                    }
+                }
+            }
+        }
+        (to_w, to_l)
+    }
+
+    #[test]
+    fn the_next_parent_is_a_child_of_the_pool_drawn_at_random_or_the_best() {
+        let r = round("random", 2);
+        assert!(r.len() >= 15, "{} tuples", r.len());
+        for i in 0..r.len() {
+            assert!(!same(&r.winners[i], &r.losers[i]));
+            assert!(!same(&r.parents[i], &r.winners[i]));
+        }
+        let (w, l) = continuations(&r);
+        assert!(w + l >= 12, "{w} {l}");
+        // The resampler: the loser continues about as often as the winner.
+        assert!(w > 0 && l > 0, "{w} {l}");
+        let (w, l) = continuations(&round("best", 2));
+        assert!(w >= 12 && l == 0, "{w} {l}");
     }
 }

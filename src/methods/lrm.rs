@@ -43,6 +43,7 @@ use crate::train::checkpoint::StopFlag;
 use crate::train::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use diffpref_pipelines::loading::StableDiffusion;
 use diffpref_pipelines::schedulers::NoiseSchedule;
 use diffpref_rewards::lrm::{LatentRewardModel, Trainable};
 use diffpref_rewards::metrics::{wilson_interval, Z95};
@@ -251,21 +252,6 @@ impl LrmConfig {
             .unwrap_or_else(|| PathBuf::from("runs/lrm"))
     }
 
-    /// The training manifest: `[data] manifest`, or the pairs `[pairs]` makes.
-    fn train_manifest(&self) -> Option<PathBuf> {
-        match &self.pairs {
-            Some(_) => Some(self.output_dir().join("pairs/manifest.jsonl")),
-            None => self.data.manifest.clone(),
-        }
-    }
-
-    fn eval_manifest(&self) -> Option<PathBuf> {
-        match &self.eval.make {
-            Some(_) => Some(self.output_dir().join("eval-pairs/manifest.jsonl")),
-            None => self.eval.manifest.clone(),
-        }
-    }
-
     pub fn validate(&self) -> Result<()> {
         ensure!(
             !self.model.is_empty(),
@@ -282,40 +268,50 @@ impl LrmConfig {
             "[lrm] timestep_grid must be 0 (uniform) or a grid of at most 1000 points (got {})",
             l.timestep_grid
         );
-        self.optim.validate()?;
-        ensure!(
-            self.data.unpaired_manifest.is_none(),
-            "[data] unpaired_manifest: an LRM trains on pairs (give [data] manifest or parquet)"
-        );
-        match &self.pairs {
-            Some(p) => {
-                p.validate("[pairs]")?;
-                ensure!(
-                    self.data.manifest.is_none() && self.data.parquet.is_empty(),
-                    "[pairs] makes the training pairs: remove [data] manifest / parquet, or [pairs]"
-                );
-            }
-            None => ensure!(
-                self.data.manifest.is_some() || !self.data.parquet.is_empty(),
-                "no training pairs: set [data] manifest (or parquet), or [pairs] to make them"
-            ),
-        }
-        if let Some(m) = &self.eval.make {
-            m.validate("[eval.make]")?;
+        validate_pair_sources(&self.optim, &self.data, self.pairs.as_ref(), &self.eval)
+    }
+}
+
+/// Checks the optimizer, the training pairs and the evaluation of `train lrm` / `train spm`.
+pub(crate) fn validate_pair_sources(
+    optim: &OptimConfig,
+    data: &DataConfig,
+    pairs: Option<&MakePairsConfig>,
+    eval: &LrmEvalConfig,
+) -> Result<()> {
+    optim.validate()?;
+    ensure!(
+        data.unpaired_manifest.is_none(),
+        "[data] unpaired_manifest: a step reward model trains on pairs (give [data] manifest or parquet)"
+    );
+    match pairs {
+        Some(p) => {
+            p.validate("[pairs]")?;
             ensure!(
-                self.eval.manifest.is_none(),
-                "[eval] give either manifest or make, not both"
+                data.manifest.is_none() && data.parquet.is_empty(),
+                "[pairs] makes the training pairs: remove [data] manifest / parquet, or [pairs]"
             );
         }
-        for (i, [lo, hi]) in self.eval.bands.iter().enumerate() {
-            ensure!(lo < hi, "[eval] bands[{i}] = [{lo}, {hi}] needs lo < hi");
-        }
-        ensure!(
-            (1..=4096).contains(&self.eval.batch_size),
-            "[eval] batch_size must be 1 to 4096"
-        );
-        Ok(())
+        None => ensure!(
+            data.manifest.is_some() || !data.parquet.is_empty(),
+            "no training pairs: set [data] manifest (or parquet), or [pairs] to make them"
+        ),
     }
+    if let Some(m) = &eval.make {
+        m.validate("[eval.make]")?;
+        ensure!(
+            eval.manifest.is_none(),
+            "[eval] give either manifest or make, not both"
+        );
+    }
+    for (i, [lo, hi]) in eval.bands.iter().enumerate() {
+        ensure!(lo < hi, "[eval] bands[{i}] = [{lo}, {hi}] needs lo < hi");
+    }
+    ensure!(
+        (1..=4096).contains(&eval.batch_size),
+        "[eval] batch_size must be 1 to 4096"
+    );
+    Ok(())
 }
 
 /// The Bradley–Terry cross-entropy of the module docs, mean over pairs, for score gaps `Δ` `[N]` and labels
@@ -342,7 +338,7 @@ pub fn bt_loss(delta: &Tensor, y: &Tensor) -> Result<(Tensor, f64)> {
 }
 
 /// The training timesteps of `timestep_grid = s` for a schedule of `t_max` steps.
-fn draw_t(rng: &mut Rng, grid: usize, t_max: u64) -> u64 {
+pub(crate) fn draw_t(rng: &mut Rng, grid: usize, t_max: u64) -> u64 {
     if grid == 0 {
         rng.below(t_max)
     } else {
@@ -351,16 +347,85 @@ fn draw_t(rng: &mut Rng, grid: usize, t_max: u64) -> u64 {
     }
 }
 
+/// A reward model of noisy diffusion steps trained on preference pairs: the LRM (on the noisy latents) and
+/// the SPM ([`crate::methods::spm`], on the decoded prediction x̂₀). `train lrm` and `train spm` share the
+/// data, the loss, the loop and the evaluation through it.
+pub trait StepRewardModel {
+    /// The diffusion model whose VAE gives the pairs' clean latents.
+    fn diffusion(&self) -> &StableDiffusion;
+    /// The noise schedule of the training timesteps.
+    fn schedule(&self) -> &NoiseSchedule;
+    /// Scores `[B]` (f32) of noisy latents `x_t` at timesteps `t` (`[B]`).
+    fn score_noisy(&self, x_t: &Tensor, t: &Tensor, prompts: &[&str]) -> Result<Tensor>;
+    /// Whether the two images of a pair share their noise (the SPM code) or draw their own (the LRM code).
+    fn shared_noise(&self) -> bool;
+    /// Figures logged with every step.
+    fn metrics(&self) -> Result<Vec<(&'static str, f64)>> {
+        Ok(Vec::new())
+    }
+    /// What is trained.
+    fn trainable_vars(&self) -> Vec<(String, candle_core::Var)>;
+    /// Writes the trained model folder (into an existing `dir`).
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// One line for the log.
+    fn describe(&self) -> String;
+}
+
+impl StepRewardModel for LatentRewardModel {
+    fn diffusion(&self) -> &StableDiffusion {
+        &self.model
+    }
+
+    fn schedule(&self) -> &NoiseSchedule {
+        LatentRewardModel::schedule(self)
+    }
+
+    fn score_noisy(&self, x_t: &Tensor, t: &Tensor, prompts: &[&str]) -> Result<Tensor> {
+        Ok(self.score_latents(x_t, t, prompts)?)
+    }
+
+    fn shared_noise(&self) -> bool {
+        false
+    }
+
+    fn metrics(&self) -> Result<Vec<(&'static str, f64)>> {
+        Ok(vec![("temperature", self.temperature()?)])
+    }
+
+    fn trainable_vars(&self) -> Vec<(String, candle_core::Var)> {
+        LatentRewardModel::trainable_vars(self)
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        Ok(LatentRewardModel::save(self, dir)?)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "lrm: VFE guidance {}, backbone {}",
+            self.config.guidance_scale,
+            self.config.backbone.display()
+        )
+    }
+}
+
+/// The scaled VAE posterior modes `[B, C, h, w]` (f32) of `images` in [0, 1].
+pub(crate) fn vae_latents(model: &StableDiffusion, images: &Tensor) -> Result<Tensor> {
+    let vae = &model.vae;
+    let x = ((images.to_dtype(model.dtype())? * 2.0)? - 1.0)?;
+    let z = vae.encode(&x)?.mode();
+    Ok(vae.scale_latents(&z)?.to_dtype(DType::F32)?)
+}
+
 /// Clean latents `[chosen…; rejected…]` of pairs (stored sampler latents when every pair has them and `stored`,
 /// else the VAE modes of the preprocessed images).
 fn pair_latents(
-    lrm: &LatentRewardModel,
+    m: &StableDiffusion,
     pairs: &[PairImages],
     pcfg: &PreprocessConfig,
     stored: bool,
     rng: &mut Rng,
 ) -> Result<Tensor> {
-    let m = &lrm.model;
     let side = pcfg.resolution as usize / m.vae_scale_factor();
     if let Some(z) = crate::methods::pairwise::stored_pair_latents(
         stored,
@@ -380,15 +445,15 @@ fn pair_latents(
         rej.push(pp.rejected);
     }
     imgs.extend(rej);
-    // preprocess gives [-1, 1]; the LRM encodes [0, 1].
+    // preprocess gives [-1, 1]; the encoder takes [0, 1].
     let x = ((Tensor::stack(&imgs, 0)?.to_device(m.device())? + 1.0)? * 0.5)?;
-    Ok(lrm.encode_images(&x)?.detach())
+    Ok(vae_latents(m, &x)?.detach())
 }
 
-/// Scores of pairs noised at per-pair timesteps `t` (`[P]`) with independent noise: returns `Δ = s_w − s_l`.
+/// Scores of pairs noised at per-pair timesteps `t` (`[P]`; the noise shared by a pair's images or not, as the
+/// model says): returns `Δ = s_w − s_l`.
 fn pair_gaps(
-    lrm: &LatentRewardModel,
-    schedule: &NoiseSchedule,
+    m: &dyn StepRewardModel,
     z: &Tensor,
     prompts: &[&str],
     t: &[u64],
@@ -396,16 +461,25 @@ fn pair_gaps(
 ) -> Result<Tensor> {
     let p = prompts.len();
     let dev = z.device().clone();
-    let noise = rng.normal_tensor(z.dims(), &dev)?;
+    let noise = if m.shared_noise() {
+        let mut half = z.dims().to_vec();
+        half[0] = p;
+        let n = rng.normal_tensor(&half, &dev)?;
+        Tensor::cat(&[&n, &n], 0)?
+    } else {
+        rng.normal_tensor(z.dims(), &dev)?
+    };
     let tt: Vec<f32> = t.iter().chain(t.iter()).map(|&x| x as f32).collect();
     let tt = Tensor::from_vec(tt, 2 * p, &dev)?;
-    let x_t = schedule.add_noise(&z.to_dtype(DType::F32)?, &noise, &tt)?;
+    let x_t = m
+        .schedule()
+        .add_noise(&z.to_dtype(DType::F32)?, &noise, &tt)?;
     let both: Vec<&str> = prompts.iter().chain(prompts.iter()).copied().collect();
-    let s = lrm.score_latents(&x_t, &tt, &both)?;
+    let s = m.score_noisy(&x_t, &tt, &both)?;
     Ok((s.narrow(0, 0, p)? - s.narrow(0, p, p)?)?)
 }
 
-/// Accuracy of an LRM on held-out pairs in one timestep band.
+/// Accuracy of a step reward model on held-out pairs in one timestep band.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BandAccuracy {
     pub band: [u64; 2],
@@ -439,9 +513,9 @@ fn truth_of(manifest: &Path) -> Result<std::collections::HashMap<String, (f64, f
     Ok(out)
 }
 
-/// Pair accuracy per band (see the module docs) of `lrm` on the pairs of `manifest`.
+/// Pair accuracy per band (see the module docs) of `m` on the pairs of `manifest`.
 pub fn evaluate(
-    lrm: &LatentRewardModel,
+    m: &dyn StepRewardModel,
     manifest: &Path,
     bands: &[[u64; 2]],
     seed: u64,
@@ -457,7 +531,7 @@ pub fn evaluate(
     let (pairs, _) = load_manifest(manifest, &opts)?;
     ensure!(!pairs.is_empty(), "{}: no pairs", manifest.display());
     let truth = truth_of(manifest)?;
-    let schedule = lrm.schedule();
+    let t_max = m.schedule().num_train_timesteps() as u64;
     let mut dataset =
         crate::data::PairDataset::new(crate::data::PairSource::Manifest(pairs), 0, false);
     // The pairs' clean latents, prompts and ground truth, read once for every band.
@@ -469,7 +543,7 @@ pub fn evaluate(
         let batch = (start..start + k)
             .map(|i| dataset.load(i))
             .collect::<Result<Vec<_>>>()?;
-        let z = pair_latents(lrm, &batch, pcfg, stored, &mut img_rng)?;
+        let z = pair_latents(m.diffusion(), &batch, pcfg, stored, &mut img_rng)?;
         let prompts: Vec<String> = batch.iter().map(|p| p.prompt.clone()).collect();
         let truths: Vec<Option<(f64, f64)>> = batch
             .iter()
@@ -480,7 +554,7 @@ pub fn evaluate(
     }
     let mut out = Vec::with_capacity(bands.len());
     for &[lo, hi] in bands {
-        let hi = hi.min(schedule.num_train_timesteps() as u64);
+        let hi = hi.min(t_max);
         ensure!(
             lo < hi,
             "[eval] band [{lo}, {hi}) lies outside the schedule"
@@ -492,7 +566,9 @@ pub fn evaluate(
             let t: Vec<u64> = (0..prompts.len())
                 .map(|_| lo + rng.below(hi - lo))
                 .collect();
-            let d: Vec<f32> = pair_gaps(lrm, schedule, z, &prompts, &t, &mut rng)?.to_vec1()?;
+            let d: Vec<f32> = pair_gaps(m, z, &prompts, &t, &mut rng)?
+                .detach()
+                .to_vec1()?;
             for (truth, d) in truths.iter().zip(d) {
                 n += 1;
                 if d > 0.0 {
@@ -527,15 +603,16 @@ pub fn evaluate(
 }
 
 #[derive(Serialize, Deserialize)]
-struct LrmState {
+struct PairRmState {
     noise_rng: Rng,
     data_rng: Rng,
     position: crate::data::DatasetPosition,
 }
 
-/// LRM training as a [`Method`].
-pub struct LrmMethod {
-    pub lrm: LatentRewardModel,
+/// Training a [`StepRewardModel`] on pairs as a [`Method`] (`train lrm`, `train spm`).
+pub struct PairRmMethod<M: StepRewardModel> {
+    pub model: M,
+    name: &'static str,
     data: TrainData,
     pcfg: PreprocessConfig,
     stored: bool,
@@ -544,11 +621,12 @@ pub struct LrmMethod {
     data_rng: Rng,
 }
 
-impl LrmMethod {
-    pub fn new(cfg: &LrmConfig, lrm: LatentRewardModel, data: &DataConfig) -> Result<LrmMethod> {
-        let (data_src, _) = TrainData::load(data, cfg.seed)?;
-        Ok(LrmMethod {
-            lrm,
+impl<M: StepRewardModel> PairRmMethod<M> {
+    fn new(run: &PairRmRun<'_>, model: M, data: &DataConfig) -> Result<Self> {
+        let (data_src, _) = TrainData::load(data, run.seed)?;
+        Ok(PairRmMethod {
+            model,
+            name: run.name,
             data: data_src,
             pcfg: PreprocessConfig {
                 center_crop: data.center_crop,
@@ -556,16 +634,16 @@ impl LrmMethod {
                 ..PreprocessConfig::new(data.resolution)
             },
             stored: data.stored_latents,
-            grid: cfg.lrm.timestep_grid,
-            noise_rng: Rng::derive(cfg.seed, "lrm-noise"),
-            data_rng: Rng::derive(cfg.seed, "lrm-data"),
+            grid: run.timestep_grid,
+            noise_rng: Rng::derive(run.seed, &format!("{}-noise", run.name)),
+            data_rng: Rng::derive(run.seed, &format!("{}-data", run.name)),
         })
     }
 }
 
-impl Method for LrmMethod {
+impl<M: StepRewardModel> Method for PairRmMethod<M> {
     fn name(&self) -> &str {
-        "lrm"
+        self.name
     }
 
     fn unit(&self) -> &str {
@@ -578,45 +656,37 @@ impl Method for LrmMethod {
 
     fn micro_step(&mut self, ctx: &StepContext<'_>) -> Result<MicroStep> {
         let TrainData::Pairs(dataset) = &mut self.data else {
-            bail!("an LRM trains on pairs");
+            bail!("a step reward model trains on pairs");
         };
         let pairs = dataset.next_batch(ctx.batch_size)?;
         let z = pair_latents(
-            &self.lrm,
+            self.model.diffusion(),
             &pairs,
             &self.pcfg,
             self.stored,
             &mut self.data_rng,
         )?;
-        let t_max = self.lrm.schedule().num_train_timesteps() as u64;
+        let t_max = self.model.schedule().num_train_timesteps() as u64;
         let t: Vec<u64> = (0..pairs.len())
             .map(|_| draw_t(&mut self.noise_rng, self.grid, t_max))
             .collect();
         let prompts: Vec<&str> = pairs.iter().map(|p| p.prompt.as_str()).collect();
-        let delta = pair_gaps(
-            &self.lrm,
-            self.lrm.schedule(),
-            &z,
-            &prompts,
-            &t,
-            &mut self.noise_rng,
-        )?;
+        let delta = pair_gaps(&self.model, &z, &prompts, &t, &mut self.noise_rng)?;
         let y = Tensor::from_vec(
             pairs.iter().map(|p| p.label).collect::<Vec<f32>>(),
             pairs.len(),
             delta.device(),
         )?;
         let (loss, acc) = bt_loss(&delta, &y)?;
+        let mut metrics = vec![("accuracy", acc)];
+        metrics.extend(self.model.metrics()?);
+        metrics.push((
+            "gap_abs",
+            delta.abs()?.mean_all()?.to_scalar::<f32>()? as f64,
+        ));
         Ok(MicroStep {
             loss,
-            metrics: vec![
-                ("accuracy", acc),
-                ("temperature", self.lrm.temperature()?),
-                (
-                    "gap_abs",
-                    delta.abs()?.mean_all()?.to_scalar::<f32>()? as f64,
-                ),
-            ],
+            metrics,
             units: pairs.len(),
             about: format!(
                 "pairs {}",
@@ -631,19 +701,18 @@ impl Method for LrmMethod {
 
     fn on_start(&mut self, ctx: StartContext<'_>) -> Result<()> {
         ctx.progress.println(format!(
-            "lrm: {} training pairs, VFE guidance {}, backbone {}",
+            "{} training pairs; {}",
             match &self.data {
                 TrainData::Pairs(d) => d.len(),
                 _ => 0,
             },
-            self.lrm.config.guidance_scale,
-            self.lrm.config.backbone.display()
+            self.model.describe()
         ));
         Ok(())
     }
 
     fn state(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::to_value(LrmState {
+        Ok(serde_json::to_value(PairRmState {
             noise_rng: self.noise_rng.clone(),
             data_rng: self.data_rng.clone(),
             position: self.data.position(),
@@ -651,20 +720,20 @@ impl Method for LrmMethod {
     }
 
     fn load_state(&mut self, state: serde_json::Value) -> Result<()> {
-        let s: LrmState = serde_json::from_value(state)?;
+        let s: PairRmState = serde_json::from_value(state)?;
         self.noise_rng = s.noise_rng;
         self.data_rng = s.data_rng;
         self.data.seek(s.position)
     }
 }
 
-/// What `train lrm` produced.
+/// What `train lrm` / `train spm` produced.
 #[derive(Clone, Debug)]
-pub struct LrmSummary {
+pub struct PairRmSummary {
     pub steps: u64,
     pub output_dir: PathBuf,
-    /// The trained LRM folder.
-    pub lrm: PathBuf,
+    /// The trained model folder.
+    pub weights: PathBuf,
     pub interrupted: bool,
     /// Held-out accuracy per band before and after training.
     pub before: Option<Vec<BandAccuracy>>,
@@ -719,7 +788,7 @@ fn ensure_pairs(
     Ok(())
 }
 
-fn print_bands(what: &str, bands: &[BandAccuracy]) {
+pub(crate) fn print_bands(what: &str, bands: &[BandAccuracy]) {
     for b in bands {
         let truth = match (b.truth_accuracy, b.truth_ci) {
             (Some(a), Some(ci)) => format!(
@@ -735,64 +804,104 @@ fn print_bands(what: &str, bands: &[BandAccuracy]) {
     }
 }
 
-/// Runs (or resumes) `train lrm`.
-pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
+/// The settings `train lrm` and `train spm` share (borrowed from either config).
+pub(crate) struct PairRmRun<'a> {
+    /// The method's name (`lrm`, `spm`): the command, the model folder, the evaluation file.
+    pub name: &'static str,
+    pub model: &'a str,
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    pub device: &'a DeviceSpec,
+    pub resume: bool,
+    pub overwrite: bool,
+    pub data: &'a DataConfig,
+    pub pairs: Option<&'a MakePairsConfig>,
+    pub optim: &'a OptimConfig,
+    pub log: &'a LogConfig,
+    pub eval: &'a LrmEvalConfig,
+    pub timestep_grid: usize,
+    /// The whole config (saved with the checkpoints).
+    pub config: serde_json::Value,
+    /// Other inputs the run reads (never written over).
+    pub inputs: Vec<(&'static str, PathBuf)>,
+}
+
+impl PairRmRun<'_> {
+    fn train_manifest(&self) -> Option<PathBuf> {
+        match &self.pairs {
+            Some(_) => Some(self.output_dir.join("pairs/manifest.jsonl")),
+            None => self.data.manifest.clone(),
+        }
+    }
+
+    fn eval_manifest(&self) -> Option<PathBuf> {
+        match &self.eval.make {
+            Some(_) => Some(self.output_dir.join("eval-pairs/manifest.jsonl")),
+            None => self.eval.manifest.clone(),
+        }
+    }
+}
+
+/// Runs (or resumes) a pair-trained step reward model: makes the pairs, evaluates before, trains, writes the
+/// model to `<output_dir>/<name>`, evaluates after. `build` makes the model from the resolved diffusion model
+/// folder.
+pub(crate) fn train_pair_rm<M: StepRewardModel>(
+    run: PairRmRun<'_>,
+    build: impl FnOnce(&Path, &Device) -> Result<M>,
+    stop: Option<StopFlag>,
+) -> Result<PairRmSummary> {
     let t0 = Instant::now();
-    cfg.validate()?;
-    let out = cfg.output_dir();
-    let backbone = diffpref_pipelines::loading::resolve_model(&cfg.model, None)
-        .with_context(|| format!("model {}", cfg.model))?;
+    let out = run.output_dir.clone();
+    let backbone = diffpref_pipelines::loading::resolve_model(run.model, None)
+        .with_context(|| format!("model {}", run.model))?;
+    let command = format!("train {}", run.name);
     let guard = OutputDir {
         path: &out,
         key: "output_dir",
-        command: "train lrm",
+        command: &command,
         legacy: &[],
     };
     let mut inputs = vec![Input::new("model", &backbone)];
-    if let Some(m) = &cfg.data.manifest {
+    if let Some(m) = &run.data.manifest {
         inputs.push(Input::new("[data] manifest", m));
     }
-    if let Some(m) = &cfg.eval.manifest {
+    if let Some(m) = &run.eval.manifest {
         inputs.push(Input::new("[eval] manifest", m));
     }
-    let prompt_files: Vec<PathBuf> = cfg
+    let prompt_files: Vec<PathBuf> = run
         .pairs
         .iter()
-        .chain(cfg.eval.make.iter())
+        .copied()
+        .chain(run.eval.make.iter())
         .filter_map(|p| p.prompts.clone())
         .collect();
     for p in &prompt_files {
         inputs.push(Input::new("prompts file", p));
     }
-    guard.check(&inputs, cfg.overwrite)?;
+    for (what, p) in &run.inputs {
+        inputs.push(Input::new(what, p));
+    }
+    guard.check(&inputs, run.overwrite)?;
     guard.create()?;
-    let device = cfg.device.device()?;
-    let progress = cfg.log.progress;
-    if let Some(p) = &cfg.pairs {
+    let device = run.device.device()?;
+    let progress = run.log.progress;
+    if let Some(p) = run.pairs {
         ensure_pairs(&backbone, &device, p, &out.join("pairs"), progress)?;
     }
-    if let Some(p) = &cfg.eval.make {
+    if let Some(p) = &run.eval.make {
         ensure_pairs(&backbone, &device, p, &out.join("eval-pairs"), progress)?;
     }
-    let mut data = cfg.data.clone();
-    data.manifest = cfg.train_manifest();
-    let lrm = LatentRewardModel::new_trainable(
-        &backbone,
-        cfg.lrm.guidance_scale,
-        Trainable {
-            unet: cfg.lrm.train_unet,
-            text_encoders: cfg.lrm.train_text_encoder,
-        },
-        Rng::derive(cfg.seed, "lrm-init").next_u64(),
-        &device,
-    )?;
+    let mut data = run.data.clone();
+    data.manifest = run.train_manifest();
+    let model = build(&backbone, &device)?;
     let pcfg = PreprocessConfig {
         center_crop: data.center_crop,
         random_flip: false,
         ..PreprocessConfig::new(data.resolution)
     };
-    let eval_manifest = cfg.eval_manifest();
-    let eval_json = out.join("lrm_eval.json");
+    let eval_manifest = run.eval_manifest();
+    let eval_json = out.join(format!("{}_eval.json", run.name));
+    let ev = &run.eval;
     let before = match &eval_manifest {
         Some(m) => {
             // The untrained model's accuracy is kept from the first run of this folder.
@@ -803,11 +912,11 @@ pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
                 Some(b) => Some(b),
                 None => {
                     let b = evaluate(
-                        &lrm,
+                        &model,
                         m,
-                        &cfg.eval.bands,
-                        cfg.eval.seed,
-                        cfg.eval.batch_size,
+                        &ev.bands,
+                        ev.seed,
+                        ev.batch_size,
                         &pcfg,
                         data.stored_latents,
                     )?;
@@ -823,27 +932,27 @@ pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
         }
         None => None,
     };
-    let policy = Policy::without_reference(lrm.trainable_vars());
-    let mut method = LrmMethod::new(cfg, lrm, &data)?;
+    let policy = Policy::without_reference(model.trainable_vars());
+    let mut method = PairRmMethod::new(&run, model, &data)?;
     let settings = TrainerSettings {
-        optim: cfg.optim.clone(),
-        log: cfg.log.clone(),
+        optim: run.optim.clone(),
+        log: run.log.clone(),
         output_dir: out.clone(),
-        resume: cfg.resume,
+        resume: run.resume,
         checkpoints: true,
-        config: serde_json::to_value(cfg)?,
+        config: run.config.clone(),
     };
     let outcome = run_loop(&settings, &policy, &mut method, &mut Hooks::none(), stop)?;
-    let lrm_dir = out.join("lrm");
-    write_dir_atomic(&lrm_dir, |d| Ok(method.lrm.save(d)?))?;
+    let weights = out.join(run.name);
+    write_dir_atomic(&weights, |d| method.model.save(d))?;
     let after = match (&eval_manifest, outcome.interrupted) {
         (Some(m), false) => {
             let a = evaluate(
-                &method.lrm,
+                &method.model,
                 m,
-                &cfg.eval.bands,
-                cfg.eval.seed,
-                cfg.eval.batch_size,
+                &ev.bands,
+                ev.seed,
+                ev.batch_size,
                 &pcfg,
                 data.stored_latents,
             )?;
@@ -862,15 +971,54 @@ pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<LrmSummary> {
         }
         _ => None,
     };
-    Ok(LrmSummary {
+    Ok(PairRmSummary {
         steps: outcome.steps,
         output_dir: out,
-        lrm: lrm_dir,
+        weights,
         interrupted: outcome.interrupted,
         before,
         after,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Runs (or resumes) `train lrm`.
+pub fn train(cfg: &LrmConfig, stop: Option<StopFlag>) -> Result<PairRmSummary> {
+    cfg.validate()?;
+    let run = PairRmRun {
+        name: "lrm",
+        model: &cfg.model,
+        output_dir: cfg.output_dir(),
+        seed: cfg.seed,
+        device: &cfg.device,
+        resume: cfg.resume,
+        overwrite: cfg.overwrite,
+        data: &cfg.data,
+        pairs: cfg.pairs.as_ref(),
+        optim: &cfg.optim,
+        log: &cfg.log,
+        eval: &cfg.eval,
+        timestep_grid: cfg.lrm.timestep_grid,
+        config: serde_json::to_value(cfg)?,
+        inputs: Vec::new(),
+    };
+    let l = &cfg.lrm;
+    train_pair_rm(
+        run,
+        |backbone, device| {
+            Ok(LatentRewardModel::new_trainable(
+                backbone,
+                l.guidance_scale,
+                Trainable {
+                    unet: l.train_unet,
+                    text_encoders: l.train_text_encoder,
+                },
+                Rng::derive(cfg.seed, "lrm-init").next_u64(),
+                device,
+            )?)
+        },
+        stop,
+    )
 }
 
 #[cfg(test)]

@@ -3,10 +3,16 @@
 //! * [`dpo`] — the Diffusion-DPO loss family on denoising errors; [`pairwise`] — `train dpo`, the offline
 //!   trainer on preference pairs.
 //! * [`grpo`] — `train grpo`, group-relative policy optimisation on sampled trajectories.
+//! * [`lrm`] / [`spm`] — `train lrm` / `train spm`, step reward models trained on pairs at random noise levels
+//!   (a latent reward model on noisy latents; a step-aware preference model on the decoded x̂₀).
+//! * [`lpo`] / [`spo`] — `train lpo` / `train spo`, step-level preference optimisation on the model's own
+//!   trajectories: one loop ([`lpo::StepLevelMethod`]) with the LRM or the SPM as its scorer.
 
 pub mod dpo;
 pub mod grpo;
 pub mod lpo;
 pub mod lrm;
+pub mod spm;
+pub mod spo;
 
 pub mod pairwise;
