@@ -468,3 +468,129 @@ fn score_with_a_latent_reward_model_on_images_at_a_timestep_and_pairs_per_band()
     ]));
     assert!(err.contains("--timestep"), "{err}");
 }
+
+#[test]
+fn score_with_a_step_aware_preference_model_on_images_at_a_timestep_and_pairs_per_band() {
+    use diffpref_rewards::spm::{SpmBackbone, StepAwarePreferenceModel};
+    let tmp = tempfile::tempdir().unwrap();
+    let spm_dir = tmp.path().join("spm");
+    std::fs::create_dir_all(&spm_dir).unwrap();
+    let spm = StepAwarePreferenceModel::new_trainable(
+        &SpmBackbone::Clip {
+            path: fixtures().join("tiny-clip-hf"),
+            tokenizer: None,
+        },
+        &fixtures().join("tiny-sd"),
+        5.0,
+        3,
+        &Device::Cpu,
+    )
+    .unwrap();
+    spm.save(&spm_dir).unwrap();
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..3u32 {
+        pattern(32, 32, i)
+            .save(imgs.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let w = spm_dir.display().to_string();
+    let i = imgs.display().to_string();
+    let score = |extra: &[&str]| -> Vec<f64> {
+        let mut args = vec![
+            "score",
+            "--reward",
+            "spm",
+            "--weights",
+            &w,
+            "--images",
+            &i,
+            "--prompt",
+            "a red circle",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let doc: serde_json::Value = serde_json::from_str(&ok(&diffpref(&args))).unwrap();
+        doc["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["score"].as_f64().unwrap())
+            .collect()
+    };
+    // At t = 0 an untrained SPM is its CLIP backbone: PickScore's exp(logit_scale) · cos.
+    let clean = score(&[]);
+    let files: Vec<_> = (0..3)
+        .map(|k| {
+            image::open(imgs.join(format!("{k}.png")))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
+    let x = images_to_tensor(&files, &Device::Cpu).unwrap();
+    let clip = diffpref_rewards::ClipModel::load(
+        fixtures().join("tiny-clip-hf"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let pick = diffpref_rewards::ClipReward::new(
+        std::sync::Arc::new(clip),
+        diffpref_rewards::ClipScoring::PickScore,
+    )
+    .unwrap();
+    let lib: Vec<f32> = pick
+        .score(&x, &["a red circle"; 3])
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (a, b) in clean.iter().zip(&lib) {
+        assert!((a - *b as f64).abs() < 1e-3, "{clean:?} vs {lib:?}");
+    }
+    // A timestep scores the x0 the diffusion model predicts from the noised image: other scores, the same for
+    // the same seed.
+    let noisy = score(&["--timestep", "500"]);
+    assert_ne!(noisy, clean);
+    assert_eq!(noisy, score(&["--timestep", "500"]));
+    assert_ne!(noisy, score(&["--timestep", "500", "--seed", "1"]));
+    // Pairs: accuracy per band.
+    let pairs = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"prompt\":\"a red circle\",\"chosen\":\"imgs/0.png\",\"rejected\":\"imgs/1.png\"}\n\
+         {\"prompt\":\"a blue square\",\"chosen\":\"imgs/2.png\",\"rejected\":\"imgs/1.png\"}\n",
+    )
+    .unwrap();
+    let p = pairs.display().to_string();
+    let out = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "spm",
+        "--weights",
+        &w,
+        "--pairs",
+        &p,
+        "--bands",
+        "0:300,300:1000",
+        "--json",
+    ]));
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["reward"], "spm");
+    let bands = doc["bands"].as_array().unwrap();
+    assert_eq!(bands.len(), 2);
+    assert!(bands.iter().all(|b| b["pairs"] == 2));
+    // Not an SPM folder: named.
+    let clip_dir = fixtures().join("tiny-clip-hf").display().to_string();
+    let err = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "spm",
+        "--weights",
+        &clip_dir,
+        "--images",
+        &i,
+        "--prompt",
+        "x",
+    ]));
+    assert!(err.contains("spm_config.json"), "{err}");
+}

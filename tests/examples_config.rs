@@ -124,3 +124,49 @@ fn embedded_lrm_and_lpo_defaults_point_at_the_shipped_assets() {
         Some(std::path::Path::new("runs/lrm-shapes/lrm"))
     );
 }
+
+#[test]
+fn spm_and_spo_example_configs_match_the_defaults() {
+    use diffpref::methods::spm::SpmConfig;
+    use diffpref::methods::spo::SpoConfig;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = SpoConfig::load(Some(&root.join("examples/spo.toml")), &[]).unwrap();
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(SpoConfig::default()).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+        v["spo"]["prompts"] = serde_json::Value::Null;
+        v["spo"]["spm"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+    let cfg = SpmConfig::load(Some(&root.join("examples/spm.toml")), &[]).unwrap();
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(SpmConfig::default()).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+}
+
+#[test]
+fn embedded_spm_and_spo_defaults_point_at_the_shipped_assets() {
+    let cfg = diffpref::assets::default_spm_config(&[]).unwrap();
+    cfg.validate().unwrap();
+    assert!(std::path::Path::new(&cfg.model)
+        .join("model_index.json")
+        .exists());
+    for p in cfg.pairs.iter().chain(cfg.eval.make.iter()) {
+        assert!(p.prompts.as_ref().unwrap().exists());
+    }
+    let cfg = diffpref::assets::default_spo_config(&[]).unwrap();
+    cfg.validate().unwrap();
+    assert!(cfg.spo.prompts.as_ref().unwrap().exists());
+    assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
+    // The SPM the default `train spm` writes.
+    assert_eq!(
+        cfg.spo.spm.as_deref(),
+        Some(std::path::Path::new("runs/spm-shapes/spm"))
+    );
+}
