@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod pickapic;
 pub mod prefs;
 pub mod preprocess;
+pub mod prompt_cycle;
 pub mod shapes;
 
 pub use cache::{CachedLatent, LatentCache, TextEmbedCache};

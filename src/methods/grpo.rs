@@ -49,6 +49,7 @@
 //! mix); the held-out judge is `[eval]` (on the shapes world: the exact reward on held-out prompts). Both are
 //! reported; a training reward that rises while the judge does not is reward hacking.
 
+use crate::data::prompt_cycle::PromptCycle;
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
@@ -342,14 +343,10 @@ pub struct GrpoMethod {
     rule: StepRule,
     reward: Box<dyn Reward>,
     reward_batch: usize,
-    prompts: Vec<String>,
+    prompts: PromptCycle,
     batch_size: usize,
-    seed: u64,
     noise_rng: Rng,
     select_rng: Rng,
-    prompt_epoch: u64,
-    prompt_index: usize,
-    order: Vec<usize>,
     rounds: u64,
     reward_calls: u64,
     round: Option<Round>,
@@ -365,46 +362,23 @@ impl GrpoMethod {
             read_prompts(prompts_file, cfg.reward.is_shapes()).context("[grpo] prompts")?;
         let reward = cfg.reward.load("[reward]", &device)?;
         let rule = StepRule::new(&model, &cfg.rollout)?;
-        let mut m = GrpoMethod {
+        let m = GrpoMethod {
             rule,
             reward,
             reward_batch: cfg.reward.batch_size,
-            prompts,
+            prompts: PromptCycle::new(prompts, cfg.run.seed, "grpo"),
             cfg: cfg.grpo.clone(),
             rollout_cfg: cfg.rollout.clone(),
             batch_size: cfg.run.optim.batch_size,
-            seed: cfg.run.seed,
             noise_rng: Rng::derive(cfg.run.seed, "grpo-noise"),
             select_rng: Rng::derive(cfg.run.seed, "grpo-select"),
-            prompt_epoch: 0,
-            prompt_index: 0,
-            order: Vec::new(),
             rounds: 0,
             reward_calls: 0,
             round: None,
             pending: None,
             model,
         };
-        m.order = m.order_for(0);
         Ok(m)
-    }
-
-    /// Epoch `e`'s prompt order: a shuffle drawn from `Rng::derive(seed, "grpo-prompts/e")`.
-    fn order_for(&self, epoch: u64) -> Vec<usize> {
-        let mut o: Vec<usize> = (0..self.prompts.len()).collect();
-        Rng::derive(self.seed, &format!("grpo-prompts/{epoch}")).shuffle(&mut o);
-        o
-    }
-
-    fn next_prompt(&mut self) -> String {
-        if self.prompt_index >= self.prompts.len() {
-            self.prompt_epoch += 1;
-            self.prompt_index = 0;
-            self.order = self.order_for(self.prompt_epoch);
-        }
-        let p = self.prompts[self.order[self.prompt_index]].clone();
-        self.prompt_index += 1;
-        p
     }
 
     /// Scores images `[B, 3, H, W]` in [0, 1] as 8-bit images (what a user saves and the judge scores).
@@ -426,7 +400,7 @@ impl GrpoMethod {
         let g = self.cfg.group_size;
         let mut prompts = Vec::with_capacity(self.cfg.prompts_per_round * g);
         for _ in 0..self.cfg.prompts_per_round {
-            let p = self.next_prompt();
+            let p = self.prompts.next_prompt();
             prompts.extend(std::iter::repeat_n(p, g));
         }
         // The steps that may be trained.
@@ -696,8 +670,8 @@ impl Method for GrpoMethod {
         Ok(serde_json::to_value(GrpoState {
             noise_rng: self.noise_rng.clone(),
             select_rng: self.select_rng.clone(),
-            prompt_epoch: self.prompt_epoch,
-            prompt_index: self.prompt_index,
+            prompt_epoch: self.prompts.position().0,
+            prompt_index: self.prompts.position().1,
             rounds: self.rounds,
             reward_calls: self.reward_calls,
             round: self.round.as_ref().map(|r| RoundState {
@@ -722,9 +696,7 @@ impl Method for GrpoMethod {
         let s: GrpoState = serde_json::from_value(state)?;
         self.noise_rng = s.noise_rng;
         self.select_rng = s.select_rng;
-        self.prompt_epoch = s.prompt_epoch;
-        self.prompt_index = s.prompt_index;
-        self.order = self.order_for(s.prompt_epoch);
+        self.prompts.seek(s.prompt_epoch, s.prompt_index);
         self.rounds = s.rounds;
         self.reward_calls = s.reward_calls;
         self.round = None;

@@ -37,6 +37,7 @@
 //! The training reward is the step scorer; the held-out judge is `[eval]` (on the shapes world: the exact
 //! reward on held-out prompts), as for every method.
 
+use crate::data::prompt_cycle::PromptCycle;
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
@@ -412,13 +413,9 @@ pub struct StepLevelMethod {
     sigmas: Vec<f64>,
     sigma_range: [f64; 2],
     scorer: StepScorer,
-    prompts: Vec<String>,
-    seed: u64,
+    prompts: PromptCycle,
     noise_rng: Rng,
     select_rng: Rng,
-    prompt_epoch: u64,
-    prompt_index: usize,
-    order: Vec<usize>,
     rounds: u64,
     scorer_calls: u64,
     tuples_kept: u64,
@@ -496,21 +493,17 @@ impl StepLevelMethod {
             stoch.iter().cloned().fold(f64::INFINITY, f64::min),
             stoch.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
         ];
-        let mut m = StepLevelMethod {
+        let m = StepLevelMethod {
             name,
             rule,
             sigmas,
             sigma_range,
             scorer,
-            prompts,
+            prompts: PromptCycle::new(prompts, run.seed, name),
             cfg: settings.clone(),
             rollout_cfg: rollout.clone(),
-            seed: run.seed,
             noise_rng: Rng::derive(run.seed, &format!("{name}-noise")),
             select_rng: Rng::derive(run.seed, &format!("{name}-select")),
-            prompt_epoch: 0,
-            prompt_index: 0,
-            order: Vec::new(),
             rounds: 0,
             scorer_calls: 0,
             tuples_kept: 0,
@@ -519,25 +512,7 @@ impl StepLevelMethod {
             per_step: run.optim.batch_size * run.optim.grad_accum,
             model,
         };
-        m.order = m.order_for(0);
         Ok(m)
-    }
-
-    fn order_for(&self, epoch: u64) -> Vec<usize> {
-        let mut o: Vec<usize> = (0..self.prompts.len()).collect();
-        Rng::derive(self.seed, &format!("{}-prompts/{epoch}", self.name)).shuffle(&mut o);
-        o
-    }
-
-    fn next_prompt(&mut self) -> String {
-        if self.prompt_index >= self.prompts.len() {
-            self.prompt_epoch += 1;
-            self.prompt_index = 0;
-            self.order = self.order_for(self.prompt_epoch);
-        }
-        let p = self.prompts[self.order[self.prompt_index]].clone();
-        self.prompt_index += 1;
-        p
     }
 
     /// Whether step `k` may give training tuples.
@@ -647,7 +622,7 @@ impl StepLevelMethod {
     fn new_round(&mut self, policy: &Policy) -> Result<Vec<(&'static str, f64)>> {
         let t0 = Instant::now();
         let prompts: Vec<String> = (0..self.cfg.prompts_per_round)
-            .map(|_| self.next_prompt())
+            .map(|_| self.prompts.next_prompt())
             .collect();
         let ps: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
         let b = ps.len();
@@ -887,8 +862,8 @@ impl Method for StepLevelMethod {
         Ok(serde_json::to_value(LpoState {
             noise_rng: self.noise_rng.clone(),
             select_rng: self.select_rng.clone(),
-            prompt_epoch: self.prompt_epoch,
-            prompt_index: self.prompt_index,
+            prompt_epoch: self.prompts.position().0,
+            prompt_index: self.prompts.position().1,
             rounds: self.rounds,
             scorer_calls: self.scorer_calls,
             tuples_kept: self.tuples_kept,
@@ -902,9 +877,7 @@ impl Method for StepLevelMethod {
         let s: LpoState = serde_json::from_value(state)?;
         self.noise_rng = s.noise_rng;
         self.select_rng = s.select_rng;
-        self.prompt_epoch = s.prompt_epoch;
-        self.prompt_index = s.prompt_index;
-        self.order = self.order_for(s.prompt_epoch);
+        self.prompts.seek(s.prompt_epoch, s.prompt_index);
         self.rounds = s.rounds;
         self.scorer_calls = s.scorer_calls;
         self.tuples_kept = s.tuples_kept;
