@@ -43,7 +43,7 @@ use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
 use crate::engine::run::{load_model, load_policy, run, TrainSummary};
 use crate::eval::read_prompts;
-use crate::rollout::branch::branch;
+use crate::rollout::branch::branch_from_output;
 use crate::rollout::{self, guided_output, transition, Conditioning, RolloutConfig, StepRule};
 use crate::train::checkpoint::StopFlag;
 use crate::train::rng::Rng;
@@ -525,14 +525,16 @@ impl StepLevelMethod {
                 .is_none_or(|[lo, hi]| t >= lo as f64 && t < hi as f64)
     }
 
-    /// The scores of children `[B, K, C, h, w]` of step `k` (timestep `t`) → `[B][K]`, times `score_scale`.
+    /// The scores of children `[B, K, C, h, w]` of step `k` (timestep `t`) → `[B][K]`, times `score_scale`;
+    /// and, when scoring ran the policy on the children (x̂₀ scorers), their guided ε̂ at step `k + 1`
+    /// (`[B·K, C, h, w]`, row-major), which the next step reuses for the child that continues.
     fn score_children(
         &mut self,
         policy: &Policy,
         children: &Tensor,
         k: usize,
         prompts: &[String],
-    ) -> Result<Vec<Vec<f64>>> {
+    ) -> Result<(Vec<Vec<f64>>, Option<Tensor>)> {
         let (b, kk) = (children.dim(0)?, children.dim(1)?);
         let flat = children.flatten_to(1)?.to_dtype(DType::F32)?;
         let ps: Vec<&str> = prompts
@@ -540,6 +542,7 @@ impl StepLevelMethod {
             .flat_map(|p| std::iter::repeat_n(p.as_str(), kk))
             .collect();
         let t = self.rule.timesteps[k];
+        let mut children_eps = None;
         let s: Tensor = if let StepScorer::Lrm(lrm) = &self.scorer {
             let t_score = match self.cfg.score_at {
                 ScoreAt::Parent => t,
@@ -554,12 +557,12 @@ impl StepLevelMethod {
             let x0 = if k + 1 < rule.timesteps.len() {
                 let n = b * kk;
                 let pixels = flat.dim(2)? * self.model.vae_scale_factor();
-                policy.with_weights(&mut self.model, Weights::Current, |m| {
+                let (x0, eps) = policy.with_weights(&mut self.model, Weights::Current, |m| {
                     let cond = Conditioning::new(m, &ps, rule.guidance, pixels)?;
                     let tt = Tensor::full(rule.timesteps[k + 1] as f32, n, m.device())?;
                     let eps = guided_output(&m.unet, &flat, &tt, &cond, rule.guidance)?.detach();
                     let z = flat.zeros_like()?;
-                    Ok(transition(
+                    let x0 = transition(
                         rule,
                         &eps,
                         &flat,
@@ -567,8 +570,11 @@ impl StepLevelMethod {
                         DdimTransition::Noise(&z),
                     )?
                     .pred_x0
-                    .detach())
-                })?
+                    .detach();
+                    Ok((x0, eps))
+                })?;
+                children_eps = Some(eps);
+                x0
             } else {
                 flat.clone()
             };
@@ -612,9 +618,12 @@ impl StepLevelMethod {
             .to_vec1()?;
         self.scorer_calls += (b * kk) as u64;
         let scale = self.cfg.score_scale;
-        Ok(s.chunks(kk)
-            .map(|c| c.iter().map(|&x| x as f64 * scale).collect())
-            .collect())
+        Ok((
+            s.chunks(kk)
+                .map(|c| c.iter().map(|&x| x as f64 * scale).collect())
+                .collect(),
+            children_eps,
+        ))
     }
 
     /// Samples one round (see the module docs) and appends its kept tuples, shuffled, to the queue; returns its
@@ -632,17 +641,26 @@ impl StepLevelMethod {
         let mut round = Tuples::default();
         let (mut seen, mut gap_sum) = (0usize, 0f64);
         let mut policy_s = 0f64;
+        let mut carried_eps: Option<Tensor> = None;
+        let mut children_eps_kept: Option<Tensor> = None;
         for k in 0..self.rule.timesteps.len() {
             let t = self.rule.timesteps[k];
             let tp = Instant::now();
             let (rule, kk, rng) = (&self.rule, self.cfg.k, &mut self.noise_rng);
+            let carried = carried_eps.take();
             let step = policy.with_weights(&mut self.model, Weights::Current, |m| {
-                let cond = Conditioning::new(m, &ps, rule.guidance, pixels)?;
+                // The parents' guided ε̂: kept from scoring the previous step's children when there was one.
+                let eps = match carried {
+                    Some(e) => e,
+                    None => {
+                        let cond = Conditioning::new(m, &ps, rule.guidance, pixels)?;
+                        let tt = Tensor::full(t as f32, b, m.device())?;
+                        guided_output(&m.unet, &x, &tt, &cond, rule.guidance)?.detach()
+                    }
+                };
                 if rule.is_stochastic(k) {
-                    Ok((Some(branch(&m.unet, rule, &cond, &x, k, kk, rng)?), None))
+                    Ok((Some(branch_from_output(rule, &x, &eps, k, kk, rng)?), None))
                 } else {
-                    let tt = Tensor::full(t as f32, b, m.device())?;
-                    let eps = guided_output(&m.unet, &x, &tt, &cond, rule.guidance)?.detach();
                     let tr = if rule.in_window(k) {
                         // DDPM's deterministic last step.
                         transition(
@@ -667,7 +685,9 @@ impl StepLevelMethod {
             let choice: Vec<usize> = if self.trainable(k)
                 || self.cfg.continuation == Continuation::Best
             {
-                let scores = self.score_children(policy, &br.children, k, &prompts)?;
+                let (scores, children_eps) =
+                    self.score_children(policy, &br.children, k, &prompts)?;
+                children_eps_kept = children_eps;
                 let th = dynamic_threshold(self.sigmas[k], self.sigma_range, self.cfg.threshold);
                 let mut choice = Vec::with_capacity(b);
                 for (i, s) in scores.iter().enumerate() {
@@ -706,6 +726,18 @@ impl StepLevelMethod {
                     .collect()
             };
             x = br.select(&choice)?;
+            // The chosen children's ε̂ at the next step, if scoring computed it.
+            carried_eps = match children_eps_kept.take() {
+                Some(e) => Some(Tensor::stack(
+                    &choice
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &c)| e.get(i * self.cfg.k + c))
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                    0,
+                )?),
+                None => None,
+            };
         }
         let kept = round.len();
         let mut perm: Vec<usize> = (0..kept).collect();

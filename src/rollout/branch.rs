@@ -72,10 +72,28 @@ pub fn branch(
         rule.is_stochastic(step),
         "step {step} is deterministic: it has no children to branch into"
     );
+    let t = Tensor::full(rule.timesteps[step] as f32, x.dim(0)?, x.device())?;
+    let eps = guided_output(unet, x, &t, cond, rule.guidance)?.detach();
+    branch_from_output(rule, x, &eps, step, k, rng)
+}
+
+/// [`branch`] from the parents' guided model output `eps` at the step's timestep, computed by the caller
+/// (e.g. kept from scoring the previous step's children).
+pub fn branch_from_output(
+    rule: &StepRule,
+    x: &Tensor,
+    eps: &Tensor,
+    step: usize,
+    k: usize,
+    rng: &mut Rng,
+) -> Result<Branches> {
+    ensure!(k >= 1, "branching needs at least one child");
+    ensure!(
+        rule.is_stochastic(step),
+        "step {step} is deterministic: it has no children to branch into"
+    );
     let b = x.dim(0)?;
     let dev = x.device();
-    let t = Tensor::full(rule.timesteps[step] as f32, b, dev)?;
-    let eps = guided_output(unet, x, &t, cond, rule.guidance)?.detach();
     let dims = x.dims().to_vec();
     // z[i][j], row-major.
     let mut zs = Vec::with_capacity(b * k);
@@ -93,7 +111,7 @@ pub fn branch(
             &(0..b).map(|i| zs[i * k + j].clone()).collect::<Vec<_>>(),
             0,
         )?;
-        let tr = transition(rule, &eps, x, &steps, DdimTransition::Noise(&z))?;
+        let tr = transition(rule, eps, x, &steps, DdimTransition::Noise(&z))?;
         children.push(tr.prev_sample.detach());
         log_probs.push(tr.log_prob.detach());
         if first.is_none() {
