@@ -221,10 +221,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
                             spm.display()
                         );
                     }
+                    let scorer = match cfg.spo.scorer {
+                        SpoScorer::Spm => format!("the SPM {}", spm.display()),
+                        SpoScorer::Reward => "[reward] on each child's x0".to_string(),
+                    };
                     eprintln!(
-                        "no --config: the embedded default ({DEFAULT_SPO_PATH}): an SPO LoRA on {} with the SPM {}",
-                        cfg.run.model,
-                        spm.display()
+                        "no --config: the embedded default ({DEFAULT_SPO_PATH}): an SPO LoRA on {} with {scorer}",
+                        cfg.run.model
                     );
                     cfg
                 }

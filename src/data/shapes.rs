@@ -177,6 +177,41 @@ impl Scene {
     }
 }
 
+/// A one-edit corruption of `spec` (what a sample gets wrong): one item's colour or shape replaced, its count
+/// changed, an item dropped (of several), or the relation reversed. The result differs from `spec` (no edit
+/// leaves an item equal to another one, so the caption stays well-formed).
+pub fn corrupt(spec: &SceneSpec, rng: &mut Rng) -> SceneSpec {
+    let n = spec.objects.len();
+    loop {
+        let mut out = spec.clone();
+        let i = rng.below(n.max(1) as u64) as usize;
+        match rng.below(5) {
+            0 => out.objects[i].colour = pick(rng, &Colour::ALL),
+            1 => out.objects[i].shape = pick(rng, &Shape::ALL),
+            2 if out.relation.is_none() => {
+                out.objects[i].count = 1 + rng.below(3) as usize;
+            }
+            3 if n > 1 => {
+                out.objects.remove(i);
+                out.relation = None;
+            }
+            4 => match out.relation {
+                Some(r) => out.relation = Some(r.inverse()),
+                None => continue,
+            },
+            _ => continue,
+        }
+        let distinct = out.objects.iter().enumerate().all(|(a, x)| {
+            out.objects[a + 1..]
+                .iter()
+                .all(|y| (x.colour, x.shape) != (y.colour, y.shape))
+        });
+        if out != *spec && distinct {
+            return out;
+        }
+    }
+}
+
 /// A random caption spec of 1 to `max_objects` (at most 3) objects (sizes unspecified).
 pub fn random_spec(rng: &mut Rng, max_objects: usize) -> SceneSpec {
     let n = 1 + rng.below(max_objects.clamp(1, 3) as u64) as usize;
@@ -478,6 +513,18 @@ mod tests {
                 better >= 195,
                 "{size}px: own caption higher in only {better} of 200"
             );
+        }
+    }
+
+    #[test]
+    fn corruptions_differ_from_the_caption_and_stay_captions() {
+        let mut rng = Rng::new(4);
+        for _ in 0..200 {
+            let spec = random_spec(&mut rng, 3);
+            let bad = corrupt(&spec, &mut rng);
+            assert_ne!(bad, spec);
+            let back = diffpref_rewards::shapes::parse_caption(&bad.caption()).unwrap();
+            assert_eq!(back.objects.len(), bad.objects.len(), "{}", bad.caption());
         }
     }
 }

@@ -99,6 +99,19 @@ pub struct MakePairsConfig {
     /// Every two of a prompt's candidates make a pair (`pairs` then counts sampled groups, each giving
     /// candidates choose 2 pairs), instead of the best and the worst. Default false.
     pub all_pairs: bool,
+    /// samples: the model's own samples (above) | renders: ground-truth renders of each caption against a
+    /// render of a one-edit corruption of it (hard negatives; no sampling, so thousands of pairs are cheap;
+    /// `candidates`, `steps`, `guidance`, `temperature`, `all_pairs` unused). Default samples.
+    pub source: PairsSource,
+}
+
+/// Where `[pairs]` come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PairsSource {
+    #[default]
+    Samples,
+    Renders,
 }
 
 impl Default for MakePairsConfig {
@@ -113,6 +126,7 @@ impl Default for MakePairsConfig {
             seed: 0,
             batch_size: 16,
             all_pairs: false,
+            source: PairsSource::Samples,
         }
     }
 }
@@ -763,6 +777,20 @@ fn ensure_pairs(
             variant: None,
         },
     )?;
+    if cfg.source == PairsSource::Renders {
+        let (lh, _) =
+            diffpref_pipelines::pipeline::Pipeline::new(&model)?.latent_size(&Default::default())?;
+        let size = (lh * model.vae_scale_factor()) as u32;
+        return write_dir_atomic(dir, |d| {
+            let s = crate::data::prefs::render_prefs(&captions, cfg.pairs, cfg.seed, size, d)?;
+            eprintln!(
+                "rendered {} pairs in {} (a caption's render against a one-edit corruption's)",
+                s.pairs,
+                dir.display()
+            );
+            Ok(())
+        });
+    }
     let pb = if progress {
         Some(crate::train::metrics::count_bar(cfg.pairs, "pairs"))
     } else {
