@@ -235,6 +235,18 @@ fn make_prefs_on_tiny_sd() {
             p.source
         );
     }
+    // --renders: hard negatives from the renderer, at the model's image size, the chosen scoring higher.
+    let rendered = dir.path().join("rendered");
+    let stdout = ok(&make(&rendered, &["--renders"]));
+    assert!(stdout.contains("2 pairs"), "{stdout}");
+    let text_r = std::fs::read_to_string(rendered.join("manifest.jsonl")).unwrap();
+    assert_eq!(text_r.lines().count(), 2);
+    for l in text_r.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["reward_chosen"].as_f64() > v["reward_rejected"].as_f64(), "{l}");
+        let img = image::open(rendered.join(v["chosen"].as_str().unwrap())).unwrap();
+        assert_eq!(img.width(), 32);
+    }
     // Same arguments, same files.
     let same = dir.path().join("same");
     run(&same);

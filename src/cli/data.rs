@@ -112,6 +112,10 @@ pub struct MakePrefsArgs {
     /// sampled groups), instead of the best and the worst.
     #[arg(long)]
     pub all_pairs: bool,
+    /// Hard negatives without sampling: each caption's ground-truth render (chosen) against the render of a
+    /// one-edit corruption of it (rejected), at the model's image size (the model is only read for it).
+    #[arg(long, conflicts_with_all = ["all_pairs"])]
+    pub renders: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -209,6 +213,15 @@ fn make_prefs(a: MakePrefsArgs) -> Result<()> {
     let mut summary = None;
     write_dir_atomic(&a.out, |dir| {
         mark(dir, MAKE_PREFS)?;
+        if a.renders {
+            let (lh, _) = diffpref_pipelines::pipeline::Pipeline::new(&model)?
+                .latent_size(&Default::default())?;
+            let size = (lh * model.vae_scale_factor()) as u32;
+            summary = Some(crate::data::prefs::render_prefs(
+                &captions, a.pairs, a.seed, size, dir,
+            )?);
+            return Ok(());
+        }
         let pb = progress(a.pairs, "pairs");
         summary = Some(crate::data::prefs::make_prefs(
             &model,
