@@ -81,14 +81,14 @@ fn grpo_raises_the_reward_of_its_training_prompts() {
     let ratios = diffpref::train::metrics::series(&records, "ratio");
     assert_eq!(ratios.len(), 24);
     for (step, r) in &ratios {
-        if (*step as u64 - 1) % 4 == 0 {
+        if (*step as u64 - 1).is_multiple_of(4) {
             assert_eq!(*r, 1.0, "step {step}");
         }
     }
     // Later updates raised the log-probability of the better samples (on average over the run).
     let later: Vec<f64> = diffpref::train::metrics::series(&records, "adv_log_ratio")
         .iter()
-        .filter(|(s, _)| (*s as u64 - 1) % 4 != 0)
+        .filter(|(s, _)| !(*s as u64 - 1).is_multiple_of(4))
         .map(|(_, v)| *v)
         .collect();
     assert!(later.iter().sum::<f64>() > 0.0, "{later:?}");

@@ -243,7 +243,10 @@ fn make_prefs_on_tiny_sd() {
     assert_eq!(text_r.lines().count(), 2);
     for l in text_r.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        assert!(v["reward_chosen"].as_f64() > v["reward_rejected"].as_f64(), "{l}");
+        assert!(
+            v["reward_chosen"].as_f64() > v["reward_rejected"].as_f64(),
+            "{l}"
+        );
         let img = image::open(rendered.join(v["chosen"].as_str().unwrap())).unwrap();
         assert_eq!(img.width(), 32);
     }

@@ -33,6 +33,11 @@ pub enum Layout {
     OpenClip,
 }
 
+/// CLIP's initial temperature `logit_scale = ln(1/0.07)` (new heads of the LRM and the SPM start there).
+pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_779;
+/// CLIP's cap on `exp(logit_scale)`: ln 100.
+pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
+
 /// One transformer stack.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TowerConfig {

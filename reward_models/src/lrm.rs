@@ -39,10 +39,7 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "lrm_config.json";
 /// The heads' weights.
 pub const HEADS_FILE: &str = "heads.safetensors";
-/// CLIP's initial temperature, ln(1/0.07).
-pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778_8;
-/// CLIP's cap on exp(τ): ln 100.
-const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
+pub use crate::clip::{LOGIT_SCALE_INIT, LOGIT_SCALE_MAX};
 
 /// What an LRM folder says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -49,10 +49,7 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "spm_config.json";
 /// The timestep embedder's and the modulations' weights.
 pub const HEADS_FILE: &str = "spm.safetensors";
-/// CLIP's initial temperature, ln(1/0.07).
-const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778_8;
-/// CLIP's cap on exp(logit_scale): ln 100.
-const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
+use crate::clip::{LOGIT_SCALE_INIT, LOGIT_SCALE_MAX};
 
 /// What an SPM folder says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -382,7 +379,7 @@ impl StepAwarePreferenceModel {
             .filter(|(n, _)| !n.ends_with("position_ids"))
             .map(|(n, v)| (format!("clip.{n}"), v.clone()))
             .collect();
-        v.extend(self.head_tensors_named().into_iter());
+        v.extend(self.head_tensors_named());
         v
     }
 
@@ -512,6 +509,9 @@ impl StepAwarePreferenceModel {
     }
 }
 
+/// A scratch CLIP, its vars and its `config.json`.
+type ScratchClip = (ClipModel, Vec<(String, Var)>, String);
+
 /// A transformers `CLIPModel` with a random image tower and `<diffusion>/text_encoder` as its text tower;
 /// returns it, its vars and its `config.json`.
 fn scratch_clip(
@@ -519,7 +519,7 @@ fn scratch_clip(
     diffusion: &Path,
     seed: u64,
     device: &Device,
-) -> Result<(ClipModel, Vec<(String, Var)>, String)> {
+) -> Result<ScratchClip> {
     let te_dir = diffusion.join("text_encoder");
     let te_cfg_path = te_dir.join("config.json");
     let te_cfg = read_json(&te_cfg_path)?;
@@ -546,7 +546,7 @@ fn scratch_clip(
             "layer_norm_eps": 1e-5,
         },
     });
-    if s.patch_size == 0 || s.image_size % s.patch_size != 0 {
+    if s.patch_size == 0 || !s.image_size.is_multiple_of(s.patch_size) {
         return Err(Error::msg(format!(
             "the SPM's scratch tower: image_size {} is not a multiple of patch_size {}",
             s.image_size, s.patch_size
@@ -565,8 +565,8 @@ fn scratch_clip(
     let files = diffpref_pipelines::weights::find_weight_files(&te_dir, "model", None)?;
     for f in &files {
         for (n, t) in candle_core::safetensors::load(f, device)? {
-            if map.contains_key(&n) {
-                map.insert(n, t.to_dtype(DType::F32)?);
+            if let Some(slot) = map.get_mut(&n) {
+                *slot = t.to_dtype(DType::F32)?;
             }
         }
     }

@@ -73,8 +73,8 @@ fn every_spm_parameter_gets_a_finite_nonzero_gradient_once_the_modulation_is_ope
     // adaLN-Zero: at init the modulation weights are zero, so the timestep MLP gets no gradient yet. Open
     // them a little, as the first optimizer steps do.
     for (n, v) in spm.trainable_vars() {
-        if n.starts_with("adaln.") || n.starts_with("final_adaln.") {
-            if n.ends_with(".weight") {
+        if (n.starts_with("adaln.") || n.starts_with("final_adaln.")) && n.ends_with(".weight") {
+            {
                 let r = diffpref_pipelines::pipeline::seeded_noise(11, v.dims(), &dev)
                     .unwrap()
                     .to_dtype(DType::F32)

@@ -126,7 +126,7 @@ impl Evaluation {
         metrics: &mut MetricsWriter,
         progress: &TrainProgress,
     ) -> Result<()> {
-        if self.cfg.every == 0 || step % self.cfg.every != 0 || done {
+        if self.cfg.every == 0 || !step.is_multiple_of(self.cfg.every) || done {
             return Ok(());
         }
         let (c, _) = self.compare_current(model, policy, "eval")?;
@@ -214,7 +214,7 @@ impl Validation {
         step: u64,
         done: bool,
     ) -> Result<()> {
-        if step % self.cfg.every != 0 && !done {
+        if !step.is_multiple_of(self.cfg.every) && !done {
             return Ok(());
         }
         let path = self.dir.join(format!("step-{step:06}.png"));

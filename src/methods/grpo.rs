@@ -231,7 +231,7 @@ impl GrpoConfig {
         );
         let per_step = self.run.optim.batch_size * self.run.optim.grad_accum;
         ensure!(
-            self.round_size() % per_step == 0,
+            self.round_size().is_multiple_of(per_step),
             "[grpo] a round's {} trajectories (prompts_per_round x group_size) must split into optimizer steps of \
              optim.batch_size x optim.grad_accum = {per_step}",
             self.round_size()
@@ -245,7 +245,7 @@ impl GrpoConfig {
         );
         if g.credit == Credit::Branch {
             ensure!(
-                self.run.optim.batch_size % g.group_size == 0,
+                self.run.optim.batch_size.is_multiple_of(g.group_size),
                 "[grpo] credit = \"branch\" samples whole groups per micro-batch: optim.batch_size {} must be a \
                  multiple of group_size {}",
                 self.run.optim.batch_size,

@@ -384,9 +384,9 @@ const QUEUE_FILE: &str = "lpo_queue.safetensors";
 /// What scores the K children of a step (loaded).
 pub enum StepScorer {
     /// A latent reward model on the noisy children (LPO).
-    Lrm(LatentRewardModel),
+    Lrm(Box<LatentRewardModel>),
     /// A step-aware preference model on each child's decoded x̂₀ at the child's timestep (SPO).
-    Spm(StepAwarePreferenceModel),
+    Spm(Box<StepAwarePreferenceModel>),
     /// An image reward on each child's decoded x̂₀, with its batch size.
     Reward(Box<dyn diffpref_rewards::Reward>, usize),
 }
@@ -453,7 +453,7 @@ impl StepLevelMethod {
     /// LPO: `[lpo]`'s scorer.
     pub fn lpo(cfg: &LpoConfig, model: StableDiffusion) -> Result<StepLevelMethod> {
         let scorer = match cfg.lpo.scorer {
-            Scorer::Lrm => StepScorer::Lrm(load_lrm(&cfg.lpo, &model)?),
+            Scorer::Lrm => StepScorer::Lrm(Box::new(load_lrm(&cfg.lpo, &model)?)),
             Scorer::Reward => StepScorer::Reward(
                 cfg.reward.load("[reward]", model.device())?,
                 cfg.reward.batch_size,

@@ -187,7 +187,7 @@ pub fn train(cfg: &SpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     let scorer = match cfg.spo.scorer {
         SpoScorer::Spm => {
             let dir = cfg.spo.spm.as_ref().context("[spo] spm")?;
-            StepScorer::Spm(
+            StepScorer::Spm(Box::new(
                 StepAwarePreferenceModel::load(dir, candle_core::DType::F32, model.device())
                     .with_context(|| {
                         format!(
@@ -196,7 +196,7 @@ pub fn train(cfg: &SpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
                             dir.display()
                         )
                     })?,
-            )
+            ))
         }
         SpoScorer::Reward => StepScorer::Reward(
             cfg.reward.load("[reward]", model.device())?,

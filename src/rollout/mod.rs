@@ -673,7 +673,7 @@ pub fn sample_branched(
 ) -> Result<Trajectory> {
     let b = prompts.len();
     ensure!(
-        group >= 1 && b > 0 && b % group == 0,
+        group >= 1 && b > 0 && b.is_multiple_of(group),
         "branched rollout: {b} prompts do not split into groups of {group}"
     );
     ensure!(
