@@ -93,8 +93,8 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     assert_eq!(report.rows.len(), 6, "{table}");
     let o = &report.rows[5];
     assert_eq!((o.method.as_str(), o.steps), ("spo", 1));
-    // The SPM scored 2 prompts x 2 children at each of the 3 steps (667, 334, 1: all inside [0, 800)).
-    assert_eq!(o.reward_calls, Some(12));
+    // The SPM scored 2 prompts x 2 children at the one step of 3 (667, 334, 1) inside the default's [600, 1000).
+    assert_eq!(o.reward_calls, Some(4));
     assert!(out.path().join("spo-spm/spm/spm_config.json").exists());
     assert!(out.path().join("spo-spm/spm_eval.json").exists());
     assert!(o.difference.is_some() && o.weights.as_ref().unwrap().exists());
