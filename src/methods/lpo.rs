@@ -30,9 +30,11 @@
 //! next round's first). The reference is the base model (adapters off, or the frozen copy).
 //!
 //! **Scorers.** `scorer = "lrm"` is LPO; `scorer = "reward"` scores each child's decoded prediction x̂₀ (one more
-//! guided policy forward at the child's timestep) with any `[reward]` — SPO's step scoring with an image
-//! reward, e.g. the shapes world's exact reward as an oracle that tells the scorer's quality from the
-//! optimiser's. `score_scale` multiplies the scores before `p_w − p_l` (a reward's gaps are in its own units).
+//! guided policy forward at the child's timestep, whose ε̂ the continuing child reuses at the next step) with any
+//! `[reward]` — SPO's step scoring with an image reward, e.g. the shapes world's exact reward as an oracle that
+//! tells the scorer's quality from the optimiser's. `score_scale` multiplies the scores before `p_w − p_l` (a
+//! reward's gaps are in its own units). The loop itself is [`StepLevelMethod`]; `train spo`
+//! ([`crate::methods::spo`]) runs it with the step-aware preference model as the scorer.
 //!
 //! The training reward is the step scorer; the held-out judge is `[eval]` (on the shapes world: the exact
 //! reward on held-out prompts), as for every method.
