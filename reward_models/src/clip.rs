@@ -1270,7 +1270,7 @@ pub struct ClipModel {
 }
 
 /// The tokenizer folder of a model folder: the folder itself or its `tokenizer/` subfolder.
-fn find_tokenizer_dir(dir: &Path) -> Option<PathBuf> {
+pub(crate) fn find_tokenizer_dir(dir: &Path) -> Option<PathBuf> {
     [dir.to_path_buf(), dir.join("tokenizer")]
         .into_iter()
         .find(|d| d.join("tokenizer.json").exists() || d.join("vocab.json").exists())

@@ -518,10 +518,7 @@ impl LatentRewardModel {
 
     /// Clean latents of images `[B, 3, H, W]` in [0, 1] (the VAE posterior mode, scaled).
     pub fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
-        let vae = &self.model.vae;
-        let x = ((images.to_dtype(self.model.dtype())? * 2.0)? - 1.0)?;
-        let z = vae.encode(&x)?.mode();
-        Ok(vae.scale_latents(&z)?.to_dtype(DType::F32)?)
+        vae_latents(&self.model, images)
     }
 }
 
@@ -553,14 +550,22 @@ fn check_guidance(gs: f64) -> Result<()> {
     Ok(())
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The scaled VAE posterior modes `[B, C, h, w]` (f32) of `images` in [0, 1] under `model`'s VAE.
+pub fn vae_latents(model: &StableDiffusion, images: &Tensor) -> Result<Tensor> {
+    let vae = &model.vae;
+    let x = ((images.to_dtype(model.dtype())? * 2.0)? - 1.0)?;
+    let z = vae.encode(&x)?.mode();
+    Ok(vae.scale_latents(&z)?.to_dtype(DType::F32)?)
+}
+
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|e| Error::msg(format!("cannot write {}: {e}", path.display())))
 }
 
-fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+pub(crate) fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let refs: Vec<(&str, Tensor)> = tensors
         .iter()

@@ -49,7 +49,8 @@ use std::path::{Path, PathBuf};
 pub const CONFIG_FILE: &str = "spm_config.json";
 /// The timestep embedder's and the modulations' weights.
 pub const HEADS_FILE: &str = "spm.safetensors";
-use crate::clip::{LOGIT_SCALE_INIT, LOGIT_SCALE_MAX};
+use crate::clip::{find_tokenizer_dir, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX};
+use crate::lrm::{save_tensors, write_file};
 
 /// What an SPM folder says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -148,22 +149,6 @@ pub fn timestep_features(t: &Tensor, dim: usize, max_period: f64) -> Result<Tens
     Ok(Tensor::cat(&parts, 1)?)
 }
 
-fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
-    x * sigmoid(x)?
-}
-
-/// σ(x) from primitive ops (differentiable).
-fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
-}
-
-/// The tokenizer folder of a model folder: itself or its `tokenizer/` subfolder.
-fn tokenizer_dir(dir: &Path) -> Option<PathBuf> {
-    [dir.to_path_buf(), dir.join("tokenizer")]
-        .into_iter()
-        .find(|d| d.join("tokenizer.json").exists() || d.join("vocab.json").exists())
-}
-
 const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "vocab.json",
@@ -176,20 +161,6 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| diffpref_pipelines::Error::io(path, e))?;
     serde_json::from_str(&text)
         .map_err(|e| Error::msg(format!("{}: not JSON: {e}", path.display())))
-}
-
-fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(
-        &cpu.iter()
-            .map(|(n, t)| (n.clone(), t.clone()))
-            .collect::<std::collections::HashMap<_, _>>(),
-        path,
-    )
-    .map_err(|e| Error::msg(format!("cannot write {}: {e}", path.display())))
 }
 
 impl StepAwarePreferenceModel {
@@ -229,7 +200,7 @@ impl StepAwarePreferenceModel {
                         aux.push((dir.join(f), f.to_string()));
                     }
                 }
-                let tok = tokenizer.clone().or_else(|| tokenizer_dir(&dir));
+                let tok = tokenizer.clone().or_else(|| find_tokenizer_dir(&dir));
                 if let Some(t) = tok {
                     for f in TOKENIZER_FILES {
                         if t.join(f).exists() {
@@ -408,8 +379,8 @@ impl StepAwarePreferenceModel {
             t
         };
         let feats = timestep_features(&t, self.config.frequency_dim, self.config.max_period)?;
-        let c = self.time_2.forward(&silu(&self.time_1.forward(&feats)?)?)?;
-        let sc = silu(&c)?;
+        let c = self.time_2.forward(&self.time_1.forward(&feats)?.silu()?)?;
+        let sc = c.silu()?;
         let dt = self.clip.dtype();
         let w = self.config.width;
         let blocks = self
@@ -482,8 +453,7 @@ impl StepAwarePreferenceModel {
                 .map_err(|e| Error::msg(format!("copying {}: {e}", src.display())))?;
         }
         if let Some(c) = &self.hf_config {
-            std::fs::write(dir.join("config.json"), c)
-                .map_err(|e| Error::msg(format!("writing config.json: {e}")))?;
+            write_file(&dir.join("config.json"), c.as_bytes())?;
         }
         let weights_file = match self.clip.config.layout {
             Layout::HuggingFace => "model.safetensors",
@@ -503,8 +473,7 @@ impl StepAwarePreferenceModel {
         save_tensors(&dir.join(HEADS_FILE), &heads)?;
         let text = serde_json::to_string_pretty(&self.config)
             .map_err(|e| Error::msg(format!("spm config: {e}")))?;
-        std::fs::write(dir.join(CONFIG_FILE), text)
-            .map_err(|e| Error::msg(format!("writing {CONFIG_FILE}: {e}")))?;
+        write_file(&dir.join(CONFIG_FILE), text.as_bytes())?;
         Ok(())
     }
 }
@@ -576,7 +545,7 @@ fn scratch_clip(
     );
     let p = Params::from_map(map, DType::F32, device).trainable();
     let mut clip = ClipModel::from_params(&p, config.clone(), true)?;
-    let tok = tokenizer_dir(diffusion).ok_or_else(|| {
+    let tok = find_tokenizer_dir(diffusion).ok_or_else(|| {
         Error::msg(format!(
             "{}: no tokenizer folder (the SPM's scratch backbone uses the diffusion model's tokenizer)",
             diffusion.display()

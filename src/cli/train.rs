@@ -233,15 +233,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 }
             };
             let s = crate::methods::spo::train(&cfg, Some(stop))?;
-            if let (Some(loss), Some(acc)) = (s.last_metric("loss"), s.last_metric("step_acc")) {
-                println!(
-                    "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} scorer calls",
-                    s.steps,
-                    s.last_metric("tuples_kept").unwrap_or(0.0),
-                    s.last_metric("scorer_calls").unwrap_or(0.0)
-                );
-            }
-            report(&s);
+            print_step_level(&s);
             Ok(())
         }
         Method::Lpo(c) => {
@@ -265,15 +257,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 }
             };
             let s = crate::methods::lpo::train(&cfg, Some(stop))?;
-            if let (Some(loss), Some(acc)) = (s.last_metric("loss"), s.last_metric("step_acc")) {
-                println!(
-                    "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} scorer calls",
-                    s.steps,
-                    s.last_metric("tuples_kept").unwrap_or(0.0),
-                    s.last_metric("scorer_calls").unwrap_or(0.0)
-                );
-            }
-            report(&s);
+            print_step_level(&s);
             Ok(())
         }
     }
@@ -309,4 +293,17 @@ fn print_pair_rm(s: &PairRmSummary, name: &str) {
     }
     println!("{name}: {}", s.weights.display());
     println!("wall time: {:.0} s", s.seconds);
+}
+
+/// What `train lpo` / `train spo` print: the last step's loss and step accuracy, then the run's report.
+fn print_step_level(s: &TrainSummary) {
+    if let (Some(loss), Some(acc)) = (s.last_metric("loss"), s.last_metric("step_acc")) {
+        println!(
+            "step {}: loss {loss:.4}, step accuracy {acc:.3}, {} tuples kept, {} scorer calls",
+            s.steps,
+            s.last_metric("tuples_kept").unwrap_or(0.0),
+            s.last_metric("scorer_calls").unwrap_or(0.0)
+        );
+    }
+    report(s);
 }

@@ -423,14 +423,6 @@ impl StepRewardModel for LatentRewardModel {
     }
 }
 
-/// The scaled VAE posterior modes `[B, C, h, w]` (f32) of `images` in [0, 1].
-pub(crate) fn vae_latents(model: &StableDiffusion, images: &Tensor) -> Result<Tensor> {
-    let vae = &model.vae;
-    let x = ((images.to_dtype(model.dtype())? * 2.0)? - 1.0)?;
-    let z = vae.encode(&x)?.mode();
-    Ok(vae.scale_latents(&z)?.to_dtype(DType::F32)?)
-}
-
 /// Clean latents `[chosen…; rejected…]` of pairs (stored sampler latents when every pair has them and `stored`,
 /// else the VAE modes of the preprocessed images).
 fn pair_latents(
@@ -461,7 +453,7 @@ fn pair_latents(
     imgs.extend(rej);
     // preprocess gives [-1, 1]; the encoder takes [0, 1].
     let x = ((Tensor::stack(&imgs, 0)?.to_device(m.device())? + 1.0)? * 0.5)?;
-    Ok(vae_latents(m, &x)?.detach())
+    Ok(diffpref_rewards::lrm::vae_latents(m, &x)?.detach())
 }
 
 /// Scores of pairs noised at per-pair timesteps `t` (`[P]`; the noise shared by a pair's images or not, as the

@@ -248,7 +248,7 @@ impl SpmOnLatents {
         if t <= 0.0 {
             return Ok(self.spm.score_images(images, prompts, &tt)?);
         }
-        let z = crate::methods::lrm::vae_latents(&self.diffusion, &images.to_device(&dev)?)?;
+        let z = diffpref_rewards::lrm::vae_latents(&self.diffusion, &images.to_device(&dev)?)?;
         let mut shape = z.dims().to_vec();
         shape[0] = 1;
         let noise = (0..b)
