@@ -10,6 +10,7 @@ use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
 use crate::methods::spm::SpmConfig;
+use crate::methods::seppo::SeppoConfig;
 use crate::methods::spo::SpoConfig;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,12 @@ pub const DEFAULT_LPO_TOML: &str = include_str!("../assets/shapes/lpo.toml");
 
 /// Where the default LPO configuration lives in a checkout (for messages).
 pub const DEFAULT_LPO_PATH: &str = "assets/shapes/lpo.toml";
+
+/// The default SePPO configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_SEPPO_TOML: &str = include_str!("../assets/shapes/seppo.toml");
+
+/// Where the default SePPO configuration lives in a checkout (for messages).
+pub const DEFAULT_SEPPO_PATH: &str = "assets/shapes/seppo.toml";
 
 /// The assets folder (see the module documentation).
 pub fn assets_dir() -> Result<PathBuf> {
@@ -160,6 +167,17 @@ pub fn default_spo_config(overrides: &[String]) -> Result<SpoConfig> {
     resolve_run(&mut cfg.run, &assets);
     resolve_path(&mut cfg.spo.prompts, &assets);
     resolve_path(&mut cfg.spo.spm, &assets);
+    Ok(cfg)
+}
+
+/// The default SePPO run on the shapes world with `overrides` applied; its `assets/` paths point at
+/// [`assets_dir`].
+pub fn default_seppo_config(overrides: &[String]) -> Result<SeppoConfig> {
+    let mut cfg = SeppoConfig::from_toml(DEFAULT_SEPPO_TOML, DEFAULT_SEPPO_PATH, overrides)?;
+    let assets = assets_dir()?;
+    resolve_run(&mut cfg.run, &assets);
+    resolve_path(&mut cfg.data.manifest, &assets);
+    resolve_path(&mut cfg.seppo.prompts, &assets);
     Ok(cfg)
 }
 

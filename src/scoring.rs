@@ -59,6 +59,22 @@ impl RewardKind {
     }
 }
 
+/// Scores images `[B, 3, H, W]` in [0, 1] as the 8-bit images a user saves and the judge scores (rounded to
+/// 8 bits first), `batch` images per forward pass; one score per image, f64 on the CPU.
+pub fn score_saved_images(
+    reward: &dyn Reward,
+    images: &Tensor,
+    prompts: &[&str],
+    batch: usize,
+) -> Result<Vec<f64>> {
+    let imgs = crate::imaging::tensor_to_images(images)?;
+    let x = crate::imaging::images_to_tensor(&imgs, images.device())?;
+    let s = reward
+        .score_batched(&x, prompts, batch)
+        .with_context(|| format!("scoring with the reward {}", reward.name()))?;
+    Ok(s.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
+}
+
 /// The shapes surrogate as a [`Reward`]: [`ShapesReward::score_differentiable`].
 #[derive(Clone, Debug, Default)]
 pub struct ShapesSurrogate(pub ShapesReward);

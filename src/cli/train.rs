@@ -3,8 +3,8 @@
 use super::eval::print_comparison;
 use crate::assets::{
     default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
-    default_spm_config, default_spo_config, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH,
-    DEFAULT_LRM_PATH, DEFAULT_SPM_PATH, DEFAULT_SPO_PATH,
+    default_seppo_config, default_spm_config, default_spo_config, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH,
+    DEFAULT_LPO_PATH, DEFAULT_LRM_PATH, DEFAULT_SEPPO_PATH, DEFAULT_SPM_PATH, DEFAULT_SPO_PATH,
 };
 use crate::engine::run::TrainSummary;
 use crate::methods::grpo::GrpoConfig;
@@ -12,6 +12,7 @@ use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
 use crate::methods::lrm::PairRmSummary;
 use crate::methods::pairwise::DpoConfig;
+use crate::methods::seppo::{SeppoConfig, WinnerSource};
 use crate::methods::spm::SpmConfig;
 use crate::methods::spo::{SpoConfig, SpoScorer};
 use crate::train::checkpoint::StopFlag;
@@ -54,6 +55,12 @@ pub enum Method {
     /// spm`), a random child continuing, LoRA or full. With no arguments: a LoRA on the shapes-world model with
     /// the SPM `train spm` writes, judged on held-out prompts.
     Spo(ConfigArgs),
+    /// SePPO: winners (a preference set's chosen images, or the best of k samples under a reward) against
+    /// fresh samples of a reference drawn at random from the run's own checkpoints, the anchor-based adaptive
+    /// flipper deciding per pair whether the reference sample is a loser or a second positive; LoRA or full.
+    /// With no arguments: a LoRA on the shapes-world model with the demo set's chosen images only, judged on
+    /// held-out prompts.
+    Seppo(ConfigArgs),
 }
 
 /// `--config FILE.toml [--set key=value ...] [--device D] [--dtype T]`.
@@ -234,6 +241,44 @@ pub fn run(a: TrainArgs) -> Result<()> {
             };
             let s = crate::methods::spo::train(&cfg, Some(stop))?;
             print_step_level(&s);
+            Ok(())
+        }
+        Method::Seppo(c) => {
+            let cfg = match &c.config {
+                Some(path) => SeppoConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_seppo_config(&c.overrides())?;
+                    let winners = match cfg.seppo.winners {
+                        WinnerSource::Data => format!(
+                            "the chosen images of {}",
+                            cfg.data
+                                .manifest
+                                .as_ref()
+                                .map(|m| m.display().to_string())
+                                .unwrap_or_default()
+                        ),
+                        WinnerSource::BestOfK => format!("the best of {} samples", cfg.seppo.k),
+                    };
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_SEPPO_PATH}): a SePPO LoRA on {} with {winners}",
+                        cfg.run.model
+                    );
+                    cfg
+                }
+            };
+            let s = crate::methods::seppo::train(&cfg, Some(stop))?;
+            if let (Some(loss), Some(flip), Some(acc)) = (
+                s.last_metric("loss"),
+                s.last_metric("flip_rate"),
+                s.last_metric("implicit_acc"),
+            ) {
+                println!(
+                    "step {}: loss {loss:.4}, flip rate {flip:.3}, implicit accuracy {acc:.3}, {} reference samples",
+                    s.steps,
+                    s.last_metric("samples").unwrap_or(0.0)
+                );
+            }
+            report(&s);
             Ok(())
         }
         Method::Lpo(c) => {

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use diffpref_pipelines::loading::StableDiffusion;
 use diffpref_pipelines::models::unet::{AddedCond, UNet2DConditionModel};
 use diffpref_pipelines::weights::{find_weight_files, Params};
-use std::cell::RefCell;
+use std::cell::{Ref, RefCell};
 use std::path::{Path, PathBuf};
 
 /// Which weights [`Policy::with_weights`] runs.
@@ -47,12 +47,13 @@ enum RefWeights {
 pub struct Policy {
     params: Vec<(String, Var)>,
     lora: Option<LoraSet>,
-    reference: RefWeights,
+    /// The reference (a cell: a snapshot can replace a full run's frozen UNet during the run, through `&self`).
+    reference: RefCell<RefWeights>,
     /// A LoRA snapshot used as the reference (attached frozen, enabled only inside a reference scope).
     snapshot: RefCell<Option<(PathBuf, LoraSet)>>,
     /// The base UNet of a full fine-tuning run (kept for [`Weights::Base`] when a snapshot replaces the
-    /// reference).
-    base_frozen: Option<UNet2DConditionModel>,
+    /// reference), and the path of that full-weight snapshot.
+    base_frozen: RefCell<Option<(PathBuf, UNet2DConditionModel)>>,
 }
 
 impl Policy {
@@ -71,9 +72,9 @@ impl Policy {
         Ok(Policy {
             params: set.vars(),
             lora: Some(set),
-            reference: RefWeights::AdaptersOff,
+            reference: RefCell::new(RefWeights::AdaptersOff),
             snapshot: RefCell::new(None),
-            base_frozen: None,
+            base_frozen: RefCell::new(None),
         })
     }
 
@@ -98,9 +99,9 @@ impl Policy {
         Ok(Policy {
             params: p.vars(),
             lora: None,
-            reference: RefWeights::Frozen(reference),
+            reference: RefCell::new(RefWeights::Frozen(reference)),
             snapshot: RefCell::new(None),
-            base_frozen: None,
+            base_frozen: RefCell::new(None),
         })
     }
 
@@ -130,9 +131,9 @@ impl Policy {
         Policy {
             params,
             lora: None,
-            reference: RefWeights::Frozen(reference),
+            reference: RefCell::new(RefWeights::Frozen(reference)),
             snapshot: RefCell::new(None),
-            base_frozen: None,
+            base_frozen: RefCell::new(None),
         }
     }
 
@@ -142,9 +143,9 @@ impl Policy {
         Policy {
             params: set.vars(),
             lora: Some(set),
-            reference: RefWeights::AdaptersOff,
+            reference: RefCell::new(RefWeights::AdaptersOff),
             snapshot: RefCell::new(None),
-            base_frozen: None,
+            base_frozen: RefCell::new(None),
         }
     }
 
@@ -153,9 +154,9 @@ impl Policy {
         Policy {
             params,
             lora: None,
-            reference: RefWeights::None,
+            reference: RefCell::new(RefWeights::None),
             snapshot: RefCell::new(None),
-            base_frozen: None,
+            base_frozen: RefCell::new(None),
         }
     }
 
@@ -171,7 +172,7 @@ impl Policy {
 
     /// The reference, if the policy has one.
     pub fn reference(&self) -> Option<Reference<'_>> {
-        match self.reference {
+        match *self.reference.borrow() {
             RefWeights::None => None,
             _ => Some(Reference { policy: self }),
         }
@@ -179,29 +180,41 @@ impl Policy {
 
     /// Makes the weights saved at `path` the reference from now on: a LoRA file (LoRA runs; attached frozen
     /// next to the trained adapters and enabled only inside reference scopes) or a file of full UNet weights
-    /// written by [`save_vars`] (full runs). `None` returns to the base model.
+    /// written by [`save_vars`] (full runs). `None` returns to the base model. Setting the snapshot already in
+    /// use does nothing. Not while a reference scope is open (an error, not a panic).
     pub fn set_reference_snapshot(
-        &mut self,
+        &self,
         unet: &UNet2DConditionModel,
         path: Option<&Path>,
     ) -> Result<()> {
-        if let Some((_, old)) = self.snapshot.borrow_mut().take() {
+        if self.reference_snapshot().as_deref() == path {
+            return Ok(());
+        }
+        let mut snapshot = self
+            .snapshot
+            .try_borrow_mut()
+            .map_err(|_| anyhow::anyhow!("the reference cannot change inside a reference scope"))?;
+        let mut reference = self
+            .reference
+            .try_borrow_mut()
+            .map_err(|_| anyhow::anyhow!("the reference cannot change inside a reference scope"))?;
+        if let Some((_, old)) = snapshot.take() {
             // Clearing an adapter slot removes every adapter of the layer: put the trained ones back.
             old.detach_from(unet);
             if let Some(l) = &self.lora {
                 reattach(unet, l)?;
             }
         }
-        if let (RefWeights::Frozen(_), Some(base)) = (&self.reference, self.base_frozen.take()) {
-            self.reference = RefWeights::Frozen(base);
+        if let Some((_, base)) = self.base_frozen.borrow_mut().take() {
+            *reference = RefWeights::Frozen(base);
         }
         let Some(path) = path else { return Ok(()) };
-        match (&self.lora, &mut self.reference) {
+        match (&self.lora, &mut *reference) {
             (Some(_), _) => {
                 let set = LoraSet::load(unet, path, LoadMode::Frozen { scale: 1.0 })
                     .with_context(|| format!("reference snapshot {}", path.display()))?;
                 set.set_enabled(false);
-                *self.snapshot.borrow_mut() = Some((path.to_path_buf(), set));
+                *snapshot = Some((path.to_path_buf(), set));
             }
             (None, RefWeights::Frozen(base)) => {
                 let map = candle_core::safetensors::load(path, unet.device())
@@ -212,7 +225,7 @@ impl Policy {
                 )
                 .with_context(|| format!("reference snapshot {}", path.display()))?;
                 let base = std::mem::replace(base, snap);
-                self.base_frozen = Some(base);
+                *self.base_frozen.borrow_mut() = Some((path.to_path_buf(), base));
             }
             (None, _) => anyhow::bail!("this policy has no reference to replace"),
         }
@@ -221,7 +234,10 @@ impl Policy {
 
     /// The snapshot currently used as the reference, if any.
     pub fn reference_snapshot(&self) -> Option<PathBuf> {
-        self.snapshot.borrow().as_ref().map(|(p, _)| p.clone())
+        if let Some((p, _)) = self.snapshot.borrow().as_ref() {
+            return Some(p.clone());
+        }
+        self.base_frozen.borrow().as_ref().map(|(p, _)| p.clone())
     }
 
     /// Runs `f` on `which` weights outside the autograd graph (LoRA in evaluation mode: no dropout, no
@@ -254,7 +270,7 @@ impl Policy {
             l.set_training(training);
             return out;
         }
-        let swap = match (which, &self.reference) {
+        let swap = match (which, &*self.reference.borrow()) {
             (Weights::Current, _) => {
                 let map = self
                     .params
@@ -267,9 +283,12 @@ impl Policy {
                     model.unet.config().clone(),
                 )?
             }
-            (Weights::Base, RefWeights::Frozen(r)) => {
-                self.base_frozen.as_ref().unwrap_or(r).clone()
-            }
+            (Weights::Base, RefWeights::Frozen(r)) => self
+                .base_frozen
+                .borrow()
+                .as_ref()
+                .map(|(_, b)| b.clone())
+                .unwrap_or_else(|| r.clone()),
             (Weights::Reference, RefWeights::Frozen(r)) => r.clone(),
             (_, _) => return f(model),
         };
@@ -330,6 +349,8 @@ pub struct Reference<'a> {
 /// The reference model for the lifetime of the scope (see [`Reference::scope`]).
 pub struct RefScope<'u> {
     unet: &'u UNet2DConditionModel,
+    /// The frozen reference UNet of a full run (borrowed for the scope).
+    frozen: Option<Ref<'u, UNet2DConditionModel>>,
     /// Adapters to switch back on, and the snapshot to switch off, when the scope ends.
     restore: Option<(&'u LoraSet, bool)>,
     snapshot: Option<std::cell::Ref<'u, Option<(PathBuf, LoraSet)>>>,
@@ -338,7 +359,7 @@ pub struct RefScope<'u> {
 impl RefScope<'_> {
     /// The UNet that computes the reference inside this scope.
     pub fn unet(&self) -> &UNet2DConditionModel {
-        self.unet
+        self.frozen.as_deref().unwrap_or(self.unet)
     }
 }
 
@@ -361,30 +382,30 @@ impl<'a> Reference<'a> {
     /// Starts a reference scope on `policy_unet` (the UNet the trained weights live in): adapters off (and the
     /// snapshot on) for LoRA, the frozen UNet for full fine-tuning.
     pub fn scope(&self, policy_unet: &'a UNet2DConditionModel) -> RefScope<'a> {
-        match (&self.policy.lora, &self.policy.reference) {
-            (Some(l), _) => {
-                let was = l.is_enabled();
-                l.set_enabled(false);
-                let snap = self.policy.snapshot.borrow();
-                if let Some((_, s)) = snap.as_ref() {
-                    s.set_enabled(true);
-                }
-                RefScope {
-                    unet: policy_unet,
-                    restore: Some((l, was)),
-                    snapshot: Some(snap),
-                }
+        if let Some(l) = &self.policy.lora {
+            let was = l.is_enabled();
+            l.set_enabled(false);
+            let snap = self.policy.snapshot.borrow();
+            if let Some((_, s)) = snap.as_ref() {
+                s.set_enabled(true);
             }
-            (None, RefWeights::Frozen(r)) => RefScope {
-                unet: r,
-                restore: None,
-                snapshot: None,
-            },
-            (None, _) => RefScope {
+            return RefScope {
                 unet: policy_unet,
-                restore: None,
-                snapshot: None,
-            },
+                frozen: None,
+                restore: Some((l, was)),
+                snapshot: Some(snap),
+            };
+        }
+        let frozen = Ref::filter_map(self.policy.reference.borrow(), |r| match r {
+            RefWeights::Frozen(u) => Some(u),
+            _ => None,
+        })
+        .ok();
+        RefScope {
+            unet: policy_unet,
+            frozen,
+            restore: None,
+            snapshot: None,
         }
     }
 

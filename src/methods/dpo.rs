@@ -249,7 +249,7 @@ fn mean(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
 }
 
-fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     // log σ(x) = −softplus(−x) = min(x, 0) − log(1 + e^{−|x|}), stable for large |x|.
     let neg_abs = x.abs()?.neg()?;
     let soft = (neg_abs.exp()? + 1.0)?.log()?;

@@ -55,13 +55,12 @@ use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
 use crate::engine::run::{load_model, load_policy, run, TrainSummary};
 use crate::eval::read_prompts;
-use crate::imaging::{images_to_tensor, tensor_to_images};
 use crate::rollout::{self, Conditioning, RolloutConfig, Selection, StepRule, Trajectory};
-use crate::scoring::RewardSpec;
+use crate::scoring::{score_saved_images, RewardSpec};
 use crate::train::checkpoint::StopFlag;
 use crate::train::rng::Rng;
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use diffpref_pipelines::loading::StableDiffusion;
 use diffpref_rewards::Reward;
 use serde::{Deserialize, Serialize};
@@ -383,15 +382,11 @@ impl GrpoMethod {
 
     /// Scores images `[B, 3, H, W]` in [0, 1] as 8-bit images (what a user saves and the judge scores).
     fn score(&mut self, images: &Tensor, prompts: &[String]) -> Result<Vec<f64>> {
-        let imgs = tensor_to_images(images)?;
-        let x = images_to_tensor(&imgs, self.model.device())?;
         let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
-        let s = self
-            .reward
-            .score_batched(&x, &p, self.reward_batch)
-            .with_context(|| format!("scoring with the training reward {}", self.reward.name()))?;
+        let s = score_saved_images(self.reward.as_ref(), images, &p, self.reward_batch)
+            .context("the training reward")?;
         self.reward_calls += prompts.len() as u64;
-        Ok(s.to_dtype(DType::F64)?.to_device(&Device::Cpu)?.to_vec1()?)
+        Ok(s)
     }
 
     /// Samples and scores a new round with the current policy; returns its figures.
@@ -821,7 +816,7 @@ mod tests {
 
     #[test]
     fn clipped_objective_matches_hand_computed_values() {
-        let d = &Device::Cpu;
+        let d = &candle_core::Device::Cpu;
         let old = Tensor::new(&[0.0f32, 0.0, 0.0, 0.0], d).unwrap();
         // log-ratios 0.3, -0.3, 0.05, 0; ε = 0.1.
         let new = Tensor::new(&[0.3f32, -0.3, 0.05, 0.0], d).unwrap();
@@ -854,7 +849,7 @@ mod tests {
 
     #[test]
     fn gaussian_kl_per_row() {
-        let d = &Device::Cpu;
+        let d = &candle_core::Device::Cpu;
         let a = Tensor::new(&[[1.0f32, 2.0], [0.0, 0.0]], d).unwrap();
         let b = Tensor::new(&[[0.0f32, 0.0], [0.5, -0.5]], d).unwrap();
         let std = Tensor::new(&[2.0f32, 0.5], d).unwrap();

@@ -7,6 +7,8 @@
 //!   (a latent reward model on noisy latents; a step-aware preference model on the decoded x̂₀).
 //! * [`lpo`] / [`spo`] — `train lpo` / `train spo`, step-level preference optimisation on the model's own
 //!   trajectories: one loop ([`lpo::StepLevelMethod`]) with the LRM or the SPM as its scorer.
+//! * [`seppo`] — `train seppo`, winners against fresh samples of a reference drawn from the run's own
+//!   checkpoints, with the anchor-based adaptive flipper.
 
 pub mod dpo;
 pub mod grpo;
@@ -16,3 +18,4 @@ pub mod spm;
 pub mod spo;
 
 pub mod pairwise;
+pub mod seppo;

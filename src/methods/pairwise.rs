@@ -375,13 +375,7 @@ impl DpoMethod {
 
     /// The prompts' embeddings (through the text cache when there is one).
     fn embed(&self, prompts: &[&str]) -> Result<PromptEmbeds> {
-        let model = &self.model;
-        match &self.text_cache {
-            Some(c) => c.get_or_compute_many(prompts, model.device(), |missing| {
-                Ok(model.encode_prompts(missing)?)
-            }),
-            None => Ok(model.encode_prompts(prompts)?),
-        }
+        embed_prompts(&self.model, self.text_cache.as_ref(), prompts)
     }
 
     /// One micro-batch of unpaired samples (KTO).
@@ -669,9 +663,23 @@ pub fn train(cfg: &DpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     )
 }
 
+/// The prompts' embeddings, through `cache` when there is one.
+pub(crate) fn embed_prompts(
+    model: &StableDiffusion,
+    cache: Option<&TextEmbedCache>,
+    prompts: &[&str],
+) -> Result<PromptEmbeds> {
+    match cache {
+        Some(c) => c.get_or_compute_many(prompts, model.device(), |missing| {
+            Ok(model.encode_prompts(missing)?)
+        }),
+        None => Ok(model.encode_prompts(prompts)?),
+    }
+}
+
 /// SDXL micro-conditioning for a training batch: the pooled text embeddings and, per sample, the time ids of
 /// the crop actually applied. `None` for UNets without `text_time`.
-fn sdxl_added_cond(
+pub(crate) fn sdxl_added_cond(
     model: &StableDiffusion,
     embeds: &PromptEmbeds,
     transforms: &[&Transform],
@@ -695,7 +703,7 @@ fn sdxl_added_cond(
 
 /// The empty prompt's conditioning `[1, T, D]` as the sampler's unconditional branch sees it (zeros where the
 /// model forces them), for the unconditional anchor.
-fn unconditional_embeds(model: &StableDiffusion) -> Result<PromptEmbeds> {
+pub(crate) fn unconditional_embeds(model: &StableDiffusion) -> Result<PromptEmbeds> {
     let e = model.encode_prompts(&[""])?;
     Ok(if model.force_zeros_for_empty_prompt {
         e.zeros_like()?
@@ -767,7 +775,7 @@ pub(crate) fn stored_pair_latents(
 /// Scaled VAE latents of `images` (`[B, 3, H, W]`, image `i` identified by `ids[i]` for the cache): the
 /// posteriors come from `cache` (computing the misses in one VAE call) or straight from the VAE, then a
 /// posterior sample (noise from `rng`) or the mode, per `[data] vae_posterior`. Detached.
-fn training_latents(
+pub(crate) fn training_latents(
     model: &StableDiffusion,
     cache: Option<&LatentCache>,
     images: &Tensor,
@@ -808,7 +816,7 @@ fn draw_timestep(rng: &mut Rng, (lo, hi): (u64, u64)) -> i64 {
 
 /// One timestep per sample from `band`, then the noise of `shape` (in that order from the stream, so resumed
 /// runs draw the same numbers).
-fn draw_timesteps_and_noise(
+pub(crate) fn draw_timesteps_and_noise(
     rng: &mut Rng,
     band: (u64, u64),
     shape: &[usize],
