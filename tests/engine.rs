@@ -274,7 +274,7 @@ fn reference_scopes_switch_adapters_and_snapshots() {
     let tmp = tempfile::tempdir().unwrap();
     let u = unet();
     let base = forward(&u);
-    let mut policy = Policy::lora(&u, &LoraConfig::default(), 1, &Device::Cpu).unwrap();
+    let policy = Policy::lora(&u, &LoraConfig::default(), 1, &Device::Cpu).unwrap();
     // A snapshot: the adapters at one point of training.
     perturb(&policy, 7);
     let snap_out = forward(&u);
@@ -331,7 +331,7 @@ fn with_weights_samples_base_current_and_reference_graph_free() {
     )
     .unwrap();
     let base = forward(&model.unet);
-    let mut policy = Policy::lora(&model.unet, &LoraConfig::default(), 1, &Device::Cpu).unwrap();
+    let policy = Policy::lora(&model.unet, &LoraConfig::default(), 1, &Device::Cpu).unwrap();
     perturb(&policy, 3);
     let snap = tmp.path().join("s.safetensors");
     policy

@@ -58,7 +58,7 @@ fn config(dir: &Path, manifest: &Path, steps: u64, extra: &[&str]) -> SeppoConfi
 }
 
 fn records(run: &Path) -> Vec<serde_json::Value> {
-    diffpref::train::metrics::read_metrics(&run.join("metrics.jsonl"))
+    diffpref::train::metrics::read_metrics(run.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
         .filter(|r| r.get("loss").is_some())
@@ -129,7 +129,10 @@ fn the_pool_holds_earlier_snapshots_and_a_resumed_run_is_bit_identical() {
         let ref_step = r["ref_step"].as_f64().unwrap() as u64;
         let pool = r["pool_size"].as_f64().unwrap() as u64;
         assert_eq!(pool, 1 + (step - 1) / 2, "step {step}");
-        assert!(ref_step % 2 == 0 && ref_step < step, "step {step} drew {ref_step}");
+        assert!(
+            ref_step.is_multiple_of(2) && ref_step < step,
+            "step {step} drew {ref_step}"
+        );
         drawn.insert(ref_step);
         let flip = r["flip_rate"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&flip));
@@ -153,7 +156,10 @@ fn base_and_latest_references_and_the_flipper_ablation() {
             &tmp.path().join("l"),
             &m,
             5,
-            &["seppo.reference = \"latest\"", "seppo.flipper = \"indicator\""],
+            &[
+                "seppo.reference = \"latest\"",
+                "seppo.flipper = \"indicator\"",
+            ],
         ),
         None,
     )

@@ -3,8 +3,9 @@
 use super::eval::print_comparison;
 use crate::assets::{
     default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
-    default_seppo_config, default_spm_config, default_spo_config, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH,
-    DEFAULT_LPO_PATH, DEFAULT_LRM_PATH, DEFAULT_SEPPO_PATH, DEFAULT_SPM_PATH, DEFAULT_SPO_PATH,
+    default_seppo_config, default_spm_config, default_spo_config, DEFAULT_DPO_PATH,
+    DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH, DEFAULT_SEPPO_PATH, DEFAULT_SPM_PATH,
+    DEFAULT_SPO_PATH,
 };
 use crate::engine::run::TrainSummary;
 use crate::methods::grpo::GrpoConfig;

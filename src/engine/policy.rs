@@ -33,7 +33,9 @@ pub enum Weights {
     Reference,
 }
 
-/// The reference of a full fine-tuning run, or a snapshot of earlier trained weights.
+/// The reference of a full fine-tuning run, or a snapshot of earlier trained weights (one per policy: the
+/// size of the frozen variant does not matter).
+#[allow(clippy::large_enum_variant)]
 enum RefWeights {
     /// The UNet with the trained adapters off (LoRA).
     AdaptersOff,

@@ -55,8 +55,8 @@ use crate::data::cache::ImageId;
 use crate::data::preprocess::preprocess_image;
 use crate::data::prompt_cycle::PromptCycle;
 use crate::data::{
-    maybe_drop_caption, DatasetPosition, LatentCache, PreprocessConfig, SkipReport,
-    TextEmbedCache, Transform,
+    maybe_drop_caption, DatasetPosition, LatentCache, PreprocessConfig, SkipReport, TextEmbedCache,
+    Transform,
 };
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
@@ -217,18 +217,17 @@ impl SeppoConfig {
             s.dead_zone
         );
         ensure!(s.pool_every >= 1, "[seppo] pool_every must be at least 1");
-        ensure!(s.sample_steps >= 1, "[seppo] sample_steps must be at least 1");
+        ensure!(
+            s.sample_steps >= 1,
+            "[seppo] sample_steps must be at least 1"
+        );
         ensure!(
             s.guidance.is_finite(),
             "[seppo] guidance must be finite (got {})",
             s.guidance
         );
         if let Some(r) = s.resolution {
-            diffpref_pipelines::limits::check_image_size(
-                "[seppo] resolution",
-                r as u64,
-                r as u64,
-            )?;
+            diffpref_pipelines::limits::check_image_size("[seppo] resolution", r as u64, r as u64)?;
         }
         match s.winners {
             WinnerSource::Data => {
@@ -272,7 +271,8 @@ impl SeppoConfig {
                     s.k
                 );
                 ensure!(
-                    self.run.optim.batch_size.saturating_mul(s.k) <= crate::engine::config::MAX_BATCH,
+                    self.run.optim.batch_size.saturating_mul(s.k)
+                        <= crate::engine::config::MAX_BATCH,
                     "[seppo] optim.batch_size x k = {} x {}: at most {} samples a micro-batch",
                     self.run.optim.batch_size,
                     s.k,
@@ -289,12 +289,7 @@ impl SeppoConfig {
 
 /// The flipper's factor per pair for the errors `e_θ(x^w)` (`model_w`) and `e_ref(x^w)` (`ref_w`): `s ∈ {−1,
 /// +1}` (sign), `m ∈ {0, 1}` (indicator) or 1 (off), with `|Δ_w| < dead_zone` counting as the DPO branch.
-pub fn flip_factors(
-    flipper: Flipper,
-    dead_zone: f64,
-    model_w: &[f32],
-    ref_w: &[f32],
-) -> Vec<f32> {
+pub fn flip_factors(flipper: Flipper, dead_zone: f64, model_w: &[f32], ref_w: &[f32]) -> Vec<f32> {
     model_w
         .iter()
         .zip(ref_w)
@@ -336,7 +331,11 @@ pub fn seppo_loss(
     factors: &[f32],
 ) -> Result<(Tensor, SeppoStats)> {
     let p = e.model_w.dim(0)?;
-    ensure!(factors.len() == p, "{} flip factors for {p} pairs", factors.len());
+    ensure!(
+        factors.len() == p,
+        "{} flip factors for {p} pairs",
+        factors.len()
+    );
     let (ref_w, ref_l) = match (&e.ref_w, &e.ref_l) {
         (Some(a), Some(b)) => (a.detach(), b.detach()),
         _ => bail!("SePPO needs the reference's errors"),
@@ -576,8 +575,7 @@ impl SeppoMethod {
     /// Scores images with the `[reward]` (8-bit, as saved).
     fn score(&mut self, images: &Tensor, prompts: &[&str]) -> Result<Vec<f64>> {
         let (reward, batch) = self.reward.as_ref().context("no [reward]")?;
-        let s = score_saved_images(reward.as_ref(), images, prompts, *batch)
-            .context("[reward]")?;
+        let s = score_saved_images(reward.as_ref(), images, prompts, *batch).context("[reward]")?;
         self.reward_calls += prompts.len() as u64;
         Ok(s)
     }
@@ -631,8 +629,7 @@ impl SeppoMethod {
         let train_prompts = prompts
             .iter()
             .map(|x| {
-                maybe_drop_caption(x, self.data_cfg.caption_dropout, &mut self.data_rng)
-                    .to_string()
+                maybe_drop_caption(x, self.data_cfg.caption_dropout, &mut self.data_rng).to_string()
             })
             .collect();
         Ok(Winners {
@@ -668,16 +665,17 @@ impl SeppoMethod {
         for g in 0..bs {
             let group = &scores[g * k..(g + 1) * k];
             // The first of equal scores (deterministic).
-            let (j, r) = group
-                .iter()
-                .enumerate()
-                .fold((0, f64::NEG_INFINITY), |(bj, br), (j, &r)| {
-                    if r > br {
-                        (j, r)
-                    } else {
-                        (bj, br)
-                    }
-                });
+            let (j, r) =
+                group
+                    .iter()
+                    .enumerate()
+                    .fold((0, f64::NEG_INFINITY), |(bj, br), (j, &r)| {
+                        if r > br {
+                            (j, r)
+                        } else {
+                            (bj, br)
+                        }
+                    });
             best.push((g * k + j) as u32);
             rewards.push(r);
         }
@@ -783,7 +781,10 @@ impl Method for SeppoMethod {
                 "winner_reward",
                 winner_rewards.iter().sum::<f64>() / p as f64,
             ));
-            metrics.push(("ref_sample_reward", ref_rewards.iter().sum::<f64>() / p as f64));
+            metrics.push((
+                "ref_sample_reward",
+                ref_rewards.iter().sum::<f64>() / p as f64,
+            ));
             ref_better = Some(
                 ref_rewards
                     .iter()
@@ -798,12 +799,8 @@ impl Method for SeppoMethod {
         let embeds = embed_prompts(model, self.text_cache.as_ref(), &train_prompts)?;
         let transforms: Vec<&Transform> = w.transforms.iter().collect();
         let added = sdxl_added_cond(model, &embeds, &transforms, model.dtype())?;
-        let (t, noise) = draw_timesteps_and_noise(
-            &mut self.noise_rng,
-            self.t_band,
-            w.latents.dims(),
-            &device,
-        )?;
+        let (t, noise) =
+            draw_timesteps_and_noise(&mut self.noise_rng, self.t_band, w.latents.dims(), &device)?;
         let batch = PairBatch {
             latents_w: &w.latents,
             latents_l: &ref_latents,
@@ -862,7 +859,7 @@ impl Method for SeppoMethod {
 
     fn after_step(&mut self, ctx: &StepContext<'_>) -> Result<Vec<(&'static str, f64)>> {
         let done = ctx.step + 1;
-        if done % self.cfg.pool_every == 0 && done < ctx.max_steps {
+        if done.is_multiple_of(self.cfg.pool_every) && done < ctx.max_steps {
             let file = self.pool_file(done);
             std::fs::create_dir_all(&self.pool_dir)
                 .with_context(|| format!("cannot create {}", self.pool_dir.display()))?;
