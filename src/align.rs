@@ -11,7 +11,8 @@
 //! then [`crate::methods::lpo::train`] with the LPO configuration and that LRM (its train time is the sum of
 //! both); and `spo`: a step-aware preference model trained by [`crate::methods::spm::train`] with the SPM
 //! configuration (into `OUT/spo-spm/`), then [`crate::methods::spo::train`] with the SPO configuration and
-//! that SPM (`spo.scorer = "reward"` skips the SPM: the configured reward scores the steps). Each trains into
+//! that SPM (`spo.scorer = "reward"` skips the SPM: the configured reward scores the steps); and `seppo`, trained
+//! by [`crate::methods::seppo::train`] with the SePPO configuration (its own budget and data). Each trains into
 //! `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the
 //! DPO configuration's, and the online configurations must name the same model.
 
@@ -24,6 +25,7 @@ use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
 use crate::methods::pairwise::DpoConfig;
+use crate::methods::seppo::SeppoConfig;
 use crate::methods::spm::SpmConfig;
 use crate::methods::spo::{SpoConfig, SpoScorer};
 use crate::output::{Input, OutputDir};
@@ -41,6 +43,7 @@ pub enum AlignMethod {
     Grpo,
     Lpo,
     Spo,
+    Seppo,
 }
 
 /// The method of a name (`dpo` is the sigmoid loss).
@@ -49,6 +52,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         "grpo" => return Ok(AlignMethod::Grpo),
         "lpo" => return Ok(AlignMethod::Lpo),
         "spo" => return Ok(AlignMethod::Spo),
+        "seppo" => return Ok(AlignMethod::Seppo),
         _ => {}
     }
     let kind = if name == "dpo" { "sigmoid" } else { name };
@@ -56,7 +60,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         .map(AlignMethod::Pairwise)
         .map_err(|_| {
             anyhow::anyhow!(
-                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo or spo"
+                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo or seppo"
             )
         })
 }
@@ -74,6 +78,8 @@ pub struct AlignConfigs {
     /// The `spo` row's SPM and SPO runs (its `spo.spm` is replaced by the SPM trained first).
     pub spm: SpmConfig,
     pub spo: SpoConfig,
+    /// The `seppo` row's run.
+    pub seppo: SeppoConfig,
 }
 
 /// One row of the table.
@@ -122,7 +128,8 @@ pub fn run_align(
         cfg.run.mode == TrainMode::Lora
             && cfgs.grpo.run.mode == TrainMode::Lora
             && cfgs.lpo.run.mode == TrainMode::Lora
-            && cfgs.spo.run.mode == TrainMode::Lora,
+            && cfgs.spo.run.mode == TrainMode::Lora
+            && cfgs.seppo.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
     let prompts_file = cfg
@@ -159,6 +166,14 @@ pub fn run_align(
             cfg.run.model
         );
     }
+    if kinds.contains(&AlignMethod::Seppo) {
+        ensure!(
+            cfgs.seppo.run.model == cfg.run.model,
+            "bench align: the SePPO configuration trains {} but the rows are evaluated on {}",
+            cfgs.seppo.run.model,
+            cfg.run.model
+        );
+    }
     let mut inputs = vec![
         Input::new("DPO model", Path::new(&cfg.run.model)),
         Input::new("GRPO model", Path::new(&cfgs.grpo.run.model)),
@@ -171,6 +186,8 @@ pub fn run_align(
         ("LRM [data] manifest", &cfgs.lrm.data.manifest),
         ("[spo] prompts file", &cfgs.spo.spo.prompts),
         ("SPM [data] manifest", &cfgs.spm.data.manifest),
+        ("SePPO [data] manifest", &cfgs.seppo.data.manifest),
+        ("[seppo] prompts file", &cfgs.seppo.seppo.prompts),
     ] {
         if let Some(p) = p {
             inputs.push(Input::new(what, p));
@@ -253,6 +270,11 @@ pub fn run_align(
                 }
                 quiet(&mut c.run);
                 crate::methods::spo::train(&c, None)
+            }
+            AlignMethod::Seppo => {
+                let mut c = cfgs.seppo.clone();
+                quiet(&mut c.run);
+                crate::methods::seppo::train(&c, None)
             }
         }
         .with_context(|| format!("training {name}"))?;
@@ -352,6 +374,7 @@ pub fn run_align(
         "lrm_steps": cfgs.lrm.optim.max_steps,
         "spo_steps": cfgs.spo.run.optim.max_steps,
         "spm_steps": cfgs.spm.optim.max_steps,
+        "seppo_steps": cfgs.seppo.run.optim.max_steps,
         "batch_size": cfg.run.optim.batch_size,
         "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,

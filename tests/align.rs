@@ -4,7 +4,7 @@
 use diffpref::align::{format_table, run_align, AlignConfigs};
 use diffpref::assets::{
     default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
-    default_spm_config, default_spo_config,
+    default_seppo_config, default_spm_config, default_spo_config,
 };
 use diffpref::eval::{read_prompts, sample_and_score, SampleOptions};
 use diffpref::rewards::shapes::ShapesReward;
@@ -79,6 +79,15 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             "rollout.steps=3".into(),
         ])
         .unwrap(),
+        // SePPO in small: one step of 2 winners against 2 reference samples of 2 steps.
+        seppo: default_seppo_config(&[
+            "log.progress=false".into(),
+            "optim.max_steps=1".into(),
+            "optim.batch_size=2".into(),
+            "seppo.sample_steps=2".into(),
+            format!("data.cache_dir={:?}", cache.display().to_string()),
+        ])
+        .unwrap(),
     };
     let methods = [
         "dpo".into(),
@@ -86,11 +95,17 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         "grpo".into(),
         "lpo".into(),
         "spo".into(),
+        "seppo".into(),
     ];
     let report = run_align(&cfgs, &methods, out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 6, "{table}");
+    assert_eq!(report.rows.len(), 7, "{table}");
+    let sp = &report.rows[6];
+    assert_eq!((sp.method.as_str(), sp.steps), ("seppo", 1));
+    // Data winners need no reward: SePPO's reference samples are scored by nothing.
+    assert_eq!(sp.reward_calls, Some(0));
+    assert!(sp.difference.is_some() && sp.weights.as_ref().unwrap().exists());
     let o = &report.rows[5];
     assert_eq!((o.method.as_str(), o.steps), ("spo", 1));
     // The SPM scored 2 prompts x 2 children at the one step of 3 (667, 334, 1) inside the default's [600, 1000).

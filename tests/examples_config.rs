@@ -170,3 +170,30 @@ fn embedded_spm_and_spo_defaults_point_at_the_shipped_assets() {
         Some(std::path::Path::new("runs/spm-shapes/spm"))
     );
 }
+
+#[test]
+fn seppo_example_config_matches_the_defaults() {
+    use diffpref::methods::seppo::SeppoConfig;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/seppo.toml");
+    let cfg = SeppoConfig::load(Some(&path), &[]).unwrap();
+    let d = SeppoConfig::default();
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(&d).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+        v["data"]["manifest"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+}
+
+#[test]
+fn embedded_seppo_default_points_at_the_shipped_assets() {
+    let cfg = diffpref::assets::default_seppo_config(&["optim.max_steps=3".into()]).unwrap();
+    cfg.validate().unwrap();
+    assert!(std::path::Path::new(&cfg.run.model)
+        .join("model_index.json")
+        .exists());
+    assert!(cfg.data.manifest.as_ref().unwrap().exists());
+    assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
+}

@@ -74,7 +74,7 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
-    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo; repeat
+    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo; repeat
     /// the flag). Default: dpo and grpo.
     #[arg(long = "method", default_values_t = ["dpo".to_string(), "grpo".to_string()])]
     pub methods: Vec<String>,
@@ -99,10 +99,14 @@ pub struct BenchArgs {
     /// align: the `spo` row's SPM configuration (default: assets/shapes/spm.toml).
     #[arg(long)]
     pub spm_config: Option<std::path::PathBuf>,
+    /// align: the `seppo` row's configuration (default: assets/shapes/seppo.toml).
+    #[arg(long)]
+    pub seppo_config: Option<std::path::PathBuf>,
     /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
-    /// every method's configuration, `loss.*` / `data.*` to DPO's, `grpo.*` to GRPO's, `reward.*` to GRPO's and
-    /// SPO's, `rollout.*` to GRPO's, LPO's and SPO's, `lpo.*` to LPO's, `spo.*` to SPO's, `lrm.*` / `spm.*` (with
-    /// the prefix stripped, e.g. `lrm.optim.max_steps=50`) to the LPO row's LRM / the SPO row's SPM.
+    /// every method's configuration, `loss.*` / `data.*` to DPO's and SePPO's, `grpo.*` to GRPO's, `reward.*` to
+    /// GRPO's, SPO's and SePPO's, `rollout.*` to GRPO's, LPO's and SPO's, `lpo.*` to LPO's, `spo.*` to SPO's,
+    /// `seppo.*` to SePPO's, `lrm.*` / `spm.*` (with the prefix stripped, e.g. `lrm.optim.max_steps=50`) to the
+    /// LPO row's LRM / the SPO row's SPM.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// align: output folder (one subfolder per method, align.json, grid.png).
@@ -887,6 +891,7 @@ struct Overrides {
     lrm: Vec<String>,
     spo: Vec<String>,
     spm: Vec<String>,
+    seppo: Vec<String>,
 }
 
 fn split_overrides(overrides: &[String]) -> Overrides {
@@ -894,11 +899,15 @@ fn split_overrides(overrides: &[String]) -> Overrides {
     for o in overrides {
         let key = o.split(['.', '=']).next().unwrap_or("").trim();
         match key {
-            "loss" | "data" => s.dpo.push(o.clone()),
+            "loss" | "data" => {
+                s.dpo.push(o.clone());
+                s.seppo.push(o.clone());
+            }
             "grpo" => s.grpo.push(o.clone()),
             "reward" => {
                 s.grpo.push(o.clone());
                 s.spo.push(o.clone());
+                s.seppo.push(o.clone());
             }
             "rollout" => {
                 s.grpo.push(o.clone());
@@ -907,6 +916,7 @@ fn split_overrides(overrides: &[String]) -> Overrides {
             }
             "lpo" => s.lpo.push(o.clone()),
             "spo" => s.spo.push(o.clone()),
+            "seppo" => s.seppo.push(o.clone()),
             "lrm" => s
                 .lrm
                 .push(o.trim_start().trim_start_matches("lrm.").to_string()),
@@ -918,6 +928,7 @@ fn split_overrides(overrides: &[String]) -> Overrides {
                 s.grpo.push(o.clone());
                 s.lpo.push(o.clone());
                 s.spo.push(o.clone());
+                s.seppo.push(o.clone());
             }
         }
     }
@@ -975,6 +986,13 @@ fn align(a: &BenchArgs) -> Result<()> {
         }
         check.validate()?;
     }
+    let seppo = match &a.seppo_config {
+        Some(p) => crate::methods::seppo::SeppoConfig::load(Some(p), &o.seppo)?,
+        None => crate::assets::default_seppo_config(&o.seppo)?,
+    };
+    if a.methods.iter().any(|m| m == "seppo") {
+        seppo.validate()?;
+    }
     let progress = dpo.run.log.progress;
     let cfgs = crate::align::AlignConfigs {
         dpo,
@@ -983,6 +1001,7 @@ fn align(a: &BenchArgs) -> Result<()> {
         lpo,
         spm,
         spo,
+        seppo,
     };
     let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));
@@ -1014,12 +1033,33 @@ mod tests {
             "spo.k=2",
             "spm.optim.max_steps=9",
             "reward.kind=shapes",
+            "seppo.k=3",
+            "data.resolution=32",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let s = split_overrides(&o);
-        assert_eq!(s.dpo, ["optim.max_steps=3", "loss.beta=100", "seed=2"]);
+        assert_eq!(
+            s.dpo,
+            [
+                "optim.max_steps=3",
+                "loss.beta=100",
+                "seed=2",
+                "data.resolution=32"
+            ]
+        );
+        assert_eq!(
+            s.seppo,
+            [
+                "optim.max_steps=3",
+                "loss.beta=100",
+                "seed=2",
+                "reward.kind=shapes",
+                "seppo.k=3",
+                "data.resolution=32"
+            ]
+        );
         assert_eq!(
             s.grpo,
             [
@@ -1066,6 +1106,7 @@ mod tests {
             lrm_config: None,
             spo_config: None,
             spm_config: None,
+            seppo_config: None,
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,
