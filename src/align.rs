@@ -12,7 +12,8 @@
 //! both); and `spo`: a step-aware preference model trained by [`crate::methods::spm::train`] with the SPM
 //! configuration (into `OUT/spo-spm/`), then [`crate::methods::spo::train`] with the SPO configuration and
 //! that SPM (`spo.scorer = "reward"` skips the SPM: the configured reward scores the steps); and `seppo`, trained
-//! by [`crate::methods::seppo::train`] with the SePPO configuration (its own budget and data). Each trains into
+//! by [`crate::methods::seppo::train`] with the SePPO configuration (its own budget and data), and `seppo-noflip`,
+//! the same without the anchor-based flipper (the paper's ablation). Each trains into
 //! `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the
 //! DPO configuration's, and the online configurations must name the same model.
 
@@ -43,7 +44,8 @@ pub enum AlignMethod {
     Grpo,
     Lpo,
     Spo,
-    Seppo,
+    /// SePPO with its configuration's flipper, or (`seppo-noflip`) the ablation without it.
+    Seppo { flipper: bool },
 }
 
 /// The method of a name (`dpo` is the sigmoid loss).
@@ -52,7 +54,8 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         "grpo" => return Ok(AlignMethod::Grpo),
         "lpo" => return Ok(AlignMethod::Lpo),
         "spo" => return Ok(AlignMethod::Spo),
-        "seppo" => return Ok(AlignMethod::Seppo),
+        "seppo" => return Ok(AlignMethod::Seppo { flipper: true }),
+        "seppo-noflip" => return Ok(AlignMethod::Seppo { flipper: false }),
         _ => {}
     }
     let kind = if name == "dpo" { "sigmoid" } else { name };
@@ -60,7 +63,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         .map(AlignMethod::Pairwise)
         .map_err(|_| {
             anyhow::anyhow!(
-                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo or seppo"
+                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo or seppo-noflip"
             )
         })
 }
@@ -166,7 +169,10 @@ pub fn run_align(
             cfg.run.model
         );
     }
-    if kinds.contains(&AlignMethod::Seppo) {
+    if kinds
+        .iter()
+        .any(|k| matches!(k, AlignMethod::Seppo { .. }))
+    {
         ensure!(
             cfgs.seppo.run.model == cfg.run.model,
             "bench align: the SePPO configuration trains {} but the rows are evaluated on {}",
@@ -271,8 +277,11 @@ pub fn run_align(
                 quiet(&mut c.run);
                 crate::methods::spo::train(&c, None)
             }
-            AlignMethod::Seppo => {
+            AlignMethod::Seppo { flipper } => {
                 let mut c = cfgs.seppo.clone();
+                if !flipper {
+                    c.seppo.flipper = crate::methods::seppo::Flipper::Off;
+                }
                 quiet(&mut c.run);
                 crate::methods::seppo::train(&c, None)
             }
@@ -391,7 +400,7 @@ pub fn format_table(r: &AlignReport) -> String {
         r.reward, r.prompts, r.samples_per_prompt
     );
     s.push_str(&format!(
-        "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9} {:>8} {:>12}\n",
+        "{:<12} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9} {:>8} {:>12}\n",
         "method",
         "steps",
         "reward",
@@ -420,7 +429,7 @@ pub fn format_table(r: &AlignReport) -> String {
             .map(|c| c.to_string())
             .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "{:<8} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9.1} {:>8.1} {:>12}\n",
+            "{:<12} {:>6} {:>18} {:>18} {:>22} {:>9} {:>9.1} {:>8.1} {:>12}\n",
             row.method,
             row.steps,
             format!("{:.4} ± {:.4}", row.reward.mean, row.reward.ci95),

@@ -96,11 +96,13 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         "lpo".into(),
         "spo".into(),
         "seppo".into(),
+        "seppo-noflip".into(),
     ];
     let report = run_align(&cfgs, &methods, out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 7, "{table}");
+    assert_eq!(report.rows.len(), 8, "{table}");
+    assert_eq!((report.rows[7].method.as_str(), report.rows[7].steps), ("seppo-noflip", 1));
     let sp = &report.rows[6];
     assert_eq!((sp.method.as_str(), sp.steps), ("seppo", 1));
     // Data winners need no reward: SePPO's reference samples are scored by nothing.

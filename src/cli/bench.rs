@@ -74,7 +74,7 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
-    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo; repeat
+    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo, seppo-noflip; repeat
     /// the flag). Default: dpo and grpo.
     #[arg(long = "method", default_values_t = ["dpo".to_string(), "grpo".to_string()])]
     pub methods: Vec<String>,
@@ -990,7 +990,7 @@ fn align(a: &BenchArgs) -> Result<()> {
         Some(p) => crate::methods::seppo::SeppoConfig::load(Some(p), &o.seppo)?,
         None => crate::assets::default_seppo_config(&o.seppo)?,
     };
-    if a.methods.iter().any(|m| m == "seppo") {
+    if a.methods.iter().any(|m| m.starts_with("seppo")) {
         seppo.validate()?;
     }
     let progress = dpo.run.log.progress;
