@@ -45,7 +45,9 @@ pub enum AlignMethod {
     Lpo,
     Spo,
     /// SePPO with its configuration's flipper, or (`seppo-noflip`) the ablation without it.
-    Seppo { flipper: bool },
+    Seppo {
+        flipper: bool,
+    },
 }
 
 /// The method of a name (`dpo` is the sigmoid loss).
@@ -169,10 +171,7 @@ pub fn run_align(
             cfg.run.model
         );
     }
-    if kinds
-        .iter()
-        .any(|k| matches!(k, AlignMethod::Seppo { .. }))
-    {
+    if kinds.iter().any(|k| matches!(k, AlignMethod::Seppo { .. })) {
         ensure!(
             cfgs.seppo.run.model == cfg.run.model,
             "bench align: the SePPO configuration trains {} but the rows are evaluated on {}",

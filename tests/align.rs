@@ -102,7 +102,10 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let table = format_table(&report);
     eprintln!("{table}");
     assert_eq!(report.rows.len(), 8, "{table}");
-    assert_eq!((report.rows[7].method.as_str(), report.rows[7].steps), ("seppo-noflip", 1));
+    assert_eq!(
+        (report.rows[7].method.as_str(), report.rows[7].steps),
+        ("seppo-noflip", 1)
+    );
     let sp = &report.rows[6];
     assert_eq!((sp.method.as_str(), sp.steps), ("seppo", 1));
     // Data winners need no reward: SePPO's reference samples are scored by nothing.

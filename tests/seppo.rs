@@ -238,3 +238,47 @@ fn bad_settings_are_named() {
     let e = SeppoConfig::load(None, &["seppo.flip = \"sign\"".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("seppo.flip"), "{e:#}");
 }
+
+#[test]
+fn full_fine_tuning_replays_full_weight_snapshots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 3);
+    let s = train(
+        &config(
+            tmp.path(),
+            &m,
+            3,
+            &[
+                "mode = \"full\"",
+                "optim.lr = 1e-4",
+                "seppo.pool_every = 1",
+                "seppo.reference = \"latest\"",
+            ],
+        ),
+        None,
+    )
+    .unwrap();
+    let recs = records(&s.output_dir);
+    let refs: Vec<f64> = recs
+        .iter()
+        .map(|r| r["ref_step"].as_f64().unwrap())
+        .collect();
+    assert_eq!(refs, [0.0, 1.0, 2.0]);
+    // A snapshot holds every UNet weight (the reference of a full run is a whole UNet).
+    let snap = load(&s.output_dir.join("seppo-pool/step-000001.safetensors"));
+    let unet = load(&s.weights.join("diffusion_pytorch_model.safetensors"));
+    assert_eq!(snap.len(), unet.len());
+    assert!(max_diff(&snap, &unet) > 0.0, "the final weights moved on");
+    // The latest snapshot, taken after the previous update, is exactly the current weights: the policy and
+    // its reference agree on every error (the loss is ln 2), while the weights did move from the base.
+    for r in &recs[1..] {
+        assert_eq!(r["model_mse_w"].as_f64(), r["ref_mse_w"].as_f64(), "{r}");
+        assert_eq!(
+            r["model_mse_ref"].as_f64(),
+            r["ref_mse_ref"].as_f64(),
+            "{r}"
+        );
+    }
+    let base = load(&fixtures().join("tiny-sd/unet/diffusion_pytorch_model.safetensors"));
+    assert!(max_diff(&snap, &base) > 0.0);
+}
