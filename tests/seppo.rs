@@ -215,7 +215,12 @@ fn best_of_k_winners_are_scored_and_the_reward_diagnostics_logged() {
     assert_eq!(s.last_metric("reward_calls"), Some(16.0));
     assert_eq!(s.last_metric("samples"), Some(16.0));
     for r in records(&s.output_dir) {
-        for k in ["winner_reward", "ref_sample_reward", "flip_agreement"] {
+        for k in [
+            "winner_reward",
+            "ref_sample_reward",
+            "flip_agreement",
+            "ref_better_rate",
+        ] {
             assert!(r[k].as_f64().unwrap().is_finite(), "{k}: {r}");
         }
     }

@@ -44,7 +44,9 @@
 //! `implicit_acc` (the fraction where the policy prefers the winner over the reference sample relative to the
 //! reference, `Δ_w < Δ_r`), the errors; with a `[reward]` also `winner_reward`, `ref_sample_reward` and
 //! `flip_agreement` (the fraction of pairs where the flipper's call agrees with the reward: flipped exactly when
-//! the reference sample scores at least the winner), the check the paper never made.
+//! the reference sample scores at least the winner) and `ref_better_rate` (how often it does): the check the paper
+//! never made. A flipper independent of the reward agrees with it at `(1 − f)(1 − q) + f q` for flip rate `f` and
+//! `ref_better_rate` `q`.
 //!
 //! Every random draw comes from serialisable streams (`noise`: timesteps and noise; `data`: crops, caption
 //! dropout, VAE posteriors; `sample`: the samples' initial noise; `reference`: the draws from the pool), saved
@@ -836,6 +838,8 @@ impl Method for SeppoMethod {
                 .filter(|(&b, &f)| b == (f != 1.0))
                 .count();
             metrics.push(("flip_agreement", agree as f64 / p as f64));
+            let better = better.iter().filter(|&&b| b).count();
+            metrics.push(("ref_better_rate", better as f64 / p as f64));
         }
         let mut all = vec![
             ("flip_rate", st.flip_rate),
