@@ -1,38 +1,11 @@
 //! `train seppo` end to end on the tiny model: the checkpoint pool (real earlier snapshots, drawn as the
 //! strategy says, restored on resume), bit-identical resume, the online best-of-k winners, bad configs.
 
+use common::{fixtures, make_pairs};
 use diffpref::methods::seppo::{train, SeppoConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-/// Pairs whose chosen image has a red square (the rejected one, ignored by SePPO, a blue one).
-fn make_pairs(dir: &Path, n: usize) -> PathBuf {
-    std::fs::create_dir_all(dir.join("img")).unwrap();
-    let mut lines = Vec::new();
-    for i in 0..n {
-        let (x0, y0) = ((i * 5) % 16, (i * 3) % 16);
-        let draw = |c: [u8; 3]| {
-            image::RgbImage::from_fn(32, 32, |x, y| {
-                let inside = (x0 as u32..x0 as u32 + 14).contains(&x)
-                    && (y0 as u32..y0 as u32 + 14).contains(&y);
-                image::Rgb(if inside { c } else { [235, 235, 235] })
-            })
-        };
-        draw([220, 30, 30])
-            .save(dir.join(format!("img/{i}-w.png")))
-            .unwrap();
-        draw([30, 30, 220])
-            .save(dir.join(format!("img/{i}-l.png")))
-            .unwrap();
-        lines.push(format!(r#"{{"prompt": "a red square", "chosen": "img/{i}-w.png", "rejected": "img/{i}-l.png"}}"#));
-    }
-    let m = dir.join("pairs.jsonl");
-    std::fs::write(&m, lines.join("\n") + "\n").unwrap();
-    m
-}
+mod common;
 
 fn config(dir: &Path, manifest: &Path, steps: u64, extra: &[&str]) -> SeppoConfig {
     let mut sets = vec![

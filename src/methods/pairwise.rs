@@ -162,17 +162,22 @@ impl DpoConfig {
                 "loss.uncond_anchor works on pairs; data.unpaired_manifest trains single images (set it to 0)"
             );
         }
-        ensure!(
-            self.data.resolution >= 8,
-            "[data] resolution must be at least 8"
-        );
-        let r = self.data.resolution as u64;
+        self.data.validate()?;
+        self.loss.validate()
+    }
+}
+
+impl DataConfig {
+    /// The image settings: a resolution within limits, a caption dropout probability.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.resolution >= 8, "[data] resolution must be at least 8");
+        let r = self.resolution as u64;
         diffpref_pipelines::limits::check_image_size("[data] resolution", r, r)?;
         ensure!(
-            (0.0..=1.0).contains(&self.data.caption_dropout),
+            (0.0..=1.0).contains(&self.caption_dropout),
             "[data] caption_dropout must be in [0, 1]"
         );
-        self.loss.validate()
+        Ok(())
     }
 }
 

@@ -249,14 +249,7 @@ impl SeppoConfig {
                     s.resolution,
                     self.data.resolution
                 );
-                ensure!(
-                    self.data.resolution >= 8,
-                    "[data] resolution must be at least 8"
-                );
-                ensure!(
-                    (0.0..=1.0).contains(&self.data.caption_dropout),
-                    "[data] caption_dropout must be in [0, 1]"
-                );
+                self.data.validate()?;
             }
             WinnerSource::BestOfK => {
                 ensure!(
@@ -307,6 +300,13 @@ pub fn flip_factors(flipper: Flipper, dead_zone: f64, model_w: &[f32], ref_w: &[
         .collect()
 }
 
+/// A per-pair error vector `[P]` on the host, f32.
+fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1()?)
+}
+
 /// Scalar statistics of a SePPO batch (means over pairs).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SeppoStats {
@@ -349,11 +349,8 @@ pub fn seppo_loss(
         ..e.clone()
     };
     let (loss, st) = pair_loss(cfg, &flipped, None)?;
-    let v = |t: &Tensor| -> Result<Vec<f64>> {
-        Ok(t.to_dtype(DType::F64)?
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec1()?)
-    };
+    let v =
+        |t: &Tensor| -> Result<Vec<f64>> { Ok(host_vec(t)?.into_iter().map(f64::from).collect()) };
     let (mw, ml, rw, rl) = (v(&e.model_w)?, v(&e.model_l)?, v(&ref_w)?, v(&ref_l)?);
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
     let acc = (0..p)
@@ -822,13 +819,8 @@ impl Method for SeppoMethod {
             self.loss.timestep_weighting,
             &batch,
         )?;
-        let f32s = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?
-                .to_device(&candle_core::Device::Cpu)?
-                .to_vec1()?)
-        };
-        let mw = f32s(&errors.model_w)?;
-        let rw = f32s(errors.ref_w.as_ref().context("reference errors")?)?;
+        let mw = host_vec(&errors.model_w)?;
+        let rw = host_vec(errors.ref_w.as_ref().context("reference errors")?)?;
         let factors = flip_factors(self.cfg.flipper, self.cfg.dead_zone, &mw, &rw);
         let (loss, st) = seppo_loss(&self.loss, &errors, &factors)?;
         if let Some(better) = ref_better {
