@@ -13,7 +13,9 @@
 //! configuration (into `OUT/spo-spm/`), then [`crate::methods::spo::train`] with the SPO configuration and
 //! that SPM (`spo.scorer = "reward"` skips the SPM: the configured reward scores the steps); and `seppo`, trained
 //! by [`crate::methods::seppo::train`] with the SePPO configuration (its own budget and data), and `seppo-noflip`,
-//! the same without the anchor-based flipper (the paper's ablation). Each trains into
+//! the same without the anchor-based flipper (the paper's ablation); and `adjoint`, trained by
+//! [`crate::methods::adjoint::train`] with the Adjoint Matching configuration (its own budget and training
+//! reward). Each trains into
 //! `OUT/<method>/` (replaced on every run); the evaluation (model, `[eval]`) is the
 //! DPO configuration's, and the online configurations must name the same model.
 
@@ -21,6 +23,7 @@ use crate::engine::config::TrainMode;
 use crate::eval::{
     compare, comparison_grid, read_prompts, sample_and_score, summarize, SampleOptions, Samples,
 };
+use crate::methods::adjoint::AdjointConfig;
 use crate::methods::dpo::LossKind;
 use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
@@ -45,6 +48,8 @@ pub enum AlignMethod {
     Lpo,
     Spo,
     /// SePPO with its configuration's flipper, or (`seppo-noflip`) the ablation without it.
+    /// Adjoint Matching with its configuration's training reward.
+    Adjoint,
     Seppo {
         flipper: bool,
     },
@@ -58,6 +63,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         "spo" => return Ok(AlignMethod::Spo),
         "seppo" => return Ok(AlignMethod::Seppo { flipper: true }),
         "seppo-noflip" => return Ok(AlignMethod::Seppo { flipper: false }),
+        "adjoint" => return Ok(AlignMethod::Adjoint),
         _ => {}
     }
     let kind = if name == "dpo" { "sigmoid" } else { name };
@@ -65,7 +71,7 @@ pub fn method_of(name: &str) -> Result<AlignMethod> {
         .map(AlignMethod::Pairwise)
         .map_err(|_| {
             anyhow::anyhow!(
-                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo or seppo-noflip"
+                "unknown method {name:?}: expected dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo, seppo-noflip or adjoint"
             )
         })
 }
@@ -85,6 +91,8 @@ pub struct AlignConfigs {
     pub spo: SpoConfig,
     /// The `seppo` row's run.
     pub seppo: SeppoConfig,
+    /// The `adjoint` row's run.
+    pub adjoint: AdjointConfig,
 }
 
 /// One row of the table.
@@ -134,7 +142,8 @@ pub fn run_align(
             && cfgs.grpo.run.mode == TrainMode::Lora
             && cfgs.lpo.run.mode == TrainMode::Lora
             && cfgs.spo.run.mode == TrainMode::Lora
-            && cfgs.seppo.run.mode == TrainMode::Lora,
+            && cfgs.seppo.run.mode == TrainMode::Lora
+            && cfgs.adjoint.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
     let prompts_file = cfg
@@ -179,6 +188,14 @@ pub fn run_align(
             cfg.run.model
         );
     }
+    if kinds.contains(&AlignMethod::Adjoint) {
+        ensure!(
+            cfgs.adjoint.run.model == cfg.run.model,
+            "bench align: the Adjoint Matching configuration trains {} but the rows are evaluated on {}",
+            cfgs.adjoint.run.model,
+            cfg.run.model
+        );
+    }
     let mut inputs = vec![
         Input::new("DPO model", Path::new(&cfg.run.model)),
         Input::new("GRPO model", Path::new(&cfgs.grpo.run.model)),
@@ -193,6 +210,7 @@ pub fn run_align(
         ("SPM [data] manifest", &cfgs.spm.data.manifest),
         ("SePPO [data] manifest", &cfgs.seppo.data.manifest),
         ("[seppo] prompts file", &cfgs.seppo.seppo.prompts),
+        ("[adjoint] prompts file", &cfgs.adjoint.adjoint.prompts),
     ] {
         if let Some(p) = p {
             inputs.push(Input::new(what, p));
@@ -283,6 +301,11 @@ pub fn run_align(
                 }
                 quiet(&mut c.run);
                 crate::methods::seppo::train(&c, None)
+            }
+            AlignMethod::Adjoint => {
+                let mut c = cfgs.adjoint.clone();
+                quiet(&mut c.run);
+                crate::methods::adjoint::train(&c, None)
             }
         }
         .with_context(|| format!("training {name}"))?;
@@ -383,6 +406,7 @@ pub fn run_align(
         "spo_steps": cfgs.spo.run.optim.max_steps,
         "spm_steps": cfgs.spm.optim.max_steps,
         "seppo_steps": cfgs.seppo.run.optim.max_steps,
+        "adjoint_steps": cfgs.adjoint.run.optim.max_steps,
         "batch_size": cfg.run.optim.batch_size,
         "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,

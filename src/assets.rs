@@ -5,6 +5,7 @@
 //! The assets folder is found, in order, at `$DIFFPREF_ASSETS`, at `./assets` (running from a checkout), and
 //! at the `assets/` of the checkout the binary was built from.
 
+use crate::methods::adjoint::AdjointConfig;
 use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
@@ -26,6 +27,12 @@ pub const DEFAULT_GRPO_TOML: &str = include_str!("../assets/shapes/grpo.toml");
 
 /// Where the default GRPO configuration lives in a checkout (for messages).
 pub const DEFAULT_GRPO_PATH: &str = "assets/shapes/grpo.toml";
+
+/// The default Adjoint Matching configuration (paths relative to the checkout root, `assets/...`).
+pub const DEFAULT_ADJOINT_TOML: &str = include_str!("../assets/shapes/adjoint.toml");
+
+/// Where the default Adjoint Matching configuration lives in a checkout (for messages).
+pub const DEFAULT_ADJOINT_PATH: &str = "assets/shapes/adjoint.toml";
 
 /// The default LRM configuration (paths relative to the checkout root, `assets/...`).
 pub const DEFAULT_LRM_TOML: &str = include_str!("../assets/shapes/lrm.toml");
@@ -109,6 +116,16 @@ pub fn default_grpo_config(overrides: &[String]) -> Result<GrpoConfig> {
     let assets = assets_dir()?;
     resolve_run(&mut cfg.run, &assets);
     resolve_path(&mut cfg.grpo.prompts, &assets);
+    Ok(cfg)
+}
+
+/// The default Adjoint Matching run on the shapes world with `overrides` applied; its `assets/` paths point at
+/// [`assets_dir`].
+pub fn default_adjoint_config(overrides: &[String]) -> Result<AdjointConfig> {
+    let mut cfg = AdjointConfig::from_toml(DEFAULT_ADJOINT_TOML, DEFAULT_ADJOINT_PATH, overrides)?;
+    let assets = assets_dir()?;
+    resolve_run(&mut cfg.run, &assets);
+    resolve_path(&mut cfg.adjoint.prompts, &assets);
     Ok(cfg)
 }
 

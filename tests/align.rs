@@ -3,8 +3,8 @@
 
 use diffpref::align::{format_table, run_align, AlignConfigs};
 use diffpref::assets::{
-    default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
-    default_seppo_config, default_spm_config, default_spo_config,
+    default_adjoint_config, default_dpo_config, default_grpo_config, default_lpo_config,
+    default_lrm_config, default_seppo_config, default_spm_config, default_spo_config,
 };
 use diffpref::eval::{read_prompts, sample_and_score, SampleOptions};
 use diffpref::rewards::shapes::ShapesReward;
@@ -88,6 +88,15 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             format!("data.cache_dir={:?}", cache.display().to_string()),
         ])
         .unwrap(),
+        // Adjoint Matching in small: one step of 2 trajectories of 3 steps.
+        adjoint: default_adjoint_config(&[
+            "log.progress=false".into(),
+            "optim.max_steps=1".into(),
+            "optim.batch_size=2".into(),
+            "rollout.steps=3".into(),
+            "adjoint.early_steps=1".into(),
+        ])
+        .unwrap(),
     };
     let methods = [
         "dpo".into(),
@@ -97,11 +106,18 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         "spo".into(),
         "seppo".into(),
         "seppo-noflip".into(),
+        "adjoint".into(),
     ];
     let report = run_align(&cfgs, &methods, out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
-    assert_eq!(report.rows.len(), 8, "{table}");
+    assert_eq!(report.rows.len(), 9, "{table}");
+    let am = &report.rows[8];
+    assert_eq!(
+        (am.method.as_str(), am.steps, am.reward_calls),
+        ("adjoint", 1, Some(2))
+    );
+    assert!(am.difference.is_some() && am.weights.as_ref().unwrap().exists());
     assert_eq!(
         (report.rows[7].method.as_str(), report.rows[7].steps),
         ("seppo-noflip", 1)

@@ -74,7 +74,7 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
-    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo, seppo-noflip; repeat
+    /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo, seppo-noflip, adjoint; repeat
     /// the flag). Default: dpo and grpo.
     #[arg(long = "method", default_values_t = ["dpo".to_string(), "grpo".to_string()])]
     pub methods: Vec<String>,
@@ -102,10 +102,13 @@ pub struct BenchArgs {
     /// align: the `seppo` row's configuration (default: assets/shapes/seppo.toml).
     #[arg(long)]
     pub seppo_config: Option<std::path::PathBuf>,
+    /// align: the `adjoint` row's configuration (default: assets/shapes/adjoint.toml).
+    #[arg(long)]
+    pub adjoint_config: Option<std::path::PathBuf>,
     /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
     /// every method's configuration, `loss.*` / `data.*` to DPO's and SePPO's, `grpo.*` to GRPO's, `reward.*` to
-    /// GRPO's, SPO's and SePPO's, `rollout.*` to GRPO's, LPO's and SPO's, `lpo.*` to LPO's, `spo.*` to SPO's,
-    /// `seppo.*` to SePPO's, `lrm.*` / `spm.*` (with the prefix stripped, e.g. `lrm.optim.max_steps=50`) to the
+    /// GRPO's, SPO's, SePPO's and Adjoint Matching's, `rollout.*` to GRPO's, LPO's, SPO's and Adjoint Matching's,
+    /// `lpo.*` to LPO's, `spo.*` to SPO's, `seppo.*` to SePPO's, `adjoint.*` to Adjoint Matching's, `lrm.*` / `spm.*` (with the prefix stripped, e.g. `lrm.optim.max_steps=50`) to the
     /// LPO row's LRM / the SPO row's SPM.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -892,6 +895,7 @@ struct Overrides {
     spo: Vec<String>,
     spm: Vec<String>,
     seppo: Vec<String>,
+    adjoint: Vec<String>,
 }
 
 fn split_overrides(overrides: &[String]) -> Overrides {
@@ -908,15 +912,18 @@ fn split_overrides(overrides: &[String]) -> Overrides {
                 s.grpo.push(o.clone());
                 s.spo.push(o.clone());
                 s.seppo.push(o.clone());
+                s.adjoint.push(o.clone());
             }
             "rollout" => {
                 s.grpo.push(o.clone());
                 s.lpo.push(o.clone());
                 s.spo.push(o.clone());
+                s.adjoint.push(o.clone());
             }
             "lpo" => s.lpo.push(o.clone()),
             "spo" => s.spo.push(o.clone()),
             "seppo" => s.seppo.push(o.clone()),
+            "adjoint" => s.adjoint.push(o.clone()),
             "lrm" => s
                 .lrm
                 .push(o.trim_start().trim_start_matches("lrm.").to_string()),
@@ -929,6 +936,7 @@ fn split_overrides(overrides: &[String]) -> Overrides {
                 s.lpo.push(o.clone());
                 s.spo.push(o.clone());
                 s.seppo.push(o.clone());
+                s.adjoint.push(o.clone());
             }
         }
     }
@@ -993,6 +1001,13 @@ fn align(a: &BenchArgs) -> Result<()> {
     if a.methods.iter().any(|m| m.starts_with("seppo")) {
         seppo.validate()?;
     }
+    let adjoint = match &a.adjoint_config {
+        Some(p) => crate::methods::adjoint::AdjointConfig::load(Some(p), &o.adjoint)?,
+        None => crate::assets::default_adjoint_config(&o.adjoint)?,
+    };
+    if a.methods.iter().any(|m| m == "adjoint") {
+        adjoint.validate()?;
+    }
     let progress = dpo.run.log.progress;
     let cfgs = crate::align::AlignConfigs {
         dpo,
@@ -1002,6 +1017,7 @@ fn align(a: &BenchArgs) -> Result<()> {
         spm,
         spo,
         seppo,
+        adjoint,
     };
     let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));
@@ -1035,6 +1051,7 @@ mod tests {
             "reward.kind=shapes",
             "seppo.k=3",
             "data.resolution=32",
+            "adjoint.reward_scale=10",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1074,6 +1091,16 @@ mod tests {
             s.lpo,
             ["optim.max_steps=3", "seed=2", "rollout.steps=5", "lpo.k=3"]
         );
+        assert_eq!(
+            s.adjoint,
+            [
+                "optim.max_steps=3",
+                "seed=2",
+                "rollout.steps=5",
+                "reward.kind=shapes",
+                "adjoint.reward_scale=10"
+            ]
+        );
         assert_eq!(s.lrm, ["optim.max_steps=7"]);
         assert_eq!(s.spm, ["optim.max_steps=9"]);
         assert_eq!(
@@ -1107,6 +1134,7 @@ mod tests {
             spo_config: None,
             spm_config: None,
             seppo_config: None,
+            adjoint_config: None,
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,

@@ -2,12 +2,13 @@
 
 use super::eval::print_comparison;
 use crate::assets::{
-    default_dpo_config, default_grpo_config, default_lpo_config, default_lrm_config,
-    default_seppo_config, default_spm_config, default_spo_config, DEFAULT_DPO_PATH,
-    DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH, DEFAULT_SEPPO_PATH, DEFAULT_SPM_PATH,
-    DEFAULT_SPO_PATH,
+    default_adjoint_config, default_dpo_config, default_grpo_config, default_lpo_config,
+    default_lrm_config, default_seppo_config, default_spm_config, default_spo_config,
+    DEFAULT_ADJOINT_PATH, DEFAULT_DPO_PATH, DEFAULT_GRPO_PATH, DEFAULT_LPO_PATH, DEFAULT_LRM_PATH,
+    DEFAULT_SEPPO_PATH, DEFAULT_SPM_PATH, DEFAULT_SPO_PATH,
 };
 use crate::engine::run::TrainSummary;
+use crate::methods::adjoint::AdjointConfig;
 use crate::methods::grpo::GrpoConfig;
 use crate::methods::lpo::LpoConfig;
 use crate::methods::lrm::LrmConfig;
@@ -62,6 +63,12 @@ pub enum Method {
     /// With no arguments: a LoRA on the shapes-world model with the demo set's chosen images only, judged on
     /// held-out prompts.
     Seppo(ConfigArgs),
+    /// Adjoint Matching: reward fine-tuning by stochastic optimal control — the control of memoryless (DDIM
+    /// η = 1) trajectories regressed onto the lean adjoint of a differentiable reward (or a weighted mix),
+    /// carried back by the base model's vector-Jacobian products; LoRA or full. With no arguments: a LoRA on
+    /// the shapes-world model trained on the shapes reward's differentiable surrogate, judged by the exact
+    /// reward on held-out prompts.
+    Adjoint(ConfigArgs),
 }
 
 /// `--config FILE.toml [--set key=value ...] [--device D] [--dtype T]`.
@@ -277,6 +284,35 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     "step {}: loss {loss:.4}, flip rate {flip:.3}, implicit accuracy {acc:.3}, {} reference samples",
                     s.steps,
                     s.last_metric("samples").unwrap_or(0.0)
+                );
+            }
+            report(&s);
+            Ok(())
+        }
+        Method::Adjoint(c) => {
+            let cfg = match &c.config {
+                Some(path) => AdjointConfig::load(Some(path), &c.overrides())?,
+                None => {
+                    let cfg = default_adjoint_config(&c.overrides())?;
+                    eprintln!(
+                        "no --config: the embedded default ({DEFAULT_ADJOINT_PATH}): an Adjoint Matching LoRA on {} \
+                         with λ = {} times the {} reward",
+                        cfg.run.model,
+                        cfg.adjoint.reward_scale,
+                        cfg.reward
+                            .terms("[reward]")
+                            .map(|t| t.iter().map(|t| format!("{:?}", t.kind)).collect::<Vec<_>>().join("+"))
+                            .unwrap_or_default()
+                    );
+                    cfg
+                }
+            };
+            let s = crate::methods::adjoint::train(&cfg, Some(stop))?;
+            if let (Some(loss), Some(r)) = (s.last_metric("loss"), s.last_metric("reward")) {
+                println!(
+                    "step {}: loss {loss:.4}, training reward {r:.4}, {} reward calls",
+                    s.steps,
+                    s.last_metric("reward_calls").unwrap_or(0.0)
                 );
             }
             report(&s);

@@ -7,9 +7,12 @@
 //!   (a latent reward model on noisy latents; a step-aware preference model on the decoded x̂₀).
 //! * [`lpo`] / [`spo`] — `train lpo` / `train spo`, step-level preference optimisation on the model's own
 //!   trajectories: one loop ([`lpo::StepLevelMethod`]) with the LRM or the SPM as its scorer.
+//! * [`adjoint`] — `train adjoint`, Adjoint Matching: the control regressed onto the lean adjoint of a
+//!   differentiable reward along memoryless trajectories.
 //! * [`seppo`] — `train seppo`, winners against fresh samples of a reference drawn from the run's own
 //!   checkpoints, with the anchor-based adaptive flipper.
 
+pub mod adjoint;
 pub mod dpo;
 pub mod grpo;
 pub mod lpo;

@@ -287,6 +287,16 @@ impl Conditioning {
         Ok(self.cond.hidden_states.dim(0)?)
     }
 
+    /// The conditional rows alone (no unconditional branch: [`guided_output`] then runs them unguided).
+    pub fn cond_only(&self, model: &StableDiffusion) -> Result<Self> {
+        Self::from_embeds(model, self.cond.clone(), None, self.side)
+    }
+
+    /// The pixel side the conditioning was made for.
+    pub fn side(&self) -> usize {
+        self.side
+    }
+
     /// The rows of several conditionings, in order.
     pub fn concat(parts: &[&Conditioning]) -> Result<Self> {
         let first = parts.first().context("concat: no conditioning")?;

@@ -1,4 +1,6 @@
 //! Helpers shared by the training tests (`mod common;`).
+// Each test binary uses a part of these helpers.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
