@@ -330,8 +330,16 @@ fn a_resumed_run_is_bit_identical_mid_replay() {
             assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
         }
     }
-    assert_eq!(ra[0]["control_norm"].as_f64(), Some(0.0));
-    assert!(ra[5]["control_norm"].as_f64().unwrap() > 0.0);
+    // Before the first update the policy is the base (zero-initialised LoRA B): no control, up to the rounding
+    // of a different batch layout.
+    let (first, last) = (
+        ra[0]["control_norm"].as_f64().unwrap(),
+        ra[5]["control_norm"].as_f64().unwrap(),
+    );
+    assert!(
+        first < 1e-3 && last > 10.0 * first,
+        "control norm {first} -> {last}"
+    );
     let noise = ra[0]["adjoint_norm_noise"].as_f64().unwrap();
     assert!(noise.is_finite() && noise > 0.0, "{}", ra[0]);
 }
@@ -427,6 +435,8 @@ fn bad_settings_are_named() {
     assert!(err(&["adjoint.late_fraction = 1.5"]).contains("late_fraction"));
     let e = AdjointConfig::load(None, &["adjoint.lambda = 3".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("adjoint.lambda"), "{e:#}");
-    let missing = format!("{:#}", train(&AdjointConfig::default(), None).unwrap_err());
+    let mut cfg = config(tmp.path(), &prompts, &[]);
+    cfg.adjoint.prompts = None;
+    let missing = format!("{:#}", train(&cfg, None).unwrap_err());
     assert!(missing.contains("[adjoint] prompts"), "{missing}");
 }

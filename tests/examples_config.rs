@@ -197,3 +197,32 @@ fn embedded_seppo_default_points_at_the_shipped_assets() {
     assert!(cfg.data.manifest.as_ref().unwrap().exists());
     assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
 }
+
+#[test]
+fn adjoint_example_config_matches_the_defaults() {
+    use diffpref::methods::adjoint::AdjointConfig;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/adjoint.toml");
+    let cfg = AdjointConfig::load(Some(&path), &[]).unwrap();
+    let mut ex = serde_json::to_value(&cfg).unwrap();
+    let mut de = serde_json::to_value(AdjointConfig::default()).unwrap();
+    for v in [&mut ex, &mut de] {
+        v["model"] = serde_json::Value::Null;
+        v["output_dir"] = serde_json::Value::Null;
+        v["adjoint"]["prompts"] = serde_json::Value::Null;
+    }
+    assert_eq!(ex, de);
+    let over = AdjointConfig::load(Some(&path), &["adjoint.reward_scale=7".into()]).unwrap();
+    assert_eq!(over.adjoint.reward_scale, 7.0);
+}
+
+#[test]
+fn embedded_adjoint_default_points_at_the_shipped_assets() {
+    let cfg = diffpref::assets::default_adjoint_config(&["optim.max_steps=3".into()]).unwrap();
+    cfg.validate().unwrap();
+    assert!(std::path::Path::new(&cfg.run.model)
+        .join("model_index.json")
+        .exists());
+    assert!(cfg.adjoint.prompts.as_ref().unwrap().exists());
+    assert!(cfg.run.eval.prompts.as_ref().unwrap().exists());
+    assert!(cfg.reward.is_shapes());
+}
