@@ -62,6 +62,7 @@ fn adjoint_peak(model: &StableDiffusion, steps: usize) -> (usize, usize) {
     PEAK.store(before, Ordering::Relaxed);
     let lean = lean_adjoint(&model.unet, &rule, &latents, &cond, 1.0, terminal).unwrap();
     let peak = PEAK.load(Ordering::Relaxed) - before;
+    eprintln!("{steps} steps: peak {peak} B");
     let kept = (lean.adjoints.len() + lean.base_means.len()) * shape.iter().product::<usize>() * 4;
     (peak, kept)
 }
