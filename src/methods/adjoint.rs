@@ -705,13 +705,25 @@ impl Method for AdjointMethod {
         );
         let (mask, thr) = self.keep_mask(&values);
         let kept = mask.iter().map(|&m| m as f64).sum::<f64>();
+        let mask_host = mask.clone();
         let mask = Tensor::from_vec(mask, n, terms.device())?;
         let loss = ((&terms * &mask)?.sum_all()? / n as f64)?;
+        // How much of the targets the control explains: 1 − Σℓ / Σ‖s ã‖² over the kept terms (0 for no control).
+        let zero = host_f64(&matching_terms(&w.zeros_like()?, &adj, &std)?)?;
+        let kept_sum = |v: &[f64]| -> f64 {
+            v.iter()
+                .zip(&mask_host)
+                .map(|(x, &m)| x * m as f64)
+                .sum()
+        };
+        let explained = 1.0 - kept_sum(&values) / kept_sum(&zero).max(f64::MIN_POSITIVE);
         let mut metrics = vec![
             ("reward", reward),
             ("kept_frac", kept / n as f64),
             ("clip_threshold", thr),
             ("control_norm", mean_norm(&w)?),
+            ("target_norm", zero.iter().map(|z| z.sqrt()).sum::<f64>() / n as f64),
+            ("explained", explained),
         ];
         for (name, lo, hi) in BUCKETS {
             let v: Vec<f64> = values
