@@ -290,7 +290,11 @@ fn a_resumed_run_is_bit_identical_mid_replay() {
         &["a red circle", "a blue square", "two green triangles"],
     );
     // Batches of 2 x 2 micro-batches replayed for 3 steps: the interruption at step 4 falls inside a batch.
-    let extra = ["optim.grad_accum = 2", "adjoint.buffer_passes = 3"];
+    let extra = [
+        "optim.grad_accum = 2",
+        "adjoint.buffer_passes = 3",
+        "adjoint.grad_copies = 1",
+    ];
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let s = train(
         &config(
@@ -323,8 +327,9 @@ fn a_resumed_run_is_bit_identical_mid_replay() {
     assert_eq!(weights(&a.join("run"), 6), weights(&b.join("run"), 6));
     let (ra, rb) = (records(&a.join("run")), records(&b.join("run")));
     assert_eq!(ra, rb);
-    // Two rounds of 4 trajectories; every figure finite; the control moves off zero once trained.
-    assert_eq!(s.last_metric("reward_calls"), Some(8.0));
+    // Two rounds of 4 trajectories, each scored clean and once noisy; every figure finite; the control moves off
+    // zero once trained.
+    assert_eq!(s.last_metric("reward_calls"), Some(16.0));
     for r in &ra {
         for key in ["loss", "reward", "kept_frac", "control_norm"] {
             assert!(r[key].as_f64().unwrap().is_finite(), "{key}: {r}");
@@ -433,6 +438,7 @@ fn bad_settings_are_named() {
     assert!(err(&["adjoint.clip_quantile = 0.0"]).contains("clip_quantile"));
     assert!(err(&["adjoint.buffer_passes = 0"]).contains("buffer_passes"));
     assert!(err(&["adjoint.late_fraction = 1.5"]).contains("late_fraction"));
+    assert!(err(&["adjoint.grad_noise = 0.0"]).contains("grad_noise"));
     let e = AdjointConfig::load(None, &["adjoint.lambda = 3".into()]).unwrap_err();
     assert!(format!("{e:#}").contains("adjoint.lambda"), "{e:#}");
     let mut cfg = config(tmp.path(), &prompts, &[]);

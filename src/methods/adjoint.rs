@@ -128,6 +128,11 @@ pub struct AdjointSection {
     pub guided_adjoint: bool,
     /// Optimizer steps each batch of trajectories trains (1 = on-policy). Default 1.
     pub buffer_passes: usize,
+    /// Noisy copies the reward's gradient is averaged over (the official code's smoothed gradient; 0 = the plain
+    /// gradient). Default 0.
+    pub grad_copies: usize,
+    /// The std of the copies' latent noise. Default 0.02.
+    pub grad_noise: f64,
 }
 
 impl Default for AdjointSection {
@@ -145,6 +150,8 @@ impl Default for AdjointSection {
             pairing: Pairing::Current,
             guided_adjoint: false,
             buffer_passes: 1,
+            grad_copies: 0,
+            grad_noise: 0.02,
         }
     }
 }
@@ -225,6 +232,11 @@ impl AdjointConfig {
         ensure!(
             a.buffer_passes >= 1,
             "[adjoint] buffer_passes must be at least 1"
+        );
+        ensure!(
+            a.grad_noise.is_finite() && a.grad_noise > 0.0,
+            "[adjoint] grad_noise must be positive (got {})",
+            a.grad_noise
         );
         let per_step = self.run.optim.batch_size * self.run.optim.grad_accum;
         ensure!(
@@ -315,6 +327,47 @@ pub fn terminal_adjoint(
         .to_device(&candle_core::Device::Cpu)?
         .to_vec1()?;
     Ok(((g * (-reward_scale))?.detach(), r))
+}
+
+/// [`terminal_adjoint`] smoothed (the official code's option): the mean of the gradient at `x_final` and at
+/// `copies` noisy copies `x_final + σ z`, each copy's gradient scaled down to at most the 85% quantile of the
+/// copies' norms (per sample), so a few sharp gradients do not dominate. The rewards are the clean latent's.
+pub fn smoothed_terminal_adjoint(
+    model: &StableDiffusion,
+    reward: &dyn Reward,
+    x_final: &Tensor,
+    prompts: &[&str],
+    reward_scale: f64,
+    (copies, sigma): (usize, f64),
+    rng: &mut Rng,
+) -> Result<(Tensor, Vec<f64>)> {
+    let (clean, rewards) = terminal_adjoint(model, reward, x_final, prompts, reward_scale)?;
+    if copies == 0 {
+        return Ok((clean, rewards));
+    }
+    let b = x_final.dim(0)?;
+    let mut grads = vec![clean];
+    for _ in 0..copies {
+        let z = rng.normal_tensor(x_final.dims(), x_final.device())?;
+        let x = (x_final + (z * sigma)?)?;
+        grads.push(terminal_adjoint(model, reward, &x, prompts, reward_scale)?.0);
+    }
+    // Per-sample norms [copies + 1, B], the cap per sample, and the capped mean.
+    let g = Tensor::stack(&grads, 0)?;
+    let n = g.dim(0)?;
+    let norms = g.reshape((n, b, ()))?.sqr()?.sum(2)?.sqrt()?;
+    let host: Vec<Vec<f32>> = norms.to_device(&candle_core::Device::Cpu)?.to_vec2()?;
+    let mut scale = vec![0f32; n * b];
+    for j in 0..b {
+        let col: Vec<f64> = host.iter().map(|r| r[j] as f64).collect();
+        let cap = quantile(&col, 0.85);
+        for i in 0..n {
+            let v = col[i];
+            scale[i * b + j] = if v > cap && v > 0.0 { (cap / v) as f32 } else { 1.0 };
+        }
+    }
+    let scale = Tensor::from_vec(scale, (n, b, 1, 1, 1), x_final.device())?;
+    Ok((g.broadcast_mul(&scale)?.mean(0)?, rewards))
 }
 
 /// The lean adjoint of the module docs along `latents` (`X_0 … X_K`, the rule's K steps), started from
@@ -423,6 +476,7 @@ struct Round {
 struct AdjointState {
     noise_rng: Rng,
     select_rng: Rng,
+    smooth_rng: Rng,
     prompt_epoch: u64,
     prompt_index: usize,
     rounds: u64,
@@ -457,6 +511,7 @@ pub struct AdjointMethod {
     batch_size: usize,
     noise_rng: Rng,
     select_rng: Rng,
+    smooth_rng: Rng,
     rounds: u64,
     reward_calls: u64,
     /// The EMA threshold on √ℓ (`clip = "quantile"`).
@@ -482,6 +537,7 @@ impl AdjointMethod {
             batch_size: cfg.run.optim.batch_size,
             noise_rng: Rng::derive(cfg.run.seed, "adjoint-noise"),
             select_rng: Rng::derive(cfg.run.seed, "adjoint-select"),
+            smooth_rng: Rng::derive(cfg.run.seed, "adjoint-smooth"),
             rounds: 0,
             reward_calls: 0,
             threshold: None,
@@ -518,14 +574,16 @@ impl AdjointMethod {
             })?;
             let t1 = Instant::now();
             let x_final = traj.latents.last().context("empty trajectory")?.clone();
-            let (terminal, rewards) = terminal_adjoint(
+            let (terminal, rewards) = smoothed_terminal_adjoint(
                 &self.model,
                 self.reward.as_ref(),
                 &x_final,
                 &ps,
                 self.cfg.reward_scale,
+                (self.cfg.grad_copies, self.cfg.grad_noise),
+                &mut self.smooth_rng,
             )?;
-            self.reward_calls += m as u64;
+            self.reward_calls += (m * (1 + self.cfg.grad_copies)) as u64;
             let (cond, guidance) = self.adjoint_cond(&traj.cond)?;
             let rule = &self.rule;
             let lean = policy.with_weights(&mut self.model, Weights::Base, |md| {
@@ -762,6 +820,7 @@ impl Method for AdjointMethod {
         Ok(serde_json::to_value(AdjointState {
             noise_rng: self.noise_rng.clone(),
             select_rng: self.select_rng.clone(),
+            smooth_rng: self.smooth_rng.clone(),
             prompt_epoch: epoch,
             prompt_index: index,
             rounds: self.rounds,
@@ -786,6 +845,7 @@ impl Method for AdjointMethod {
         let s: AdjointState = serde_json::from_value(state)?;
         self.noise_rng = s.noise_rng;
         self.select_rng = s.select_rng;
+        self.smooth_rng = s.smooth_rng;
         self.prompts.seek(s.prompt_epoch, s.prompt_index);
         self.rounds = s.rounds;
         self.reward_calls = s.reward_calls;
