@@ -363,7 +363,11 @@ pub fn smoothed_terminal_adjoint(
         let cap = quantile(&col, 0.85);
         for i in 0..n {
             let v = col[i];
-            scale[i * b + j] = if v > cap && v > 0.0 { (cap / v) as f32 } else { 1.0 };
+            scale[i * b + j] = if v > cap && v > 0.0 {
+                (cap / v) as f32
+            } else {
+                1.0
+            };
         }
     }
     let scale = Tensor::from_vec(scale, (n, b, 1, 1, 1), x_final.device())?;
@@ -721,7 +725,7 @@ impl Method for AdjointMethod {
         let steps = self.draw_steps();
         let round = self.round.as_mut().context("adjoint: no round sampled")?;
         let ci = round.queue.remove(0);
-        let chunk = &round.chunks[ci];
+        let chunk = &self.round.as_ref().expect("a round").chunks[ci];
         let b = chunk.prompts.len();
         let n = b * steps.len();
         // All trained steps of the micro-batch in one forward pass: rows (k, sample).
@@ -744,11 +748,7 @@ impl Method for AdjointMethod {
             .collect();
         let times: Vec<f32> = ks.iter().map(|&k| self.rule.timesteps[k] as f32).collect();
         let t = Tensor::from_vec(times.clone(), n, x.device())?;
-        let (cond, guidance) = if self.cfg.guided_adjoint {
-            (chunk.cond.clone(), self.rule.guidance)
-        } else {
-            (chunk.cond.cond_only(&self.model)?, 1.0)
-        };
+        let (cond, guidance) = self.adjoint_cond(&chunk.cond)?;
         let cond = Conditioning::concat(&vec![&cond; steps.len()])?;
         let eps = guided_output(&self.model.unet, &x, &t, &cond, guidance)?;
         let tr = transition(&self.rule, &eps, &x, &ks, DdimTransition::PrevSample(&x))?;
@@ -768,19 +768,18 @@ impl Method for AdjointMethod {
         let loss = ((&terms * &mask)?.sum_all()? / n as f64)?;
         // How much of the targets the control explains: 1 − Σℓ / Σ‖s ã‖² over the kept terms (0 for no control).
         let zero = host_f64(&matching_terms(&w.zeros_like()?, &adj, &std)?)?;
-        let kept_sum = |v: &[f64]| -> f64 {
-            v.iter()
-                .zip(&mask_host)
-                .map(|(x, &m)| x * m as f64)
-                .sum()
-        };
+        let kept_sum =
+            |v: &[f64]| -> f64 { v.iter().zip(&mask_host).map(|(x, &m)| x * m as f64).sum() };
         let explained = 1.0 - kept_sum(&values) / kept_sum(&zero).max(f64::MIN_POSITIVE);
         let mut metrics = vec![
             ("reward", reward),
             ("kept_frac", kept / n as f64),
             ("clip_threshold", thr),
             ("control_norm", mean_norm(&w)?),
-            ("target_norm", zero.iter().map(|z| z.sqrt()).sum::<f64>() / n as f64),
+            (
+                "target_norm",
+                zero.iter().map(|z| z.sqrt()).sum::<f64>() / n as f64,
+            ),
             ("explained", explained),
         ];
         for (name, lo, hi) in BUCKETS {
