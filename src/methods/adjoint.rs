@@ -47,6 +47,12 @@
 //!
 //! **Replay** (`buffer_passes` > 1, the official code's buffer trainer): a batch of trajectories and their
 //! adjoints trains that many optimizer steps (a new step subset each time), off-policy after the first.
+//! **Smoothed gradient** (`grad_copies` > 0, the official code's option): `∇R` is averaged over the clean final
+//! latent and noisy copies `X_K + σ z` ([`smoothed_terminal_adjoint`]).
+//!
+//! **Diagnostics.** Besides the rewards and the adjoint's norms, `explained = 1 − Σℓ / Σ‖s ã‖²` over a fresh
+//! micro-batch, before it is trained on: the share of the targets the control predicts (0 without control,
+//! negative when the control is noise with respect to them).
 //!
 //! The training reward is `[reward]` (any differentiable reward or weighted mix: the shapes surrogate, CLIP
 //! score, PickScore, HPSv2, ImageReward, aesthetic, an LRM); the held-out judge is `[eval]` (on the shapes
