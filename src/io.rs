@@ -164,6 +164,36 @@ pub fn save_safetensors<S: AsRef<str>>(path: &Path, tensors: &[(S, Tensor)]) -> 
     })
 }
 
+/// Named tensors read back from a safetensors file (e.g. what [`save_safetensors`] wrote into a checkpoint),
+/// with errors naming the file.
+pub struct SavedTensors {
+    map: HashMap<String, Tensor>,
+    path: std::path::PathBuf,
+}
+
+impl SavedTensors {
+    /// Reads `path` onto `device`; `what` names the file's content in the error.
+    pub fn load(path: &Path, device: &Device, what: &str) -> Result<SavedTensors> {
+        let map = candle_core::safetensors::load(path, device)
+            .with_context(|| format!("reading {what} {}", path.display()))?;
+        Ok(SavedTensors {
+            map,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The tensor `key` split along its first dimension (a stacked list, as the checkpoints store them).
+    pub fn rows(&self, key: &str) -> Result<Vec<Tensor>> {
+        let t = self
+            .map
+            .get(key)
+            .with_context(|| format!("{}: no tensor `{key}`", self.path.display()))?;
+        Ok((0..t.dim(0)?)
+            .map(|i| t.get(i))
+            .collect::<candle_core::Result<_>>()?)
+    }
+}
+
 /// Writes a folder atomically: `fill(tmp)` populates a temporary sibling folder, whose files are fsynced
 /// before it is renamed to `dst`. An existing `dst` is replaced only once the new folder is complete (moved
 /// aside, then removed); on error the temporary folder is removed and `dst` is untouched.

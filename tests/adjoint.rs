@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::fixtures;
+use common::{assets, fixtures, write_prompts};
 use diffpref::methods::adjoint::{lean_adjoint, train, AdjointConfig};
 use diffpref::pipelines::loading::{LoadOptions, StableDiffusion};
 use diffpref::pipelines::schedulers::{
@@ -15,7 +15,7 @@ use diffpref::rollout::{
     guided_output, transition, Conditioning, RolloutConfig, Sampler, StepRule,
 };
 use diffpref::train::rng::Rng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[global_allocator]
 static ALLOC: diffpref::alloc::MiMalloc = diffpref::alloc::MiMalloc;
@@ -206,16 +206,6 @@ fn memoryless_step_coefficients_match_the_spec() {
             "last: c {c} vs {c_want}"
         );
     }
-}
-
-fn assets() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
-}
-
-fn write_prompts(dir: &Path, prompts: &[&str]) -> PathBuf {
-    let p = dir.join("prompts.txt");
-    std::fs::write(&p, prompts.join("\n") + "\n").unwrap();
-    p
 }
 
 /// A small run on the shapes model with the surrogate reward, LoRA rank 4, 4-step trajectories.

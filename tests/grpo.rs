@@ -1,22 +1,15 @@
 //! `train grpo` end to end on small settings: the training reward rises on the shapes world, a resumed run
 //! (interrupted mid-round) ends with identical weights, the KL term and full fine-tuning, configuration errors.
 
+mod common;
+
+use common::{assets, write_prompts};
 use diffpref::methods::grpo::{train, GrpoConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// As the binary: candle allocates a buffer per op (see `diffpref::alloc`).
 #[global_allocator]
 static ALLOC: diffpref::alloc::MiMalloc = diffpref::alloc::MiMalloc;
-
-fn assets() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
-}
-
-fn write_prompts(dir: &Path, prompts: &[&str]) -> PathBuf {
-    let p = dir.join("prompts.txt");
-    std::fs::write(&p, prompts.join("\n") + "\n").unwrap();
-    p
-}
 
 /// A small run on the shapes model: `prompts` trained (and judged), LoRA rank 4.
 fn config(dir: &Path, prompts: &Path, extra: &[&str]) -> GrpoConfig {

@@ -72,6 +72,25 @@ pub fn load_policy(
     )
 }
 
+/// A whole training command of a method that owns its model: checks `out` against the command's `inputs`
+/// (never written over), loads the model and the policy, builds the method with `new_method(model, model_dir)`
+/// and [`run`]s it. `config` is the whole configuration (stored in every checkpoint).
+pub fn train_method<M: Method>(
+    run_cfg: &RunConfig,
+    out: &Path,
+    command: &str,
+    inputs: &[crate::output::Input<'_>],
+    config: serde_json::Value,
+    stop: Option<StopFlag>,
+    new_method: impl FnOnce(StableDiffusion, &Path) -> Result<M>,
+) -> Result<TrainSummary> {
+    run_cfg.check_output(out, command, inputs)?;
+    let (mut model, model_dir) = load_model(run_cfg)?;
+    let policy = load_policy(run_cfg, &mut model, &model_dir)?;
+    let mut method = new_method(model, &model_dir)?;
+    run(run_cfg, out, &model_dir, &policy, &mut method, config, stop)
+}
+
 /// Runs `method` (whose [`Method::model`] is the model `policy` trains) under `run`'s settings into `out`, then
 /// writes the weights (the EMA ones when kept), the final held-out evaluation (`eval.json`,
 /// `before_after.png`; skipped when interrupted) and `curves.png` (loss, the method's headline figure, the

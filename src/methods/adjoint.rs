@@ -63,7 +63,7 @@ use crate::data::prompt_cycle::PromptCycle;
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
-use crate::engine::run::{load_model, load_policy, run, TrainSummary};
+use crate::engine::run::{train_method, TrainSummary};
 use crate::eval::read_prompts;
 use crate::rollout::{
     self, guided_output, transition, Conditioning, RolloutConfig, Sampler, StepRule,
@@ -832,7 +832,7 @@ impl Method for AdjointMethod {
             reward_calls: self.reward_calls,
             threshold: self.threshold,
             round: self.round.as_ref().map(|r| RoundState {
-                side: r.chunks[0].cond_side(),
+                side: r.chunks[0].cond.side(),
                 chunks: r
                     .chunks
                     .iter()
@@ -879,16 +879,12 @@ impl Method for AdjointMethod {
             return Ok(());
         };
         let path = dir.join(ROUND_FILE);
-        let map = candle_core::safetensors::load(&path, self.model.device())
-            .with_context(|| format!("reading the Adjoint Matching round {}", path.display()))?;
-        let get = |k: &str| -> Result<Vec<Tensor>> {
-            let t = map
-                .get(k)
-                .with_context(|| format!("{}: no tensor `{k}`", path.display()))?;
-            Ok((0..t.dim(0)?)
-                .map(|i| t.get(i))
-                .collect::<candle_core::Result<_>>()?)
-        };
+        let saved = crate::io::SavedTensors::load(
+            &path,
+            self.model.device(),
+            "the Adjoint Matching round",
+        )?;
+        let get = |k: &str| saved.rows(k);
         let mut chunks = Vec::with_capacity(rs.chunks.len());
         for (i, c) in rs.chunks.into_iter().enumerate() {
             let ps: Vec<&str> = c.prompts.iter().map(|s| s.as_str()).collect();
@@ -924,12 +920,6 @@ impl Method for AdjointMethod {
     }
 }
 
-impl Chunk {
-    fn cond_side(&self) -> usize {
-        self.cond.side()
-    }
-}
-
 /// Runs (or resumes) a `train adjoint` run. `stop` (e.g. from Ctrl-C) makes it save a checkpoint and return
 /// early.
 pub fn train(cfg: &AdjointConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
@@ -938,19 +928,14 @@ pub fn train(cfg: &AdjointConfig, stop: Option<StopFlag>) -> Result<TrainSummary
     if let Some(p) = &cfg.adjoint.prompts {
         inputs.push(crate::output::Input::new("[adjoint] prompts file", p));
     }
-    cfg.run
-        .check_output(&cfg.output_dir(), "train adjoint", &inputs)?;
-    let (mut model, model_dir) = load_model(&cfg.run)?;
-    let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
-    let mut method = AdjointMethod::new(cfg, model)?;
-    run(
+    train_method(
         &cfg.run,
         &cfg.output_dir(),
-        &model_dir,
-        &policy,
-        &mut method,
+        "train adjoint",
+        &inputs,
         serde_json::to_value(cfg)?,
         stop,
+        |model, _| AdjointMethod::new(cfg, model),
     )
 }
 

@@ -53,7 +53,7 @@ use crate::data::prompt_cycle::PromptCycle;
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
-use crate::engine::run::{load_model, load_policy, run, TrainSummary};
+use crate::engine::run::{train_method, TrainSummary};
 use crate::eval::read_prompts;
 use crate::rollout::{self, Conditioning, RolloutConfig, Selection, StepRule, Trajectory};
 use crate::scoring::{score_saved_images, RewardSpec};
@@ -718,16 +718,8 @@ impl Method for GrpoMethod {
             return Ok(());
         };
         let path = dir.join(ROUND_FILE);
-        let map = candle_core::safetensors::load(&path, self.model.device())
-            .with_context(|| format!("reading the GRPO round {}", path.display()))?;
-        let get = |k: &str| -> Result<Vec<Tensor>> {
-            let t = map
-                .get(k)
-                .with_context(|| format!("{}: no tensor `{k}`", path.display()))?;
-            Ok((0..t.dim(0)?)
-                .map(|i| t.get(i))
-                .collect::<candle_core::Result<_>>()?)
-        };
+        let saved = crate::io::SavedTensors::load(&path, self.model.device(), "the GRPO round")?;
+        let get = |k: &str| saved.rows(k);
         let mut chunks = Vec::with_capacity(rs.chunks.len());
         for (i, c) in rs.chunks.into_iter().enumerate() {
             // The sampler's conditioning, re-encoded in the batch it was sampled in (the same values).
@@ -771,19 +763,14 @@ pub fn train(cfg: &GrpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     if let Some(p) = &cfg.grpo.prompts {
         inputs.push(crate::output::Input::new("[grpo] prompts file", p));
     }
-    cfg.run
-        .check_output(&cfg.output_dir(), "train grpo", &inputs)?;
-    let (mut model, model_dir) = load_model(&cfg.run)?;
-    let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
-    let mut method = GrpoMethod::new(cfg, model)?;
-    run(
+    train_method(
         &cfg.run,
         &cfg.output_dir(),
-        &model_dir,
-        &policy,
-        &mut method,
+        "train grpo",
+        &inputs,
         serde_json::to_value(cfg)?,
         stop,
+        |model, _| GrpoMethod::new(cfg, model),
     )
 }
 

@@ -43,7 +43,7 @@ use crate::data::prompt_cycle::PromptCycle;
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
-use crate::engine::run::{load_model, load_policy, run, TrainSummary};
+use crate::engine::run::{train_method, TrainSummary};
 use crate::eval::read_prompts;
 use crate::rollout::branch::branch_from_output;
 use crate::rollout::{self, guided_output, transition, Conditioning, RolloutConfig, StepRule};
@@ -950,21 +950,17 @@ impl Method for StepLevelMethod {
             return Ok(());
         }
         let path = dir.join(QUEUE_FILE);
-        let map = candle_core::safetensors::load(&path, self.model.device())
-            .with_context(|| format!("reading the LPO tuple queue {}", path.display()))?;
+        let saved =
+            crate::io::SavedTensors::load(&path, self.model.device(), "the LPO tuple queue")?;
         let get = |k: &str| -> Result<Vec<Tensor>> {
-            let t = map
-                .get(k)
-                .with_context(|| format!("{}: no tensor `{k}`", path.display()))?;
+            let rows = saved.rows(k)?;
             ensure!(
-                t.dim(0)? == n,
+                rows.len() == n,
                 "{}: `{k}` has {} rows, state.json {n}",
                 path.display(),
-                t.dim(0)?
+                rows.len()
             );
-            Ok((0..n)
-                .map(|i| t.get(i))
-                .collect::<candle_core::Result<_>>()?)
+            Ok(rows)
         };
         self.queue.parents = get("parents")?;
         self.queue.winners = get("winners")?;
@@ -987,19 +983,14 @@ pub fn train(cfg: &LpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     if let (Some(p), Scorer::Lrm) = (&cfg.lpo.lrm, cfg.lpo.scorer) {
         inputs.push(crate::output::Input::new("[lpo] lrm folder", p));
     }
-    cfg.run
-        .check_output(&cfg.output_dir(), "train lpo", &inputs)?;
-    let (mut model, model_dir) = load_model(&cfg.run)?;
-    let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
-    let mut method = StepLevelMethod::lpo(cfg, model)?;
-    run(
+    train_method(
         &cfg.run,
         &cfg.output_dir(),
-        &model_dir,
-        &policy,
-        &mut method,
+        "train lpo",
+        &inputs,
         serde_json::to_value(cfg)?,
         stop,
+        |model, _| StepLevelMethod::lpo(cfg, model),
     )
 }
 

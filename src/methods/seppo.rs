@@ -63,7 +63,7 @@ use crate::data::{
 use crate::engine::config::RunConfig;
 use crate::engine::method::{Method, MicroStep, StartContext, StepContext};
 use crate::engine::policy::{Policy, Weights};
-use crate::engine::run::{load_model, load_policy, run, TrainSummary};
+use crate::engine::run::{train_method, TrainSummary};
 use crate::eval::read_prompts;
 use crate::methods::dpo::{pair_errors, pair_loss, DpoLossConfig, LossKind, PairBatch, PairErrors};
 use crate::methods::pairwise::{
@@ -941,18 +941,14 @@ pub fn train(cfg: &SeppoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> 
         inputs.push(crate::output::Input::new("[seppo] prompts file", p));
     }
     let out = cfg.output_dir();
-    cfg.run.check_output(&out, "train seppo", &inputs)?;
-    let (mut model, model_dir) = load_model(&cfg.run)?;
-    let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
-    let mut method = SeppoMethod::new(cfg, model, &model_dir, &out)?;
-    run(
+    train_method(
         &cfg.run,
         &out,
-        &model_dir,
-        &policy,
-        &mut method,
+        "train seppo",
+        &inputs,
         serde_json::to_value(cfg)?,
         stop,
+        |model, model_dir| SeppoMethod::new(cfg, model, model_dir, &out),
     )
 }
 

@@ -35,7 +35,7 @@
 //! held-out judge is `[eval]`.
 
 use crate::engine::config::RunConfig;
-use crate::engine::run::{load_model, load_policy, run, TrainSummary};
+use crate::engine::run::{train_method, TrainSummary};
 use crate::methods::lpo::{
     validate_step_settings, Continuation, LpoSection, StepLevelMethod, StepScorer,
 };
@@ -180,44 +180,41 @@ pub fn train(cfg: &SpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
     if let (Some(p), SpoScorer::Spm) = (&cfg.spo.spm, cfg.spo.scorer) {
         inputs.push(crate::output::Input::new("[spo] spm folder", p));
     }
-    cfg.run
-        .check_output(&cfg.output_dir(), "train spo", &inputs)?;
-    let (mut model, model_dir) = load_model(&cfg.run)?;
-    let policy = load_policy(&cfg.run, &mut model, &model_dir)?;
-    let scorer = match cfg.spo.scorer {
-        SpoScorer::Spm => {
-            let dir = cfg.spo.spm.as_ref().context("[spo] spm")?;
-            StepScorer::Spm(Box::new(
-                StepAwarePreferenceModel::load(dir, candle_core::DType::F32, model.device())
-                    .with_context(|| {
-                        format!(
-                            "[spo] spm = {}: loading the step-aware preference model (train one with `diffpref \
-                             train spm`)",
-                            dir.display()
-                        )
-                    })?,
-            ))
-        }
-        SpoScorer::Reward => StepScorer::Reward(
-            cfg.reward.load("[reward]", model.device())?,
-            cfg.reward.batch_size,
-        ),
-    };
-    let mut method = StepLevelMethod::new(
-        "spo",
-        &cfg.spo.step_settings(),
-        &cfg.rollout,
-        &cfg.run,
-        scorer,
-        model,
-    )?;
-    run(
+    train_method(
         &cfg.run,
         &cfg.output_dir(),
-        &model_dir,
-        &policy,
-        &mut method,
+        "train spo",
+        &inputs,
         serde_json::to_value(cfg)?,
         stop,
+        |model, _| {
+            let scorer = match cfg.spo.scorer {
+                SpoScorer::Spm => {
+                    let dir = cfg.spo.spm.as_ref().context("[spo] spm")?;
+                    StepScorer::Spm(Box::new(
+                        StepAwarePreferenceModel::load(dir, candle_core::DType::F32, model.device())
+                            .with_context(|| {
+                                format!(
+                                    "[spo] spm = {}: loading the step-aware preference model (train one with \
+                                     `diffpref train spm`)",
+                                    dir.display()
+                                )
+                            })?,
+                    ))
+                }
+                SpoScorer::Reward => StepScorer::Reward(
+                    cfg.reward.load("[reward]", model.device())?,
+                    cfg.reward.batch_size,
+                ),
+            };
+            StepLevelMethod::new(
+                "spo",
+                &cfg.spo.step_settings(),
+                &cfg.rollout,
+                &cfg.run,
+                scorer,
+                model,
+            )
+        },
     )
 }

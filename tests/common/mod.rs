@@ -8,6 +8,18 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The shipped assets (the shapes world).
+pub fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// `prompts` as `dir/prompts.txt`, one per line.
+pub fn write_prompts(dir: &Path, prompts: &[&str]) -> PathBuf {
+    let p = dir.join("prompts.txt");
+    std::fs::write(&p, prompts.join("\n") + "\n").unwrap();
+    p
+}
+
 /// Pairs whose chosen image has a red square and whose rejected image has a blue one.
 pub fn make_pairs(dir: &Path, n: usize) -> PathBuf {
     std::fs::create_dir_all(dir.join("img")).unwrap();
