@@ -997,6 +997,7 @@ pub fn train(cfg: &LpoConfig, stop: Option<StopFlag>) -> Result<TrainSummary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::run::{load_model, load_policy};
 
     #[test]
     fn preference_gap_is_the_two_way_softmax_difference() {
