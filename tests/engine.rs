@@ -103,6 +103,23 @@ fn records(p: &Path) -> Vec<serde_json::Value> {
     diffpref::train::metrics::read_metrics(p).unwrap()
 }
 
+/// What TensorBoard shows for the run folder (every event file, checksums checked, resumes purged) is exactly
+/// the finite numbers of `metrics.jsonl`, tag by tag and in order.
+fn assert_tensorboard_matches(metrics: &Path) {
+    let tb = diffpref::train::tensorboard::read_scalars(metrics.parent().unwrap()).unwrap();
+    let mut want: std::collections::BTreeMap<String, Vec<(i64, f32)>> = Default::default();
+    for r in records(metrics) {
+        let step = r["step"].as_i64().unwrap();
+        for (k, v) in r.as_object().unwrap() {
+            if let (true, Some(x)) = (k != "step", v.as_f64()) {
+                want.entry(k.clone()).or_default().push((step, x as f32));
+            }
+        }
+    }
+    assert!(want.contains_key("loss"));
+    assert_eq!(tb, want);
+}
+
 #[test]
 fn accumulation_metrics_and_checkpoints() {
     let tmp = tempfile::tempdir().unwrap();
@@ -151,6 +168,7 @@ fn accumulation_metrics_and_checkpoints() {
         .collect();
     assert_eq!(cps, vec![4, 5]);
     assert!(out.last_metric("loss").unwrap() < r[0]["loss"].as_f64().unwrap());
+    assert_tensorboard_matches(&out.metrics);
 }
 
 #[test]
@@ -172,6 +190,31 @@ fn a_non_finite_loss_stops_naming_the_last_good_checkpoint() {
         "{e}"
     );
     assert!(e.contains("checkpoint-2"), "{e}");
+
+    // Resumed from checkpoint-2 (a fresh process without the fault): step 3, logged before the stop, is logged
+    // again; metrics.jsonl drops the old line and TensorBoard the old event (the new file's SessionLog START).
+    let (mut m, policy) = toy();
+    let out = train(
+        &settings(tmp.path(), 6, 1),
+        &policy,
+        &mut m,
+        &mut Hooks::none(),
+        None,
+    )
+    .unwrap();
+    assert_eq!((out.start_step, out.steps), (2, 6));
+    let steps: Vec<u64> = records(&out.metrics)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        diffpref::train::tensorboard::event_files(tmp.path())
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_tensorboard_matches(&out.metrics);
 }
 
 #[test]

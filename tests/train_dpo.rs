@@ -400,3 +400,60 @@ fn stored_latents_replace_the_vae_encodings() {
     );
     assert!(err.contains("random_flip"), "{err}");
 }
+
+/// `[validation]` grids inside training: written every N steps, logged to TensorBoard as images (the same PNG
+/// bytes' pixels), the base column fixed across steps (same noise, same base weights) and the trained column
+/// moving.
+#[test]
+fn validation_grids_are_written_and_logged_to_tensorboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 2);
+    let mut cfg = config(tmp.path(), &m, 4);
+    cfg.run.optim.lr = 1e-2;
+    cfg.run.validation.every = 2;
+    cfg.run.validation.prompts = vec!["a red circle".into(), "two blue squares".into()];
+    cfg.run.validation.steps = 3;
+    let s = train(&cfg, None).unwrap();
+    let dir = &s.output_dir;
+    let grids: Vec<image::RgbImage> = [2, 4]
+        .iter()
+        .map(|k| {
+            image::open(dir.join(format!("validation/step-{k:06}.png")))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
+    let mut logged = Vec::new();
+    for f in diffpref::train::tensorboard::event_files(dir).unwrap() {
+        for e in diffpref::train::tensorboard::read_events(&f).unwrap() {
+            use diffpref::train::tensorboard::{ValueKind, What};
+            if let Some(What::Summary(sum)) = e.what {
+                for v in sum.value {
+                    if let Some(ValueKind::Image(im)) = v.value {
+                        let img = image::load_from_memory(&im.encoded_image_string)
+                            .unwrap()
+                            .to_rgb8();
+                        logged.push((v.tag, e.step, img));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(logged.len(), 2, "two validation grids");
+    for ((tag, step, img), (want_step, want)) in logged.iter().zip([2, 4].iter().zip(&grids)) {
+        assert_eq!((tag.as_str(), *step), ("validation", *want_step));
+        assert_eq!(img, want);
+    }
+    // Same layout; the pixels that changed between steps 2 and 4 all lie right of the middle: the trained
+    // column (and its "step N" header) moved, the base column (left of the middle) did not.
+    let (a, b) = (&grids[0], &grids[1]);
+    assert_eq!(a.dimensions(), b.dimensions());
+    let changed: Vec<u32> = a
+        .enumerate_pixels()
+        .filter(|(x, y, p)| b.get_pixel(*x, *y) != *p)
+        .map(|(x, _, _)| x)
+        .collect();
+    assert!(changed.len() > 100, "{} pixels changed", changed.len());
+    let min_x = *changed.iter().min().unwrap();
+    assert!(min_x > a.width() / 2, "a pixel at x = {min_x} of {} changed", a.width());
+}

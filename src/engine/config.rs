@@ -148,6 +148,9 @@ pub struct LogConfig {
     pub lora_format: LoraFormat,
     /// Show a progress bar. Default true.
     pub progress: bool,
+    /// Also write every logged metric and the validation/evaluation grids as TensorBoard event files
+    /// (`events.out.tfevents.*`) next to `metrics.jsonl`: `tensorboard --logdir runs/`. Default true.
+    pub tensorboard: bool,
 }
 
 impl Default for LogConfig {
@@ -157,6 +160,7 @@ impl Default for LogConfig {
             keep_last: 3,
             lora_format: LoraFormat::Peft,
             progress: true,
+            tensorboard: true,
         }
     }
 }

@@ -180,6 +180,7 @@ impl Evaluation {
             4,
         )?;
         crate::imaging::save_png(&grid, &grid_path)?;
+        metrics.image(steps, "eval/before_after", &grid)?;
         Ok(EvalOutcome {
             comparison: c,
             reward: self.reward.name().to_string(),
@@ -213,12 +214,14 @@ impl Validation {
         policy: &Policy,
         step: u64,
         done: bool,
+        metrics: &mut MetricsWriter,
     ) -> Result<()> {
         if !step.is_multiple_of(self.cfg.every) && !done {
             return Ok(());
         }
-        let path = self.dir.join(format!("step-{step:06}.png"));
-        self.grid(model, policy, step, &path)
+        let img = self.grid(model, policy, step)?;
+        crate::imaging::save_png(&img, self.dir.join(format!("step-{step:06}.png")))?;
+        metrics.image(step, "validation", &img)
     }
 
     fn grid(
@@ -226,8 +229,7 @@ impl Validation {
         model: &mut StableDiffusion,
         policy: &Policy,
         step: u64,
-        path: &Path,
-    ) -> Result<()> {
+    ) -> Result<image::RgbImage> {
         let v = &self.cfg;
         let prompts: Vec<&str> = v.prompts.iter().map(|s| s.as_str()).collect();
         let run = |model: &StableDiffusion| -> Result<Vec<image::RgbImage>> {
@@ -266,7 +268,7 @@ impl Validation {
             .collect();
         let labels = vec!["base".to_string(), format!("step {step}")];
         let scale = (256 / rows[0][0].width().max(1)).clamp(1, 8);
-        let img = crate::imaging::grid(
+        crate::imaging::grid(
             &rows,
             &v.prompts,
             &labels,
@@ -274,8 +276,7 @@ impl Validation {
                 scale,
                 ..Default::default()
             },
-        )?;
-        crate::imaging::save_png(&img, path)
+        )
     }
 }
 

@@ -133,7 +133,8 @@ pub fn run(
             let model = method
                 .model()
                 .context("[eval] needs a text-to-image model")?;
-            let mut metrics = MetricsWriter::open(&outcome.metrics, Some(u64::MAX))?;
+            let mut metrics =
+                MetricsWriter::open_with(&outcome.metrics, Some(u64::MAX), run.log.tensorboard)?;
             Some(e.finish(model, policy, outcome.steps, out, &mut metrics, extra)?)
         }
         _ => None,

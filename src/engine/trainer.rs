@@ -167,8 +167,11 @@ pub fn train(
         }
     }
     let metrics_path = out.join(METRICS_FILE);
-    let mut metrics =
-        MetricsWriter::open(&metrics_path, if start > 0 { Some(start) } else { None })?;
+    let mut metrics = MetricsWriter::open_with(
+        &metrics_path,
+        if start > 0 { Some(start) } else { None },
+        settings.log.tensorboard,
+    )?;
     let progress = if settings.log.progress {
         TrainProgress::new(o.max_steps, start)
     } else {
@@ -312,7 +315,7 @@ pub fn train(
                 .model()
                 .context("[validation] / [eval] need a method with a text-to-image model")?;
             if let Some(v) = &hooks.validation {
-                v.after_step(model, policy, step + 1, done)?;
+                v.after_step(model, policy, step + 1, done, &mut metrics)?;
             }
             if let Some(e) = &hooks.evaluation {
                 e.after_step(model, policy, step + 1, done, &mut metrics, &progress)?;

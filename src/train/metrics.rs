@@ -1,5 +1,6 @@
-//! Training metrics: a JSON-lines log ([`MetricsWriter`], one object per line, `"step"` first), a progress bar
-//! with ETA ([`TrainProgress`]), and a small PNG line plot ([`plot_curves`]) for loss/reward curves.
+//! Training metrics: a JSON-lines log ([`MetricsWriter`], one object per line, `"step"` first) mirrored into
+//! TensorBoard event files next to it ([`super::tensorboard`]), a progress bar with ETA ([`TrainProgress`]), and a
+//! PNG line plot ([`plot_curves`]) for loss/reward curves.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -11,6 +12,7 @@ use image::{Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
+use super::tensorboard::EventWriter;
 use crate::imaging::{draw_text, line_height, save_png, text_width};
 use crate::io::write_atomic;
 
@@ -21,11 +23,14 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 // JSON lines
 // ---------------------------------------------------------------------------
 
-/// Appends one JSON object per line to a metrics file, flushing every line.
+/// Appends one JSON object per line to a metrics file, flushing every line; unless turned off, every numeric
+/// value (and every image given to [`MetricsWriter::image`]) also goes to a TensorBoard event file in the same
+/// folder.
 #[derive(Debug)]
 pub struct MetricsWriter {
     path: PathBuf,
     file: File,
+    tensorboard: Option<EventWriter>,
 }
 
 impl MetricsWriter {
@@ -41,8 +46,21 @@ impl MetricsWriter {
         Self::open(path, Some(resume_step))
     }
 
-    /// [`MetricsWriter::create`] for `None`, [`MetricsWriter::resume`] for `Some(step)`.
+    /// [`MetricsWriter::create`] for `None`, [`MetricsWriter::resume`] for `Some(step)` (`Some(u64::MAX)`:
+    /// append, dropping nothing). A new TensorBoard event file is started next to the log; on a resume it tells
+    /// TensorBoard to drop the interrupted run's events after `step`.
     pub fn open(path: impl AsRef<Path>, resume_step: Option<u64>) -> Result<Self> {
+        let mut w = Self::open_log(path, resume_step)?;
+        let dir = w.dir();
+        w.tensorboard = Some(EventWriter::create(
+            &dir,
+            resume_step.and_then(|s| s.checked_add(1)),
+        )?);
+        Ok(w)
+    }
+
+    /// [`MetricsWriter::open`] without TensorBoard (`[log] tensorboard = false`).
+    pub fn open_log(path: impl AsRef<Path>, resume_step: Option<u64>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -75,11 +93,49 @@ impl MetricsWriter {
             }
         }
         .with_context(|| format!("opening metrics log {}", path.display()))?;
-        Ok(MetricsWriter { path, file })
+        Ok(MetricsWriter {
+            path,
+            file,
+            tensorboard: None,
+        })
+    }
+
+    /// [`MetricsWriter::open`] or [`MetricsWriter::open_log`].
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        resume_step: Option<u64>,
+        tensorboard: bool,
+    ) -> Result<Self> {
+        if tensorboard {
+            Self::open(path, resume_step)
+        } else {
+            Self::open_log(path, resume_step)
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The folder of the log (and of its event files).
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// The TensorBoard event file being written, if any.
+    pub fn event_file(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(|t| t.path())
+    }
+
+    /// An image (a validation or evaluation grid) for TensorBoard's image tab; nothing without TensorBoard.
+    pub fn image(&mut self, step: u64, tag: &str, img: &RgbImage) -> Result<()> {
+        match &mut self.tensorboard {
+            Some(t) => t.image(step, tag, img),
+            None => Ok(()),
+        }
     }
 
     /// Writes `{"step":step,"<name>":value,...}` in the given order; non-finite values are written as `null`.
@@ -92,7 +148,11 @@ impl MetricsWriter {
             line.push_str(&serde_json::to_string(&Value::from(*v))?);
         }
         line.push('}');
-        self.write_line(line)
+        self.write_line(line)?;
+        if let Some(t) = &mut self.tensorboard {
+            t.scalars(step, values)?;
+        }
+        Ok(())
     }
 
     /// Writes an arbitrary JSON object (e.g. with string or nested fields) as one line.
@@ -102,7 +162,21 @@ impl MetricsWriter {
             "metrics record for {} must be a JSON object",
             self.path.display()
         );
-        self.write_line(serde_json::to_string(record)?)
+        self.write_line(serde_json::to_string(record)?)?;
+        if let (Some(t), Some(step)) = (
+            &mut self.tensorboard,
+            record.get("step").and_then(Value::as_u64),
+        ) {
+            let values: Vec<(&str, f64)> = record
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.as_str() != "step")
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k.as_str(), x)))
+                .collect();
+            t.scalars(step, &values)?;
+        }
+        Ok(())
     }
 
     fn write_line(&mut self, mut line: String) -> Result<()> {

@@ -1,5 +1,5 @@
 //! The training building blocks the [engine](crate::engine) assembles: adapters (LoRA), optimizer and
-//! schedules, EMA, checkpoints, metrics, random streams; and `pretrain` (a small SD model from scratch).
+//! schedules, EMA, checkpoints, metrics (JSON lines and TensorBoard), random streams; and `pretrain` (a small SD model from scratch).
 
 pub mod checkpoint;
 pub mod ema;
@@ -9,3 +9,4 @@ pub mod optim;
 pub mod pretrain;
 pub mod rng;
 pub mod schedule;
+pub mod tensorboard;

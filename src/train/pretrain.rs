@@ -243,6 +243,8 @@ pub struct PretrainLog {
     pub keep_last: usize,
     /// Progress bar. Default true.
     pub progress: bool,
+    /// TensorBoard event files next to each stage's `metrics.jsonl`. Default true.
+    pub tensorboard: bool,
 }
 
 impl Default for PretrainLog {
@@ -251,6 +253,7 @@ impl Default for PretrainLog {
             checkpoint_every: 500,
             keep_last: 2,
             progress: true,
+            tensorboard: true,
         }
     }
 }
@@ -743,6 +746,7 @@ fn run_stage(
             checkpoint_every: log.checkpoint_every,
             keep_last: log.keep_last,
             progress: log.progress,
+            tensorboard: log.tensorboard,
             ..Default::default()
         },
         output_dir: dir,
