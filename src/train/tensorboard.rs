@@ -102,7 +102,7 @@ pub const SESSION_START: i32 = 1;
 /// The masked CRC-32C of a TFRecord.
 fn masked_crc(bytes: &[u8]) -> u32 {
     let c = crc32c::crc32c(bytes);
-    ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// Appends events to one new event file in a run folder.
@@ -338,7 +338,7 @@ mod tests {
         assert_eq!(crc32c::crc32c(b"123456789"), c);
         assert_eq!(
             masked_crc(b"123456789"),
-            ((c >> 15) | (c << 17)).wrapping_add(0xa282_ead8)
+            c.rotate_right(15).wrapping_add(0xa282_ead8)
         );
     }
 
