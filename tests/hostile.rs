@@ -799,6 +799,19 @@ fn out_of_range_counts_and_config_values_are_named() {
         ),
         (vec!["train", "grpo", "--dtype", "f8"], vec!["dtype", "f8"]),
         (
+            vec!["train", "adjoint", "--device", "cuda:x"],
+            vec!["device", "cuda:x"],
+        ),
+        (vec!["train", "seppo", "--dtype", "f64"], vec!["dtype", "f64"]),
+        (
+            vec!["pretrain", "--device", "tpu", "--set", "seed=1"],
+            vec!["device", "tpu"],
+        ),
+        (
+            vec!["pretrain", "--dtype", "f8", "--set", "seed=1"],
+            vec!["save_dtype", "f8"],
+        ),
+        (
             vec![
                 "generate",
                 "--model",

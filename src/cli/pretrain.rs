@@ -16,6 +16,12 @@ pub struct PretrainArgs {
     /// Override a config field, e.g. `--set unet_train.steps=100` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// Where to compute (the config's `device`): cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// dtype of the written model (the config's `save_dtype`): f32, f16 or bf16; training itself is f32.
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Write `run_dir` / `output_dir` into non-empty folders `pretrain` did not write (the config's
     /// `overwrite`).
     #[arg(long)]
@@ -26,10 +32,18 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     if a.config.is_none() && a.overrides.is_empty() {
         bail!("diffpref pretrain needs --config FILE.toml (see examples/pretrain-shapes.toml) or --set key=value overrides");
     }
-    let mut overrides = a.overrides.clone();
+    // --device / --dtype first: a later --set wins.
+    let mut overrides = Vec::new();
+    if let Some(d) = &a.device {
+        overrides.push(format!("device={d:?}"));
+    }
+    if let Some(d) = &a.dtype {
+        overrides.push(format!("save_dtype={d:?}"));
+    }
     if a.overwrite {
         overrides.push("overwrite=true".into());
     }
+    overrides.extend(a.overrides.iter().cloned());
     let cfg = PretrainConfig::load(a.config.as_deref(), &overrides)?;
     let stop = StopFlag::install()?;
     let s = pretrain(&cfg, Some(stop))?;

@@ -277,7 +277,8 @@ pub struct PretrainConfig {
     /// Write `run_dir` / `output_dir` into non-empty folders that `pretrain` did not write (see
     /// [`crate::output`]). Default false.
     pub overwrite: bool,
-    /// dtype of the exported safetensors: f32 | f16. Default f32.
+    /// dtype of the exported safetensors: f32 | f16 | bf16 (training is always f32: from scratch there is no
+    /// master copy to keep). `pretrain --dtype` sets it. Default f32.
     pub save_dtype: String,
     pub data: PretrainData,
     pub vae: VaeArch,
@@ -528,7 +529,11 @@ impl PretrainConfig {
             "architectures": ["CLIPTextModel"],
             "attention_dropout": 0.0,
             "bos_token_id": 0,
-            "dtype": if self.save_dtype == "f16" { "float16" } else { "float32" },
+            "dtype": match self.save_dtype.as_str() {
+                "f16" => "float16",
+                "bf16" => "bfloat16",
+                _ => "float32",
+            },
             "eos_token_id": 2,
             "hidden_act": "quick_gelu",
             "hidden_size": t.hidden_size,
@@ -592,7 +597,8 @@ fn save_dtype(s: &str) -> Result<DType> {
     match s {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
-        _ => bail!("save_dtype = {s:?}: expected \"f32\" or \"f16\""),
+        "bf16" => Ok(DType::BF16),
+        _ => bail!("save_dtype = {s:?}: expected \"f32\", \"f16\" or \"bf16\""),
     }
 }
 
