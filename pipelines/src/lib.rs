@@ -15,6 +15,7 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod schedulers;
+pub mod single_file;
 pub mod tokenizer;
 pub mod weights;
 

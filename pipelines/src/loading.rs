@@ -89,10 +89,14 @@ impl PromptEmbeds {
     }
 }
 
-/// Resolves `--model`: an existing local folder, or a hub id downloaded (with the `hub` feature) into the
-/// hf-hub cache.
+/// Resolves `--model`: an existing local folder, a single-file checkpoint (`*.safetensors` in the original LDM
+/// layout, converted once into a cached diffusers folder: [`crate::single_file::materialize`]), or a hub id
+/// downloaded (with the `hub` feature) into the hf-hub cache.
 pub fn resolve_model(spec: &str, variant: Option<&str>) -> Result<PathBuf> {
     let p = Path::new(spec);
+    if crate::single_file::is_single_file(p) {
+        return crate::single_file::materialize(p);
+    }
     if p.exists() {
         if !p.join("model_index.json").exists() {
             return Err(Error::MissingFile(p.join("model_index.json")));

@@ -44,6 +44,10 @@ pub struct MergeArgs {
     /// Replace `--out` even when it is a non-empty folder `lora merge` did not write.
     #[arg(long)]
     pub overwrite: bool,
+    /// Write `--out` as one `.safetensors` file in the original Stable Diffusion (LDM) key layout, the
+    /// single-file format of A1111/ComfyUI/kohya, instead of a diffusers folder.
+    #[arg(long)]
+    pub single_file: bool,
 }
 
 pub fn run(a: LoraArgs) -> Result<()> {
@@ -80,6 +84,31 @@ fn link_or_copy_tree(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `model` with `specs` merged into its UNet, written into the folder `dst` (other components linked or copied);
+/// the number of merged layers.
+fn write_merged(
+    model: &Path,
+    variant: Option<&str>,
+    specs: &[(PathBuf, f64)],
+    dst: &Path,
+) -> Result<usize> {
+    for entry in std::fs::read_dir(model).with_context(|| format!("cannot read {}", model.display()))? {
+        let entry = entry.with_context(|| format!("cannot read {}", model.display()))?;
+        if entry.file_name() == "unet" {
+            continue;
+        }
+        let from = entry.path();
+        let to = dst.join(entry.file_name());
+        if from.is_dir() {
+            link_or_copy_tree(&from, &to)?;
+        } else {
+            link_or_copy(&from, &to)?;
+        }
+    }
+    let summary = merge_into_unet_weights_variant(&model.join("unet"), variant, specs, &dst.join("unet"))?;
+    Ok(summary.merged_layers.len())
+}
+
 fn merge(a: MergeArgs) -> Result<()> {
     let specs = lora_specs(&a.loras, &a.lora_scales)?;
     let model = resolve_model(&a.model, a.variant.as_deref())
@@ -91,42 +120,53 @@ fn merge(a: MergeArgs) -> Result<()> {
             model.display()
         );
     }
-    let mut inputs = vec![Input::new("--model folder", &model)];
+    let spec = Path::new(&a.model);
+    let mut inputs = vec![
+        Input::new("--model folder", &model),
+        Input::new("--model", spec),
+    ];
     inputs.extend(a.loras.iter().map(|l| Input::new("--lora file", l)));
-    OutputDir {
-        path: &a.out,
-        key: "--out",
-        command: MERGE,
-        legacy: &[],
-    }
-    .check(&inputs, a.overwrite)?;
-    let mut merged = 0;
-    crate::io::write_dir_atomic(&a.out, |tmp| {
-        crate::output::mark(tmp, MERGE)?;
-        for entry in
-            std::fs::read_dir(&model).with_context(|| format!("cannot read {}", model.display()))?
-        {
-            let entry = entry.with_context(|| format!("cannot read {}", model.display()))?;
-            if entry.file_name() == "unet" {
-                continue;
-            }
-            let from = entry.path();
-            let to = tmp.join(entry.file_name());
-            if from.is_dir() {
-                link_or_copy_tree(&from, &to)?;
-            } else {
-                link_or_copy(&from, &to)?;
-            }
+    if a.single_file {
+        crate::output::check_output_file(&a.out, "--out", &inputs)?;
+        if a.out.exists() && !a.overwrite {
+            bail!(
+                "--out {} exists; pass --overwrite to replace it",
+                a.out.display()
+            );
         }
-        let summary = merge_into_unet_weights_variant(
-            &model.join("unet"),
-            a.variant.as_deref(),
-            &specs,
-            &tmp.join("unet"),
-        )?;
-        merged = summary.merged_layers.len();
-        Ok(())
-    })?;
+    } else {
+        OutputDir {
+            path: &a.out,
+            key: "--out",
+            command: MERGE,
+            legacy: &[],
+        }
+        .check(&inputs, a.overwrite)?;
+    }
+    let mut merged = 0;
+    if a.single_file {
+        // The merged folder in a scratch folder next to --out, then one file in the original layout.
+        let parent = match a.out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let scratch = tempfile::Builder::new()
+            .prefix(".diffpref-merge-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("creating a scratch folder in {}", parent.display()))?;
+        merged = write_merged(&model, a.variant.as_deref(), &specs, scratch.path())?;
+        let (family, tensors) =
+            diffpref_pipelines::single_file::folder_to_ldm(scratch.path(), a.variant.as_deref())
+                .with_context(|| format!("--model {}: writing the single-file layout", a.model))?;
+        crate::io::save_safetensors(&a.out, &tensors)?;
+        eprintln!("wrote a single-file {family:?} checkpoint ({} tensors)", tensors.len());
+    } else {
+        crate::io::write_dir_atomic(&a.out, |tmp| {
+            crate::output::mark(tmp, MERGE)?;
+            merged = write_merged(&model, a.variant.as_deref(), &specs, tmp)?;
+            Ok(())
+        })?;
+    }
     eprintln!(
         "merged {} LoRA file(s) into {merged} unet layers",
         specs.len()

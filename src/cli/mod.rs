@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod common;
+pub mod convert;
 pub mod data;
 pub mod eval;
 pub mod generate;
@@ -38,7 +39,9 @@ pub enum Command {
     /// Held-out evaluation with a reward: mean with 95% CI, and with --lora the win rate and paired change
     /// against the base model on the same noise, plus diversity; JSON report and grid PNG.
     Eval(eval::EvalArgs),
-    /// LoRA tools: `lora merge` bakes LoRA files into a copy of a model.
+    /// Single-file checkpoints (original SD layout, one .safetensors) to diffusers folders and back.
+    Convert(convert::ConvertArgs),
+    /// LoRA tools: `lora merge` bakes LoRA files into a copy of a model (`--single-file`: as one file).
     Lora(lora::LoraArgs),
     /// Preference fine-tuning: `train dpo [--config FILE.toml] [--set key=value ...]` (no arguments: the
     /// embedded shapes-world default).
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Score(a) => score::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Lora(a) => lora::run(a),
         Command::Train(a) => train::run(a),
         Command::Data(a) => data::run(a),
