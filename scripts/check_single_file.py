@@ -5,10 +5,14 @@ single-file (original LDM layout) version; this script loads it with diffusers' 
 and compares every UNet / VAE / text-encoder tensor, and the UNet, VAE-decoder and text-encoder outputs, with the
 diffusers folder. Usage (torch, diffusers, transformers installed):
 
-    python scripts/check_single_file.py DIR_WITH_SINGLE_FILES tests/fixtures
+    python scripts/check_single_file.py DIR_WITH_SINGLE_FILES tests/fixtures [GOLDEN.json]
 
-Prints one line per model and exits 1 on any difference.
+Prints one line per model and exits 1 on any difference. With GOLDEN.json (when every model passed) it writes
+the verified files' contents as {model: {key: [shape, dtype, sha256 of the little-endian bytes]}}: the golden
+`tests/single_file.rs` checks diffpref's converter against (tests/fixtures/golden/single_file.json).
 """
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -81,4 +85,13 @@ for name, cls in [("tiny-sd", StableDiffusionPipeline), ("tiny-sd2", StableDiffu
     ok = worst == 0.0 and out_diff < 1e-4
     failed |= not ok
     print(f"{name}: {n} tensors, max |diff| {worst:.3g}; text/unet/vae outputs max |diff| {out_diff:.3g}: {'ok' if ok else 'DIFFERENT'}")
+if len(sys.argv) > 3 and not failed:
+    from safetensors.numpy import load_file as load_np
+    golden = {}
+    for name in ["tiny-sd", "tiny-sd2", "tiny-sdxl"]:
+        arrays = load_np(str(sf_dir / f"{name}.safetensors"))
+        golden[name] = {k: [list(v.shape), str(v.dtype), hashlib.sha256(v.astype(v.dtype.newbyteorder("<")).tobytes()).hexdigest()]
+                        for k, v in sorted(arrays.items())}
+    Path(sys.argv[3]).write_text("{\n" + ",\n".join(f"{json.dumps(m)}: {json.dumps(golden[m], sort_keys=True, separators=(',', ':'))}" for m in sorted(golden)) + "\n}\n")
+    print(f"wrote {sys.argv[3]}")
 sys.exit(1 if failed else 0)
