@@ -73,7 +73,7 @@ pub struct PromptsArgs {
 /// Arguments of `diffpref data make-prefs`.
 #[derive(Args, Debug)]
 pub struct MakePrefsArgs {
-    /// Model folder (diffusers layout) or hub id.
+    /// Model: a diffusers folder, a single-file checkpoint (`.safetensors`, original SD layout) or a hub id.
     #[arg(long)]
     pub model: String,
     /// Text file with one shapes caption per line (blank lines and lines starting with # are skipped).

@@ -62,7 +62,7 @@ impl RewardArgs {
 /// Arguments of `diffpref eval`.
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Model folder (diffusers layout) or hub id.
+    /// Model: a diffusers folder, a single-file checkpoint (`.safetensors`, original SD layout) or a hub id.
     #[arg(long)]
     pub model: String,
     /// LoRA file(s) to evaluate against the base model (repeat to stack).

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// Arguments of `diffpref generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model folder (diffusers layout) or hub id.
+    /// Model: a diffusers folder, a single-file checkpoint (`.safetensors`, original SD layout) or a hub id.
     #[arg(long)]
     pub model: String,
     /// Prompt (repeat for a batch; one PNG per prompt).

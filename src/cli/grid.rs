@@ -16,7 +16,7 @@ use std::path::PathBuf;
 /// Arguments of `diffpref grid`.
 #[derive(Args, Debug)]
 pub struct GridArgs {
-    /// Model folder or hub id (repeat to compare models).
+    /// Model: a diffusers folder, a single-file `.safetensors` or a hub id (repeat to compare models).
     #[arg(long = "model", required = true)]
     pub models: Vec<String>,
     /// Prompt (one row each).

@@ -26,7 +26,7 @@ pub enum LoraCommand {
 /// Arguments of `diffpref lora merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
-    /// Model folder (diffusers layout) or hub id.
+    /// Model: a diffusers folder, a single-file checkpoint (`.safetensors`, original SD layout) or a hub id.
     #[arg(long)]
     pub model: String,
     /// LoRA file (PEFT/diffusers or kohya safetensors); repeat to merge several.

@@ -318,7 +318,8 @@ pub const MAX_BATCH: usize = 4096;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
-    /// Model folder (diffusers layout) or hub id. Required.
+    /// Model: a diffusers folder, a single-file checkpoint (`.safetensors`, original SD layout; see
+    /// `diffpref_pipelines::single_file`) or a hub id. Required.
     pub model: String,
     /// Weight variant to prefer (e.g. fp16). Default: none.
     pub variant: Option<String>,
