@@ -167,3 +167,360 @@ fn missing_parts_are_named() {
         .to_string();
     assert!(err.contains("tokenizer"), "{err}");
 }
+
+// ---- bf16 / f16 loads: values, not just shapes ----------------------------------------------------------
+
+/// f32 -> `dt` (BF16 or F16) with round-to-nearest-even, written out by hand (independent of candle's / half's
+/// conversion), returned widened back to f32 (exact). Finite inputs only (the fixture weights are).
+fn round_to(x: f32, dt: DType) -> f32 {
+    let b = x.to_bits();
+    match dt {
+        DType::BF16 => {
+            let lsb = (b >> 16) & 1;
+            f32::from_bits(b.wrapping_add(0x7fff + lsb) & 0xffff_0000)
+        }
+        DType::F16 => {
+            let neg = b >> 31 == 1;
+            let exp = ((b >> 23) & 0xff) as i32;
+            let man = b & 0x7f_ffff;
+            let e = exp - 127 + 15; // f16 biased exponent
+            let h: u32 = if e >= 0x1f {
+                0x7c00 // overflow: inf
+            } else if e <= 0 {
+                // subnormal (or zero): units of 2^-24
+                if e < -10 {
+                    0
+                } else {
+                    let m = man | 0x80_0000;
+                    let shift = (14 - e) as u32;
+                    let (q, rem, half) = (m >> shift, m & ((1 << shift) - 1), 1u32 << (shift - 1));
+                    q + u32::from(rem > half || (rem == half && q & 1 == 1))
+                }
+            } else {
+                let q = ((e as u32) << 10) | (man >> 13);
+                let rem = man & 0x1fff;
+                q + u32::from(rem > 0x1000 || (rem == 0x1000 && q & 1 == 1))
+            };
+            // decode the f16 bits
+            let (he, hm) = ((h >> 10) & 0x1f, (h & 0x3ff) as f32);
+            let v = match he {
+                0 => hm * 2f32.powi(-24),
+                0x1f => f32::INFINITY,
+                _ => (1.0 + hm / 1024.0) * 2f32.powi(he as i32 - 15),
+            };
+            if neg {
+                -v
+            } else {
+                v
+            }
+        }
+        _ => x,
+    }
+}
+
+#[test]
+fn hand_rounding_matches_known_values() {
+    // bf16: 1 + 2^-8 is a tie -> even (1); 1 + 3·2^-8 -> 1 + 2^-6 ... checked on exact binary values.
+    assert_eq!(round_to(1.0 + 2f32.powi(-8), DType::BF16), 1.0);
+    assert_eq!(
+        round_to(1.0 + 3.0 * 2f32.powi(-8), DType::BF16),
+        1.0 + 2f32.powi(-6)
+    );
+    assert_eq!(
+        round_to(1.0 + 2f32.powi(-8) + 2f32.powi(-20), DType::BF16),
+        1.0 + 2f32.powi(-7)
+    );
+    // f16: 11-bit significand, ties to even, subnormals in units of 2^-24, overflow past 65520.
+    assert_eq!(round_to(1.0 + 2f32.powi(-11), DType::F16), 1.0);
+    assert_eq!(
+        round_to(1.0 + 3.0 * 2f32.powi(-11), DType::F16),
+        1.0 + 2f32.powi(-9)
+    );
+    assert_eq!(round_to(-0.1, DType::F16), -0.099975586);
+    assert_eq!(round_to(3.0 * 2f32.powi(-25), DType::F16), 2f32.powi(-23));
+    assert_eq!(round_to(2f32.powi(-25), DType::F16), 0.0);
+    assert_eq!(round_to(1.5 * 2f32.powi(-25), DType::F16), 2f32.powi(-24));
+    assert_eq!(round_to(65519.0, DType::F16), 65504.0);
+    assert_eq!(round_to(65520.0, DType::F16), f32::INFINITY);
+}
+
+/// Loads one component's f32 file into `dt` through [`Params::from_files`] + the model constructor (what
+/// `X::load` does), with `trainable()` so that every parameter handed out is listed, and checks that each is
+/// the file's f32 value rounded to `dt` (bit-exact) and that every tensor of the file was used.
+fn check_weights_rounded(
+    dir: &Path,
+    base: &str,
+    dt: DType,
+    build: &dyn Fn(&diffpref_pipelines::Params) -> diffpref_pipelines::Result<()>,
+) -> usize {
+    let file = dir.join(format!("{base}.safetensors"));
+    let reference = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let p = diffpref_pipelines::Params::from_files(std::slice::from_ref(&file), dt, &Device::Cpu)
+        .unwrap()
+        .trainable();
+    build(&p).unwrap();
+    let vars = p.vars();
+    let mut seen = std::collections::HashSet::new();
+    let (mut n, mut changed) = (0usize, 0usize);
+    for (name, var) in &vars {
+        let t = var.as_tensor();
+        assert_eq!(t.dtype(), dt, "{}: {name}", dir.display());
+        let r = &reference[name.as_str()];
+        assert_eq!(r.dtype(), DType::F32, "{name}: the fixture weights are f32");
+        let got: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let orig: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got.len(), orig.len(), "{name}");
+        for (i, (g, o)) in got.iter().zip(&orig).enumerate() {
+            let want = round_to(*o, dt);
+            assert!(
+                g.to_bits() == want.to_bits(),
+                "{} {dt:?} {name}[{i}]: loaded {g:e}, f32 {o:e} rounded {want:e}",
+                dir.display()
+            );
+            changed += usize::from(g != o);
+        }
+        n += got.len();
+        seen.insert(name.clone());
+    }
+    let unused: Vec<&String> = reference.keys().filter(|k| !seen.contains(*k)).collect();
+    assert!(
+        unused.is_empty(),
+        "{}: file tensors never loaded: {unused:?}",
+        dir.display()
+    );
+    // The comparison is not vacuous: rounding to 8 / 11 significant bits moves almost every value.
+    assert!(
+        changed * 10 > n * 9,
+        "{} {dt:?}: only {changed} of {n} values differ from f32",
+        dir.display()
+    );
+    n
+}
+
+#[test]
+fn half_precision_weights_are_the_f32_weights_rounded() {
+    use diffpref_pipelines::models::clip_text::{ClipTextConfig, ClipTextModel};
+    use diffpref_pipelines::models::unet::UNet2DConditionConfig;
+    use diffpref_pipelines::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+    let sd = fixtures().join("tiny-sd");
+    for dt in [DType::BF16, DType::F16] {
+        let te = sd.join("text_encoder");
+        let n_te = check_weights_rounded(&te, "model", dt, &|p| {
+            ClipTextModel::new(p, ClipTextConfig::from_file(te.join("config.json"))?).map(|_| ())
+        });
+        let un = sd.join("unet");
+        let n_unet = check_weights_rounded(&un, "diffusion_pytorch_model", dt, &|p| {
+            UNet2DConditionModel::new(p, UNet2DConditionConfig::load(&un.join("config.json"))?)
+                .map(|_| ())
+        });
+        let va = sd.join("vae");
+        let n_vae = check_weights_rounded(&va, "diffusion_pytorch_model", dt, &|p| {
+            AutoencoderKL::new(p, AutoencoderKLConfig::from_file(&va.join("config.json"))?)
+                .map(|_| ())
+        });
+        println!("{dt:?}: text encoder {n_te}, unet {n_unet}, vae {n_vae} values rounded exactly");
+
+        // And the model `StableDiffusion::load` returns holds those values (its UNet's Linear / Conv2d layers).
+        let m = StableDiffusion::load(
+            &sd,
+            &LoadOptions {
+                dtype: dt,
+                device: Device::Cpu,
+                variant: None,
+            },
+        )
+        .unwrap();
+        let reference = candle_core::safetensors::load(
+            un.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut checked = 0usize;
+        for layer in m.unet.layers() {
+            let (path, w, b) = match layer {
+                diffpref_pipelines::nn::Layer::Linear(l) => (&l.path, &l.weight, &l.bias),
+                diffpref_pipelines::nn::Layer::Conv2d(c) => (&c.path, &c.weight, &c.bias),
+            };
+            let mut pairs = vec![(format!("{path}.weight"), w)];
+            if let Some(b) = b {
+                pairs.push((format!("{path}.bias"), b));
+            }
+            for (name, t) in pairs {
+                assert_eq!(t.dtype(), dt, "{name}");
+                let got: Vec<f32> = t
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let orig: Vec<f32> = reference[&name].flatten_all().unwrap().to_vec1().unwrap();
+                let bad = got
+                    .iter()
+                    .zip(&orig)
+                    .filter(|(g, o)| g.to_bits() != round_to(**o, dt).to_bits())
+                    .count();
+                assert_eq!(
+                    bad, 0,
+                    "{dt:?} {name}: {bad} values are not the rounded f32 weights"
+                );
+                checked += got.len();
+            }
+        }
+        assert!(
+            checked * 10 > n_unet * 9,
+            "{checked} of {n_unet} UNet values reached through layers()"
+        );
+    }
+}
+
+/// `‖a − b‖₂ / ‖b‖₂` and `max|a − b| / max|b|` (b the f32 reference).
+fn rel_errors(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let d = (&a - &b).unwrap();
+    let s = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt()
+    };
+    let m = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (s(&d) / s(&b), m(&d) / m(&b))
+}
+
+/// Text encoder, UNet and VAE outputs of the model loaded in `dtype`, on fixed inputs (the golden inputs of
+/// `unet.safetensors` / `vae.safetensors`), as f32; a component that cannot run in `dtype` gives its error.
+fn component_outputs(dtype: DType) -> Vec<(&'static str, Result<Tensor, String>)> {
+    use diffpref_pipelines::golden::Golden;
+    let m = StableDiffusion::load(
+        &fixtures().join("tiny-sd"),
+        &LoadOptions {
+            dtype,
+            device: Device::Cpu,
+            variant: None,
+        },
+    )
+    .unwrap();
+    let f32_out = |t: diffpref_pipelines::Result<Tensor>| {
+        t.and_then(|t| Ok(t.to_dtype(DType::F32)?))
+            .map_err(|e| e.to_string())
+    };
+    let gu = Golden::load(fixtures().join("golden/unet.safetensors")).unwrap();
+    let gv = Golden::load(fixtures().join("golden/vae.safetensors")).unwrap();
+    let inp = |g: &Golden, n: &str| g.get(n).unwrap().to_dtype(dtype).unwrap();
+    let text = m.encode_prompts_pooled(&[
+        "a photograph of an astronaut riding a horse",
+        "a red cube",
+        "",
+    ]);
+    let (hidden, pooled) = match text {
+        Ok((e, p)) => (Ok(e.hidden_states), Ok(p)),
+        Err(e) => (Err(e.to_string()), Err(e.to_string())),
+    };
+    let unet = m.unet.forward(
+        &inp(&gu, "sample"),
+        gu.get("timesteps").unwrap(),
+        &inp(&gu, "encoder_hidden_states"),
+        None,
+    );
+    let (mean, logvar) = match m.vae.encode(&inp(&gv, "image")) {
+        Ok(p) => (Ok(p.mean), Ok(p.logvar)),
+        Err(e) => (Err(e.to_string()), Err(e.to_string())),
+    };
+    let decode = m.vae.decode(&inp(&gv, "decode_in"));
+    vec![
+        (
+            "text last_hidden_state",
+            hidden.and_then(|t| f32_out(Ok(t))),
+        ),
+        ("text pooled", pooled.and_then(|t| f32_out(Ok(t)))),
+        ("unet out", f32_out(unet)),
+        ("vae posterior mean", mean.and_then(|t| f32_out(Ok(t)))),
+        ("vae posterior logvar", logvar.and_then(|t| f32_out(Ok(t)))),
+        ("vae decode", f32_out(decode)),
+    ]
+}
+
+/// bf16 / f16 models compute what the f32 model computes, to the precision of the dtype: the relative L2
+/// error of every output must stay within `L2_UNITS` unit roundoffs u (bf16 2^-8 ≈ 3.9e-3, f16 2^-11 ≈ 4.9e-4)
+/// and the max error within `MAX_UNITS` u of max|output| (weights and activations are each rounded once per
+/// layer, the norms and softmax run in f32); and the f16 error must be well below the bf16 one (3 more bits),
+/// which a load that went through bf16, or ran f16 at bf16 precision, would not give.
+/// candle 0.11's CPU backend has no bf16 conv2d, so the bf16 UNet / VAE run only on a device that has one
+/// (they are skipped, with that error asserted, on the CPU).
+#[test]
+fn half_precision_outputs_match_f32() {
+    const L2_UNITS: f64 = 6.0;
+    const MAX_UNITS: f64 = 8.0;
+    let reference: Vec<(&str, Tensor)> = component_outputs(DType::F32)
+        .into_iter()
+        .map(|(n, t)| (n, t.unwrap()))
+        .collect();
+    let mut errs = std::collections::HashMap::new();
+    for dt in [DType::BF16, DType::F16] {
+        let u = if dt == DType::BF16 {
+            2f64.powi(-8)
+        } else {
+            2f64.powi(-11)
+        };
+        for ((name, r), (_, h)) in reference.iter().zip(component_outputs(dt)) {
+            let h = match h {
+                Ok(h) => h,
+                Err(e)
+                    if dt == DType::BF16 && e.contains("unsupported dtype BF16 for op matmul") =>
+                {
+                    assert!(!name.starts_with("text"), "{name}: {e}");
+                    println!("{dt:?} {name:24}: skipped on the CPU ({e})");
+                    continue;
+                }
+                Err(e) => panic!("{dt:?} {name}: {e}"),
+            };
+            assert_eq!(h.dims(), r.dims(), "{dt:?} {name}");
+            let (l2, mx) = rel_errors(&h, r);
+            println!(
+                "{dt:?} {name:24}: rel L2 {l2:.2e} = {:.2} u, max {mx:.2e} = {:.2} u",
+                l2 / u,
+                mx / u
+            );
+            assert!(
+                l2 > 0.0,
+                "{dt:?} {name}: identical to f32 (not computed in {dt:?}?)"
+            );
+            assert!(
+                l2 <= L2_UNITS * u,
+                "{dt:?} {name}: relative L2 error {l2:.2e} > {L2_UNITS} u"
+            );
+            assert!(
+                mx <= MAX_UNITS * u,
+                "{dt:?} {name}: max error {mx:.2e} > {MAX_UNITS} u x max|f32|"
+            );
+            errs.insert((dt == DType::F16, *name), l2);
+        }
+    }
+    for (name, _) in &reference {
+        if let (Some(b), Some(f)) = (errs.get(&(false, *name)), errs.get(&(true, *name))) {
+            assert!(
+                f * 3.0 < *b,
+                "{name}: f16 error {f:.2e} not well below bf16 {b:.2e}"
+            );
+        }
+    }
+    assert!(errs.len() >= 8, "too few outputs compared: {errs:?}");
+}

@@ -85,6 +85,127 @@ fn golden_scheduler_dpmpp_2m() {
     check_golden("scheduler_dpmpp_2m");
 }
 
+/// A v-prediction / sample-prediction golden (`tests/fixtures/parity/make_prediction_type_goldens.py`): its
+/// metadata config really has `pred`, every other field is the epsilon golden's, and the chain matches.
+fn check_prediction_golden(name: &str, pred: PredictionType) {
+    let g = Golden::load(golden_path(name)).unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let cfg = SchedulerConfig::from_json_str(&g.metadata["scheduler_config"], name).unwrap();
+    assert_eq!(cfg.prediction_type, pred, "{name}: prediction_type");
+    check_golden(name);
+}
+
+#[test]
+fn golden_scheduler_ddim_eta0_vpred() {
+    check_prediction_golden("scheduler_ddim_eta0_vpred", PredictionType::VPrediction);
+}
+
+#[test]
+fn golden_scheduler_ddim_eta0_sample() {
+    check_prediction_golden("scheduler_ddim_eta0_sample", PredictionType::Sample);
+}
+
+#[test]
+fn golden_scheduler_ddim_eta1_vpred() {
+    check_prediction_golden("scheduler_ddim_eta1_vpred", PredictionType::VPrediction);
+}
+
+#[test]
+fn golden_scheduler_ddim_eta1_sample() {
+    check_prediction_golden("scheduler_ddim_eta1_sample", PredictionType::Sample);
+}
+
+#[test]
+fn golden_scheduler_ddpm_vpred() {
+    check_prediction_golden("scheduler_ddpm_vpred", PredictionType::VPrediction);
+}
+
+#[test]
+fn golden_scheduler_ddpm_sample() {
+    check_prediction_golden("scheduler_ddpm_sample", PredictionType::Sample);
+}
+
+#[test]
+fn golden_scheduler_euler_vpred() {
+    check_prediction_golden("scheduler_euler_vpred", PredictionType::VPrediction);
+}
+
+#[test]
+fn golden_scheduler_euler_sample() {
+    check_prediction_golden("scheduler_euler_sample", PredictionType::Sample);
+}
+
+#[test]
+fn golden_scheduler_euler_ancestral_vpred() {
+    check_prediction_golden(
+        "scheduler_euler_ancestral_vpred",
+        PredictionType::VPrediction,
+    );
+}
+
+/// diffusers 0.42.1's Euler-ancestral has no `sample` path: this golden is its epsilon path fed the
+/// equivalent noise prediction (x0 = model_output, as diffusers' Euler; see the file's `reference_note`).
+#[test]
+fn golden_scheduler_euler_ancestral_sample() {
+    check_prediction_golden("scheduler_euler_ancestral_sample", PredictionType::Sample);
+}
+
+#[test]
+fn golden_scheduler_dpmpp_2m_vpred() {
+    check_prediction_golden("scheduler_dpmpp_2m_vpred", PredictionType::VPrediction);
+}
+
+#[test]
+fn golden_scheduler_dpmpp_2m_sample() {
+    check_prediction_golden("scheduler_dpmpp_2m_sample", PredictionType::Sample);
+}
+
+/// The prediction-type goldens discriminate: run with any other prediction type in the config, some
+/// output (samples, predicted x0) of every one of them is out of tolerance.
+#[test]
+fn prediction_type_goldens_fail_under_another_prediction_type() {
+    let preds = [
+        ("epsilon", PredictionType::Epsilon),
+        ("v_prediction", PredictionType::VPrediction),
+        ("sample", PredictionType::Sample),
+    ];
+    for sched in [
+        "ddim_eta0",
+        "ddim_eta1",
+        "ddpm",
+        "euler",
+        "euler_ancestral",
+        "dpmpp_2m",
+    ] {
+        for suffix in ["vpred", "sample"] {
+            let name = format!("scheduler_{sched}_{suffix}");
+            let golden = Golden::load(golden_path(&name)).unwrap();
+            let text = golden.metadata["scheduler_config"].clone();
+            let own = SchedulerConfig::from_json_str(&text, &name)
+                .unwrap()
+                .prediction_type;
+            let own_key = preds.iter().find(|(_, p)| *p == own).unwrap().0;
+            let own_field = format!("\"prediction_type\": \"{own_key}\"");
+            assert!(text.contains(&own_field), "{name}: {text}");
+            for (other, p) in preds {
+                if p == own {
+                    continue;
+                }
+                // (string edit: the DPM config holds Python's `-Infinity`, which serde_json rejects)
+                let mut g = Golden::load(golden_path(&name)).unwrap();
+                let cfg = text.replace(&own_field, &format!("\"prediction_type\": \"{other}\""));
+                g.metadata.insert("scheduler_config".into(), cfg);
+                let comps = run(&g, &CheckContext::cpu(None)).unwrap().unwrap();
+                let worst = comps.iter().map(|c| c.ratio).fold(0.0, f64::max);
+                assert!(
+                    comps.iter().any(|c| !c.passed),
+                    "{name} run as {other}: every comparison passed (worst ratio {worst})"
+                );
+                println!("{name} as {other}: worst ratio {worst:.3e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn golden_scheduler_timesteps() {
     check_golden("scheduler_timesteps");

@@ -356,3 +356,38 @@ fn old_attention_names_load() {
         0.0
     );
 }
+
+/// The posterior KL against diffusers' `DiagonalGaussianDistribution.kl()` (`golden/vae_kl.safetensors`, made
+/// by `tests/fixtures/parity/make_vae_kl_golden.py`): on the tiny-sd posterior of non-square images, and on
+/// hand-made moments whose logvar goes below -30 and above 20 (diffusers clamps before the KL). The file is
+/// also a complete `vae` golden on its 24x16 inputs, run here through the same check as `verify`.
+#[test]
+fn posterior_kl_matches_diffusers() {
+    use diffpref_pipelines::models::vae::DiagonalGaussian;
+    let g = Golden::load(fixtures().join("golden/vae_kl.safetensors")).unwrap();
+    let ctx = CheckContext::cpu(Some(fixtures().join("tiny-sd")));
+    let mut results = check::check_vae(&g, &ctx).unwrap();
+    let vae = AutoencoderKL::load(vae_dir(), None, DType::F32, &Device::Cpu).unwrap();
+    let post = vae.encode(g.get("image").unwrap()).unwrap();
+    assert_eq!(post.mean.dims(), &[2, 4, 12, 8]);
+    let kl = post.kl().unwrap();
+    assert_eq!(kl.dims(), &[2]);
+    results.push(g.compare("kl", &kl, 1.0).unwrap());
+    for (moments, name) in [
+        ("moments", "moments_kl"),
+        ("moments_high", "moments_high_kl"),
+    ] {
+        let m = g.get(moments).unwrap();
+        let kl = DiagonalGaussian::from_moments(m).unwrap().kl().unwrap();
+        results.push(g.compare(name, &kl, 1.0).unwrap());
+    }
+    for c in &results {
+        println!("{c}");
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.to_string())
+        .collect();
+    assert!(failed.is_empty(), "failed:\n{}", failed.join("\n"));
+}
