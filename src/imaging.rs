@@ -1,18 +1,21 @@
 //! Image output utilities: tensor <-> image conversion, atomic PNG writing,
 //! preview strips and labelled comparison grids.
 //!
-//! Text is rendered with the embedded DejaVu Sans font (see
-//! `assets/fonts/LICENSE-DejaVu.txt`) through `ab_glyph`, so the binary does not
-//! depend on any font installed on the host.
+//! Text is rendered through plotters with the embedded DejaVu Sans font (see
+//! `assets/fonts/LICENSE-DejaVu.txt`, registered with plotters as its `sans-serif` family),
+//! so the binary does not depend on any font installed on the host.
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
-use ab_glyph::{point, Font, FontRef, GlyphId, PxScale, ScaleFont};
+use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::codecs::png::PngEncoder;
 use image::{ImageReader, Rgb, RgbImage};
+use plotters::prelude::{
+    BitMapBackend, FontDesc, FontFamily, FontStyle, IntoDrawingArea, RGBColor,
+};
 
 /// Bytes of the embedded label font (DejaVu Sans, Bitstream Vera licence).
 pub static FONT_BYTES: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
@@ -23,7 +26,7 @@ const BLACK: Rgb<u8> = Rgb([0, 0, 0]);
 /// Upper bound for an automatically sized row-label column, in pixels (before padding).
 const MAX_AUTO_ROW_LABEL_WIDTH: u32 = 200;
 
-/// The parsed embedded font (parsed once, shared).
+/// The parsed embedded font (parsed once, shared), for its vertical metrics.
 fn font() -> &'static FontRef<'static> {
     static FONT: OnceLock<FontRef<'static>> = OnceLock::new();
     FONT.get_or_init(|| {
@@ -174,38 +177,56 @@ pub fn save_png(img: &RgbImage, path: impl AsRef<Path>) -> Result<()> {
 // Text
 // ---------------------------------------------------------------------------
 
+/// Family name under which [`FONT_BYTES`] is registered with plotters (also plotters' default family, so every
+/// text a chart draws uses the embedded font).
+pub(crate) const FONT_FAMILY: &str = "sans-serif";
+
+/// Registers the embedded font with plotters (once; later calls do nothing).
+pub(crate) fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let ok = plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT_BYTES).is_ok();
+        assert!(ok, "embedded DejaVuSans.ttf is a valid font");
+    });
+}
+
+/// The embedded font at `px` pixels (the height from descender to ascender) as a plotters font.
+pub(crate) fn font_desc(px: f32) -> FontDesc<'static> {
+    register_font();
+    FontDesc::new(
+        FontFamily::Name(FONT_FAMILY),
+        f64::from(px),
+        FontStyle::Normal,
+    )
+}
+
 /// Height in pixels of one line of text at `px` (ascent - descent + line gap), rounded up.
+///
+/// Plotters has no vertical font metrics (its text-size estimate is a fixed `px / 1.24`, shorter than the
+/// glyphs: lines spaced by it would overlap), so the line height and the ascent come from the font's own
+/// tables.
 pub fn line_height(px: f32) -> u32 {
     let f = font().as_scaled(PxScale::from(px));
     (f.height() + f.line_gap()).ceil().max(0.0) as u32
 }
 
-/// Width in pixels (rounded up) of `text` rendered at `px`; for multi-line text the
-/// widest line.
-pub fn text_width(text: &str, px: f32) -> u32 {
-    text.split('\n')
-        .map(|l| line_width(l, px))
-        .fold(0f32, f32::max)
-        .ceil() as u32
+/// Distance in pixels from the top of a line to its baseline at `px`.
+fn ascent(px: f32) -> f32 {
+    font().as_scaled(PxScale::from(px)).ascent()
 }
 
-fn line_width(line: &str, px: f32) -> f32 {
-    let f = font().as_scaled(PxScale::from(px));
-    let mut w = 0.0;
-    let mut prev: Option<GlyphId> = None;
-    for c in line.chars() {
-        let id = f.glyph_id(c);
-        if let Some(p) = prev {
-            w += f.kern(p, id);
-        }
-        w += f.h_advance(id);
-        prev = Some(id);
-    }
-    w
+/// Width in pixels of `text` rendered at `px` (plotters' estimate: the glyph advances with kerning); for
+/// multi-line text the widest line.
+pub fn text_width(text: &str, px: f32) -> u32 {
+    let font = font_desc(px);
+    text.split('\n')
+        .map(|l| font.box_size(l).map_or(0, |(w, _)| w))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Clip rectangle `[x0, x1) × [y0, y1)` in image coordinates.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Clip {
     x0: i64,
     y0: i64,
@@ -240,6 +261,10 @@ pub fn draw_text(img: &mut RgbImage, x: i32, y: i32, text: &str, px: f32, color:
     draw_text_clipped(img, x, y, text, px, color, clip);
 }
 
+/// [`draw_text`] that leaves every pixel outside `clip` untouched.
+///
+/// Plotters clips text only at the edges of its backend (a shrunk `DrawingArea` still lets text spill out), so
+/// a clip smaller than the image gets a backend of its own over a copy of the clip's pixels, copied back after.
 fn draw_text_clipped(
     img: &mut RgbImage,
     x: i32,
@@ -249,41 +274,51 @@ fn draw_text_clipped(
     color: Rgb<u8>,
     clip: Clip,
 ) {
-    let clip = clip.intersect(Clip::image(img));
-    if clip.x0 >= clip.x1 || clip.y0 >= clip.y1 {
+    let whole = Clip::image(img);
+    let clip = clip.intersect(whole);
+    if clip.x0 >= clip.x1 || clip.y0 >= clip.y1 || px.is_nan() || px <= 0.0 {
         return;
     }
-    let f = font().as_scaled(PxScale::from(px));
-    let lh = line_height(px) as f32;
-    for (li, line) in text.split('\n').enumerate() {
-        let baseline = y as f32 + li as f32 * lh + f.ascent();
-        let mut pen = x as f32;
-        let mut prev: Option<GlyphId> = None;
-        for c in line.chars() {
-            let id = f.glyph_id(c);
-            if let Some(p) = prev {
-                pen += f.kern(p, id);
-            }
-            let glyph = id.with_scale_and_position(f.scale(), point(pen, baseline));
-            if let Some(outlined) = font().outline_glyph(glyph) {
-                let b = outlined.px_bounds();
-                let (bx, by) = (b.min.x as i64, b.min.y as i64);
-                outlined.draw(|gx, gy, cov| {
-                    let (ix, iy) = (bx + i64::from(gx), by + i64::from(gy));
-                    if ix < clip.x0 || ix >= clip.x1 || iy < clip.y0 || iy >= clip.y1 {
-                        return;
-                    }
-                    let a = cov.clamp(0.0, 1.0);
-                    let p = img.get_pixel_mut(ix as u32, iy as u32);
-                    for ch in 0..3 {
-                        let v = f32::from(p.0[ch]) * (1.0 - a) + f32::from(color.0[ch]) * a;
-                        p.0[ch] = v.round().clamp(0.0, 255.0) as u8;
-                    }
-                });
-            }
-            pen += f.h_advance(id);
-            prev = Some(id);
+    if clip == whole {
+        let size = img.dimensions();
+        draw_lines(img, size, i64::from(x), i64::from(y), text, px, color);
+        return;
+    }
+    // The clip lies inside the image, so its corners and sizes fit in u32.
+    let (cx, cy) = (clip.x0 as u32, clip.y0 as u32);
+    let (cw, ch) = ((clip.x1 - clip.x0) as u32, (clip.y1 - clip.y0) as u32);
+    let mut region = image::imageops::crop_imm(img, cx, cy, cw, ch).to_image();
+    let (rx, ry) = (i64::from(x) - clip.x0, i64::from(y) - clip.y0);
+    draw_lines(&mut region, (cw, ch), rx, ry, text, px, color);
+    image::imageops::replace(img, &region, clip.x0, clip.y0);
+}
+
+/// Draws the lines of `text` through plotters onto the RGB pixels `buf` of a `size` image, the first line's
+/// top-left corner at `(x, y)`.
+fn draw_lines(
+    buf: &mut [u8],
+    size: (u32, u32),
+    x: i64,
+    y: i64,
+    text: &str,
+    px: f32,
+    color: Rgb<u8>,
+) {
+    let [r, g, b] = color.0;
+    let style = font_desc(px).color(&RGBColor(r, g, b));
+    let area = BitMapBackend::with_buffer(buf, size).into_drawing_area();
+    // Plotters puts the baseline `px / 2` below the point it is given; the baseline belongs `ascent` below the top.
+    let dy = (f64::from(ascent(px)) - f64::from(px) / 2.0).round() as i64;
+    let lh = i64::from(line_height(px));
+    let clamp = |v: i64| v.clamp(i64::from(i32::MIN / 2), i64::from(i32::MAX / 2)) as i32;
+    for (i, line) in text.split('\n').enumerate() {
+        let top = y + dy + i as i64 * lh;
+        if line.is_empty() || top - lh > i64::from(size.1) {
+            continue;
         }
+        // Errors would be a missing font (registered above) or a backend in use (it is ours alone).
+        let drawn = area.draw_text(line, &style, (clamp(x), clamp(top)));
+        debug_assert!(drawn.is_ok(), "drawing text: {drawn:?}");
     }
 }
 
@@ -706,5 +741,231 @@ impl Grid {
     /// Renders the grid (see [`grid`] for layout and errors).
     pub fn render(&self) -> Result<RgbImage> {
         grid(&self.rows, &self.row_labels, &self.col_labels, &self.opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PX: f32 = 16.0;
+
+    fn white(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_pixel(w, h, WHITE)
+    }
+
+    /// Set `DIFFPREF_IMAGING_DUMP=<dir>` to write the rendered test images (4× enlarged) for inspection.
+    fn dump(name: &str, img: &RgbImage) {
+        if let Some(dir) = std::env::var_os("DIFFPREF_IMAGING_DUMP") {
+            let big = upscale(img, 4);
+            save_png(&big, Path::new(&dir).join(name)).unwrap();
+        }
+    }
+
+    /// Bounding box `(x0, y0, x1, y1)` (exclusive ends) of the pixels that differ from white.
+    fn ink_box(img: &RgbImage) -> Option<(u32, u32, u32, u32)> {
+        let mut b: Option<(u32, u32, u32, u32)> = None;
+        for (x, y, p) in img.enumerate_pixels() {
+            if *p != WHITE {
+                b = Some(match b {
+                    None => (x, y, x + 1, y + 1),
+                    Some((x0, y0, x1, y1)) => (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1)),
+                });
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn text_lands_in_its_box() {
+        let mut img = white(240, 60);
+        let (x, y) = (30, 12);
+        let text = "Hello, Wordly";
+        draw_text(&mut img, x, y, text, PX, BLACK);
+        dump("text.png", &img);
+        let (x0, y0, x1, y1) = ink_box(&img).expect("text drawn");
+        let (tw, lh) = (text_width(text, PX), line_height(PX));
+        // Inside the box [x, x + width] × [y, y + line height], give or take a pixel of anti-aliasing.
+        assert!(x0 + 1 >= x as u32 && x0 <= x as u32 + 3, "left edge {x0}");
+        assert!(x1 <= x as u32 + tw + 2, "right edge {x1} > {x} + {tw}");
+        assert!(y0 + 1 >= y as u32 && y0 <= y as u32 + 4, "top edge {y0}");
+        assert!(y1 <= y as u32 + lh + 1, "bottom edge {y1}");
+        // The ink is about as wide as the measured text, and the descender of 'y' and ',' reach below the
+        // cap height: most of the line's height is used.
+        assert!(
+            (x1 - x0).abs_diff(tw) <= 3,
+            "ink {} vs text_width {tw}",
+            x1 - x0
+        );
+        assert!(y1 - y0 >= lh * 3 / 4, "ink height {}", y1 - y0);
+        // Dark strokes and anti-aliased edges.
+        assert!(img.pixels().any(|p| p.0.iter().all(|&v| v < 60)));
+        assert!(img.pixels().any(|p| p.0[0] > 60 && p.0[0] < 200));
+        // Coloured text keeps its colour where the coverage is full.
+        let mut red = white(120, 30);
+        draw_text(&mut red, 2, 2, "Hi", PX, Rgb([200, 0, 0]));
+        assert!(red.pixels().any(|p| p.0[0] >= 195 && p.0[1] < 10));
+        assert!(red.pixels().all(|p| p.0[0] >= 195 && p.0[1] == p.0[2]));
+    }
+
+    #[test]
+    fn lines_stack_at_the_line_height() {
+        let lh = line_height(PX);
+        let mut one = white(120, 80);
+        draw_text(&mut one, 4, 4, "Agy", PX, BLACK);
+        let mut two = white(120, 80);
+        draw_text(&mut two, 4, 4, "Agy\nAgy", PX, BLACK);
+        let a = ink_box(&one).unwrap();
+        let b = ink_box(&two).unwrap();
+        assert_eq!((b.0, b.1, b.2), (a.0, a.1, a.2));
+        assert_eq!(b.3, a.3 + lh, "second line {lh} px below the first");
+        // The second line is the first one shifted down.
+        for yy in a.1..a.3 {
+            for xx in a.0..a.2 {
+                assert_eq!(one.get_pixel(xx, yy), two.get_pixel(xx, yy + lh));
+            }
+        }
+        // Lines that far apart do not touch: the ink of one line is shorter than the line height.
+        assert!(a.3 - a.1 < lh);
+    }
+
+    #[test]
+    fn line_height_covers_what_plotters_underestimates() {
+        // Plotters' size estimate gives px / 1.24 as the height, less than the ink of one line: the reason the
+        // line height comes from the font's metrics.
+        let (_, est) = font_desc(PX).box_size("ÉÅgjy|").unwrap();
+        let mut img = white(200, 60);
+        draw_text(&mut img, 4, 10, "ÉÅgjy|", PX, BLACK);
+        let (_, y0, _, y1) = ink_box(&img).unwrap();
+        assert!(
+            y1 - y0 > est,
+            "ink {} px, plotters' estimate {est}",
+            y1 - y0
+        );
+        assert!(y1 - y0 <= line_height(PX) + 1, "ink {} px", y1 - y0);
+        assert!(y0 >= 9, "accent above the line's top: {y0}");
+    }
+
+    #[test]
+    fn text_width_grows_with_the_text() {
+        assert_eq!(text_width("", PX), 0);
+        let words = ["i", "ii", "iiW", "iiWW", "iiWW iiWW", "iiWW iiWW ."];
+        let ws: Vec<u32> = words.iter().map(|w| text_width(w, PX)).collect();
+        assert!(ws.windows(2).all(|w| w[1] > w[0]), "{ws:?}");
+        assert!(text_width("W", PX) > 2 * text_width("i", PX));
+        assert_eq!(text_width("ab\nabcdef\nabc", PX), text_width("abcdef", PX));
+        // Twice the size, about twice the width.
+        let (a, b) = (
+            text_width("some label", 12.0),
+            text_width("some label", 24.0),
+        );
+        assert!(b.abs_diff(2 * a) <= 3, "{a} {b}");
+        // Within a few pixels of the drawn ink for ordinary labels.
+        for t in ["base", "dpo, beta=5000", "A photo of a cat", "t=999"] {
+            let mut img = white(300, 40);
+            draw_text(&mut img, 10, 5, t, PX, BLACK);
+            let (x0, _, x1, _) = ink_box(&img).unwrap();
+            assert!(
+                (x1 - x0).abs_diff(text_width(t, PX)) <= 3,
+                "{t}: ink {} vs {}",
+                x1 - x0,
+                text_width(t, PX)
+            );
+        }
+    }
+
+    #[test]
+    fn clipped_text_stays_in_its_clip() {
+        let base = RgbImage::from_fn(100, 40, |x, y| {
+            Rgb([255, 255 - (x % 7) as u8, 255 - (y % 5) as u8])
+        });
+        let clip = Clip {
+            x0: 20,
+            y0: 5,
+            x1: 50,
+            y1: 30,
+        };
+        let mut img = base.clone();
+        draw_text_clipped(&mut img, 10, 8, "WWWWWWWWWWWW", PX, BLACK, clip);
+        dump("clipped.png", &img);
+        let mut inside = 0;
+        for (x, y, p) in img.enumerate_pixels() {
+            let within = (20..50).contains(&x) && (5..30).contains(&y);
+            if !within {
+                assert_eq!(
+                    p,
+                    base.get_pixel(x, y),
+                    "pixel ({x},{y}) outside the clip changed"
+                );
+            } else if p.0.iter().all(|&v| v < 60) {
+                inside += 1;
+            }
+        }
+        assert!(inside > 30, "{inside} dark pixels inside the clip");
+        // Text that misses the clip, or the image, draws nothing; a clip outside the image neither.
+        for (x, y, clip) in [
+            (60, 8, clip),
+            (10, 32, clip),
+            (500, 8, Clip::image(&base)),
+            (-400, 8, Clip::image(&base)),
+            (10, -30, Clip::image(&base)),
+            (
+                10,
+                8,
+                Clip {
+                    x0: 200,
+                    y0: 0,
+                    x1: 300,
+                    y1: 40,
+                },
+            ),
+        ] {
+            let mut img = base.clone();
+            draw_text_clipped(&mut img, x, y, "WWW", PX, BLACK, clip);
+            assert!(img == base, "drawn at ({x},{y})");
+        }
+        // Partly outside the image: what is inside is drawn.
+        let mut img = base.clone();
+        draw_text(&mut img, -10, -5, "clipped text that overflows", PX, BLACK);
+        assert!(img != base);
+    }
+
+    #[test]
+    fn grid_labels_stay_above_their_columns() {
+        let cell = white(24, 24);
+        let cells = vec![vec![cell.clone(), cell.clone(), cell]];
+        let long = "WWWWWWWWWWWWWWWWWWWW".to_string();
+        let opts = GridOptions {
+            cell_gap: 6,
+            background: Rgb([250, 250, 250]),
+            ..Default::default()
+        };
+        let img = grid(
+            &cells,
+            &["row".into()],
+            &[long.clone(), "x".into(), long],
+            &opts,
+        )
+        .unwrap();
+        dump("grid_labels.png", &img);
+        let top = img.height() - 24 - 6;
+        let left = img.width() - 3 * 24 - 2 * 6;
+        // The gaps between the columns stay background in the label band: no label runs into its neighbour.
+        for gap_x in [left + 24, left + 2 * 24 + 6] {
+            for x in gap_x..gap_x + 6 {
+                for y in 0..top {
+                    assert_eq!(img.get_pixel(x, y).0, [250, 250, 250], "({x},{y})");
+                }
+            }
+        }
+        // Each label has ink above its own column.
+        for c in 0..3 {
+            let x0 = left + c * 30;
+            let ink = (x0..x0 + 24)
+                .flat_map(|x| (0..top).map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0[0] < 128)
+                .count();
+            assert!(ink > 3, "column {c}: {ink}");
+        }
     }
 }

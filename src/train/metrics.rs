@@ -10,10 +10,17 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use image::{Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
+use plotters::chart::SeriesAnno;
+use plotters::coord::types::RangedCoordf64;
+use plotters::data::float::pretty_print_float;
+use plotters::prelude::{
+    BitMapBackend, ChartBuilder, Circle, Color, DrawingAreaErrorKind, DrawingBackend,
+    IntoDrawingArea, LineSeries, PathElement, RGBColor, Ranged, SeriesLabelPosition, BLACK, WHITE,
+};
 use serde_json::Value;
 
 use super::tensorboard::EventWriter;
-use crate::imaging::{draw_text, line_height, save_png, text_width};
+use crate::imaging::{font_desc, line_height, save_png, text_width};
 use crate::io::write_atomic;
 
 /// Conventional file name of the metrics log in a run directory.
@@ -298,6 +305,13 @@ pub fn count_bar(n: usize, msg: &str) -> ProgressBar {
 const PLOT_W: u32 = 800;
 const PLOT_H: u32 = 480;
 const FONT_PX: f32 = 13.0;
+const TITLE_PX: f32 = 16.0;
+/// At most this many labelled ticks per axis (plotters picks "nice" values: 1, 2 or 5 × 10^k apart).
+const X_TICKS: usize = 10;
+const Y_TICKS: usize = 8;
+/// Inner margin of the legend box and the length of its colour swatches, in pixels.
+const LEGEND_MARGIN: u32 = 6;
+const LEGEND_SWATCH: u32 = 24;
 const PALETTE: [[u8; 3]; 8] = [
     [31, 119, 180],
     [255, 127, 14],
@@ -308,36 +322,20 @@ const PALETTE: [[u8; 3]; 8] = [
     [227, 119, 194],
     [127, 127, 127],
 ];
+/// Where the legend may go inside the plot, in order of preference among equally free places.
+const LEGEND_PLACES: [SeriesLabelPosition; 6] = [
+    SeriesLabelPosition::UpperRight,
+    SeriesLabelPosition::UpperLeft,
+    SeriesLabelPosition::LowerRight,
+    SeriesLabelPosition::LowerLeft,
+    SeriesLabelPosition::UpperMiddle,
+    SeriesLabelPosition::LowerMiddle,
+];
 
-/// "Nice" tick positions (1, 2, 2.5 or 5 × 10^k apart, about 6 of them) covering `[lo, hi]`.
-fn ticks(lo: f64, hi: f64) -> (Vec<f64>, f64) {
-    let raw = (hi - lo) / 6.0;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() as i64;
-    let last = (hi / step).floor() as i64;
-    ((first..=last).map(|k| k as f64 * step).collect(), step)
-}
-
-fn tick_label(v: f64, step: f64) -> String {
-    if v == 0.0 {
-        return "0".into();
-    }
-    let a = v.abs();
-    if !(1e-3..1e5).contains(&a) {
-        format!("{v:.1e}")
-    } else {
-        // Enough decimals for the tick spacing (2.5 × 10^k needs one more than 10^k).
-        let mut decimals = (-step.log10().floor()).max(0.0) as usize;
-        if (step / 10f64.powf(step.log10().floor()) - 2.5).abs() < 1e-9 && step < 10.0 {
-            decimals += 1;
-        }
-        format!("{v:.decimals$}")
-    }
+/// A tick label: the shortest decimal within plotters' float precision, in scientific notation where that is
+/// shorter (`2e-5`), never with a trailing `.0`.
+fn tick_label(v: f64) -> String {
+    pretty_print_float(v, true)
 }
 
 /// Range of finite values, padded when degenerate.
@@ -356,44 +354,6 @@ fn range(vals: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     }
     let pad = (hi - lo) * 0.05;
     Some((lo - pad, hi + pad))
-}
-
-fn blend(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
-    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
-        img.put_pixel(x as u32, y as u32, c);
-    }
-}
-
-/// A 2-pixel-wide line from `(x0, y0)` to `(x1, y1)` (Bresenham).
-fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u8>) {
-    let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-    let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-    let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-    loop {
-        blend(img, x, y, c);
-        blend(img, x + 1, y, c);
-        blend(img, x, y + 1, c);
-        if x == x1 && y == y1 {
-            break;
-        }
-        let e2 = 2 * err;
-        if e2 >= dy {
-            err += dy;
-            x += sx;
-        }
-        if e2 <= dx {
-            err += dx;
-            y += sy;
-        }
-    }
-}
-
-fn fill(img: &mut RgbImage, x0: i64, y0: i64, w: i64, h: i64, c: Rgb<u8>) {
-    for y in y0..y0 + h {
-        for x in x0..x0 + w {
-            blend(img, x, y, c);
-        }
-    }
 }
 
 /// Optional texts around a plot (empty strings are left out).
@@ -419,116 +379,214 @@ pub fn plot_curves_labeled(
     save_png(&render_curves(labels, series), path)
 }
 
-/// The image behind [`plot_curves_labeled`].
+/// The image behind [`plot_curves_labeled`]: an 800×480 plotters chart. All series share one pair of axes
+/// (ranges over every finite point, padded by 5%); the title is a caption above the plot, the axis titles sit
+/// outside the tick labels, and the legend (one entry per series, in palette order) goes in the corner of the
+/// plot that the curves cross least. A run of finite points is a line, a lone finite point a dot.
 pub fn render_curves(labels: &PlotLabels, series: &[(&str, Vec<(f64, f64)>)]) -> RgbImage {
     let mut img = RgbImage::from_pixel(PLOT_W, PLOT_H, Rgb([255, 255, 255]));
+    if let Err(e) = draw_curves(&mut img, labels, series) {
+        // Only a missing font (the embedded one is registered) or a shared backend (ours is not) can fail.
+        eprintln!("warning: drawing the curves plot: {e}");
+    }
+    img
+}
+
+/// Where [`draw_curves`] put things, in image pixels (read by the tests).
+#[derive(Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
+struct PlotFrame {
+    /// The plotting area (inside the axes): `[x0, x1) × [y0, y1)`.
+    plot: ((i32, i32), (i32, i32)),
+    /// Each series' points mapped to pixels (`None` where the point is not finite).
+    points: Vec<Vec<Option<(i32, i32)>>>,
+    /// The legend's place.
+    legend: SeriesLabelPosition,
+}
+
+type PlotError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+
+fn draw_curves(
+    img: &mut RgbImage,
+    labels: &PlotLabels,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> std::result::Result<PlotFrame, PlotError> {
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
     let pts = || series.iter().flat_map(|(_, v)| v.iter().filter(finite));
-    let xr = range(pts().map(|p| p.0));
-    let yr = range(pts().map(|p| p.1));
-    let ((x_lo, x_hi), (y_lo, y_hi)) = match (xr, yr) {
+    let ((x_lo, x_hi), (y_lo, y_hi)) = match (range(pts().map(|p| p.0)), range(pts().map(|p| p.1)))
+    {
         (Some(x), Some(y)) => (x, y),
         _ => ((0.0, 1.0), (0.0, 1.0)),
     };
-    let (yt, ys) = ticks(y_lo, y_hi);
-    let (xt, xs) = ticks(x_lo, x_hi);
-    let y_labels: Vec<String> = yt.iter().map(|v| tick_label(*v, ys)).collect();
-    let lh = line_height(FONT_PX) as i64;
-    let text = Rgb([40, 40, 40]);
+    let text = RGBColor(40, 40, 40);
+    let label_style = font_desc(FONT_PX).color(&text);
+    let lh = line_height(FONT_PX);
 
-    // Layout: a header row (title, then the legend) above the plot area, tick labels left of and below it,
-    // and optional axis titles outside those.
-    let y_title_w = if labels.y.is_empty() { 0 } else { lh + 4 };
-    let tick_w = y_labels
+    // Plotters does not size the label areas: make room for the widest tick label of the ticks it will draw,
+    // plus the axis title.
+    let y_ticks = RangedCoordf64::from(y_lo..y_hi).key_points(Y_TICKS);
+    let y_tick_w = y_ticks
         .iter()
-        .map(|l| text_width(l, FONT_PX))
+        .map(|v| text_width(&tick_label(*v), FONT_PX))
         .max()
-        .unwrap_or(0) as i64;
-    let left = y_title_w + tick_w + 14;
-    let right = 20i64;
-    let top = lh + 16;
-    let bottom = lh + 12 + if labels.x.is_empty() { 0 } else { lh + 4 };
-    let (pw, ph) = (PLOT_W as i64 - left - right, PLOT_H as i64 - top - bottom);
-    let px = |x: f64| left + ((x - x_lo) / (x_hi - x_lo) * pw as f64).round() as i64;
-    let py = |y: f64| top + ph - ((y - y_lo) / (y_hi - y_lo) * ph as f64).round() as i64;
+        .unwrap_or(0);
+    let title_band = |t: &str| if t.is_empty() { 0 } else { lh + 6 };
+    let y_area = y_tick_w + 12 + title_band(&labels.y);
+    let x_area = lh + 10 + title_band(&labels.x);
 
-    // Grid and tick labels.
-    let grid = Rgb([225, 225, 225]);
-    for (v, label) in yt.iter().zip(&y_labels) {
-        let y = py(*v);
-        line(&mut img, (left, y), (left + pw, y), grid);
-        let w = text_width(label, FONT_PX) as i64;
-        let (tx, ty) = (left - 6 - w, y - lh / 2);
-        draw_text(&mut img, tx as i32, ty as i32, label, FONT_PX, text);
+    let size = img.dimensions();
+    let root = BitMapBackend::with_buffer(img, size).into_drawing_area();
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .margin(14)
+        .x_label_area_size(x_area)
+        .y_label_area_size(y_area);
+    if !labels.title.is_empty() {
+        builder.caption(&labels.title, font_desc(TITLE_PX).color(&BLACK));
     }
-    for v in &xt {
-        let x = px(*v);
-        line(&mut img, (x, top), (x, top + ph), grid);
-        let label = tick_label(*v, xs);
-        let w = text_width(&label, FONT_PX) as i64;
-        let (tx, ty) = (x - w / 2, top + ph + 6);
-        draw_text(&mut img, tx as i32, ty as i32, &label, FONT_PX, text);
-    }
-    let axis = Rgb([0, 0, 0]);
-    line(&mut img, (left, top + ph), (left + pw, top + ph), axis);
-    line(&mut img, (left, top), (left, top + ph), axis);
+    let mut chart = builder.build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?;
 
-    // Axis titles: x centred below the tick labels; y drawn upright, one character per line, at the far left.
+    let fmt = |v: &f64| tick_label(*v);
+    let mut mesh = chart.configure_mesh();
+    mesh.x_labels(X_TICKS)
+        .y_labels(Y_TICKS)
+        .x_label_formatter(&fmt)
+        .y_label_formatter(&fmt)
+        .label_style(label_style.clone())
+        .axis_desc_style(label_style.clone())
+        .bold_line_style(RGBColor(225, 225, 225))
+        .light_line_style(RGBColor(245, 245, 245))
+        .axis_style(BLACK);
     if !labels.x.is_empty() {
-        let w = text_width(&labels.x, FONT_PX) as i64;
-        let (tx, ty) = (left + (pw - w) / 2, PLOT_H as i64 - lh - 6);
-        draw_text(&mut img, tx as i32, ty as i32, &labels.x, FONT_PX, text);
+        mesh.x_desc(labels.x.as_str());
     }
     if !labels.y.is_empty() {
-        let chars: Vec<String> = labels.y.chars().map(String::from).collect();
-        let step = lh * 3 / 4;
-        let y0 = top + (ph - step * chars.len() as i64) / 2;
-        for (i, ch) in chars.iter().enumerate() {
-            let w = text_width(ch, FONT_PX) as i64;
-            let (tx, ty) = (4 + (lh - w) / 2, y0 + step * i as i64);
-            draw_text(&mut img, tx as i32, ty as i32, ch, FONT_PX, text);
+        mesh.y_desc(labels.y.as_str());
+    }
+    mesh.draw()?;
+
+    let points: Vec<Vec<Option<(i32, i32)>>> = series
+        .iter()
+        .map(|(_, v)| {
+            v.iter()
+                .map(|p| (p.0.is_finite() && p.1.is_finite()).then(|| chart.backend_coord(p)))
+                .collect()
+        })
+        .collect();
+
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let [r, g, b] = PALETTE[i % PALETTE.len()];
+        let color = RGBColor(r, g, b);
+        let mut labelled = false;
+        for run in pts
+            .split(|p| !(p.0.is_finite() && p.1.is_finite()))
+            .filter(|run| !run.is_empty())
+        {
+            let anno = if let [p] = run {
+                chart.draw_series(std::iter::once(Circle::new(*p, 2, color.filled())))?
+            } else {
+                chart.draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2)))?
+            };
+            if !labelled {
+                legend_entry(anno, name, color);
+                labelled = true;
+            }
+        }
+        if !labelled {
+            // A series without a finite point still gets its legend entry.
+            let anno =
+                chart.draw_series(LineSeries::new(std::iter::empty(), color.stroke_width(2)))?;
+            legend_entry(anno, name, color);
         }
     }
 
-    // Curves.
-    for (i, (_, pts)) in series.iter().enumerate() {
-        let c = Rgb(PALETTE[i % PALETTE.len()]);
-        let mut prev: Option<(i64, i64)> = None;
-        for p in pts {
-            if !(p.0.is_finite() && p.1.is_finite()) {
-                prev = None;
-                continue;
+    let (xs, ys) = chart.plotting_area().get_pixel_range();
+    let legend = legend_place(series, &points, (xs.clone(), ys.clone()), lh);
+    chart
+        .configure_series_labels()
+        .position(legend.clone())
+        .margin(LEGEND_MARGIN)
+        .legend_area_size(LEGEND_SWATCH)
+        .label_font(label_style)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(190, 190, 190))
+        .draw()?;
+    root.present()?;
+    Ok(PlotFrame {
+        plot: ((xs.start, xs.end), (ys.start, ys.end)),
+        points,
+        legend,
+    })
+}
+
+fn legend_entry<DB: DrawingBackend>(anno: &mut SeriesAnno<'_, DB>, name: &str, color: RGBColor) {
+    let swatch = LEGEND_SWATCH as i32 - 6;
+    anno.label(name).legend(move |(x, y)| {
+        PathElement::new(vec![(x, y), (x + swatch, y)], color.stroke_width(3))
+    });
+}
+
+/// The place in [`LEGEND_PLACES`] whose legend box the curves (sampled every few pixels along their lines)
+/// cross least; the first such place on a tie.
+fn legend_place(
+    series: &[(&str, Vec<(f64, f64)>)],
+    points: &[Vec<Option<(i32, i32)>>],
+    (xs, ys): (std::ops::Range<i32>, std::ops::Range<i32>),
+    lh: u32,
+) -> SeriesLabelPosition {
+    // The legend box as plotters lays it out (text at plotters' line spacing, which is less than `lh`).
+    let widest = series
+        .iter()
+        .map(|(n, _)| text_width(n, FONT_PX))
+        .max()
+        .unwrap_or(0);
+    let w = (widest + LEGEND_SWATCH + 2 * LEGEND_MARGIN) as i32;
+    let h = (series.len() as u32 * lh + 2 * LEGEND_MARGIN) as i32;
+    let (aw, ah) = (xs.end - xs.start, ys.end - ys.start);
+    let boxes = LEGEND_PLACES.iter().map(|p| {
+        let x = match p {
+            SeriesLabelPosition::UpperLeft | SeriesLabelPosition::LowerLeft => 5,
+            SeriesLabelPosition::UpperRight | SeriesLabelPosition::LowerRight => aw - w - 5,
+            _ => (aw - w) / 2,
+        };
+        let y = match p {
+            SeriesLabelPosition::UpperLeft
+            | SeriesLabelPosition::UpperRight
+            | SeriesLabelPosition::UpperMiddle => 5,
+            _ => ah - h - 5,
+        };
+        // With a few pixels of room around it, in image coordinates.
+        (
+            xs.start + x - 4,
+            ys.start + y - 4,
+            xs.start + x + w + 4,
+            ys.start + y + h + 4,
+        )
+    });
+    let mut samples = Vec::new();
+    for pts in points {
+        for run in pts.split(Option::is_none) {
+            let run: Vec<(i32, i32)> = run.iter().flatten().copied().collect();
+            samples.extend(run.first().copied());
+            for pair in run.windows(2) {
+                let ((x0, y0), (x1, y1)) = (pair[0], pair[1]);
+                let n = ((x1 - x0).abs().max((y1 - y0).abs()) / 3).max(1);
+                samples.extend((1..=n).map(|k| (x0 + (x1 - x0) * k / n, y0 + (y1 - y0) * k / n)));
             }
-            let q = (px(p.0), py(p.1));
-            match prev {
-                Some(a) => line(&mut img, a, q, c),
-                None => fill(&mut img, q.0 - 1, q.1 - 1, 3, 3, c),
-            }
-            prev = Some(q);
         }
     }
-
-    // Header: title on the left, legend entries (colour swatch + name) after it.
-    let mut x = left;
-    let y = 6i64;
-    if !labels.title.is_empty() {
-        draw_text(
-            &mut img,
-            x as i32,
-            y as i32,
-            &labels.title,
-            FONT_PX,
-            Rgb([0, 0, 0]),
-        );
-        x += text_width(&labels.title, FONT_PX) as i64 + 24;
-    }
-    for (i, (name, _)) in series.iter().enumerate() {
-        let c = Rgb(PALETTE[i % PALETTE.len()]);
-        fill(&mut img, x, y + lh / 2 - 2, 16, 4, c);
-        draw_text(&mut img, (x + 20) as i32, y as i32, name, FONT_PX, text);
-        x += 20 + text_width(name, FONT_PX) as i64 + 18;
-    }
-    img
+    let crossings = |(x0, y0, x1, y1): (i32, i32, i32, i32)| {
+        samples
+            .iter()
+            .filter(|&&(x, y)| (x0..x1).contains(&x) && (y0..y1).contains(&y))
+            .count()
+    };
+    let best = boxes
+        .map(crossings)
+        .enumerate()
+        .min_by_key(|&(i, n)| (n, i))
+        .map_or(0, |(i, _)| i);
+    LEGEND_PLACES[best].clone()
 }
 
 #[cfg(test)]
@@ -590,15 +648,208 @@ mod tests {
     }
 
     #[test]
-    fn ticks_are_nice() {
-        let (t, s) = ticks(0.0, 100.0);
-        assert_eq!(s, 20.0);
-        assert_eq!(t, vec![0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
-        assert_eq!(tick_label(0.25, 0.05), "0.25");
-        assert_eq!(tick_label(0.75, 0.25), "0.75");
-        assert_eq!(ticks(0.0, 1.5).1, 0.25);
-        assert_eq!(tick_label(2e-5, 1e-5), "2.0e-5");
-        assert_eq!(tick_label(400.0, 100.0), "400");
+    fn tick_labels_are_short() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(20.0), "20");
+        assert_eq!(tick_label(0.25), "0.25");
+        assert_eq!(tick_label(0.1 + 0.2), "0.3");
+        assert_eq!(tick_label(-1.5), "-1.5");
+        assert_eq!(tick_label(2e-5), "2e-5");
+        assert_eq!(tick_label(400.0), "400");
+        // The ticks plotters picks for an axis are round values, about Y_TICKS of them.
+        let ticks: Vec<String> = RangedCoordf64::from(-5.0..105.0)
+            .key_points(Y_TICKS)
+            .iter()
+            .map(|v| tick_label(*v))
+            .collect();
+        assert_eq!(ticks, ["0", "20", "40", "60", "80", "100"]);
+    }
+
+    /// Set `DIFFPREF_PLOT_DIR=<dir>` to write the rendered test plots for inspection.
+    fn dump(name: &str, img: &RgbImage) {
+        if let Some(dir) = std::env::var_os("DIFFPREF_PLOT_DIR") {
+            save_png(img, Path::new(&dir).join(name)).unwrap();
+        }
+    }
+
+    fn render(labels: &PlotLabels, series: &[(&str, Vec<(f64, f64)>)]) -> (RgbImage, PlotFrame) {
+        let mut img = RgbImage::from_pixel(PLOT_W, PLOT_H, Rgb([255, 255, 255]));
+        let frame = draw_curves(&mut img, labels, series).unwrap();
+        (img, frame)
+    }
+
+    /// Whether a pixel of colour `c` lies within `r` pixels of `(x, y)`.
+    fn near(img: &RgbImage, (x, y): (i32, i32), c: [u8; 3], r: i32) -> bool {
+        (-r..=r).any(|dx| {
+            (-r..=r).any(|dy| {
+                let (px, py) = (x + dx, y + dy);
+                px >= 0
+                    && py >= 0
+                    && (px as u32) < img.width()
+                    && (py as u32) < img.height()
+                    && img.get_pixel(px as u32, py as u32).0 == c
+            })
+        })
+    }
+
+    /// Mean row of the pixels of colour `c` in column `x` between rows `ys`, if any.
+    fn mean_row(img: &RgbImage, x: i32, ys: (i32, i32), c: [u8; 3]) -> Option<f64> {
+        let rows: Vec<i32> = (ys.0..ys.1)
+            .filter(|&y| img.get_pixel(x as u32, y as u32).0 == c)
+            .collect();
+        (!rows.is_empty()).then(|| rows.iter().sum::<i32>() as f64 / rows.len() as f64)
+    }
+
+    #[test]
+    fn curves_follow_the_data() {
+        let rising: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, i as f64 * 0.02)).collect();
+        // Below the rising line everywhere (so neither hides the other), peaking at x = 25.
+        let tent: Vec<(f64, f64)> = (0..50)
+            .map(|i| (i as f64, -0.05 - 0.01 * (i as f64 - 25.0).abs()))
+            .collect();
+        let (img, frame) = render(
+            &PlotLabels::default(),
+            &[("rising", rising), ("tent", tent)],
+        );
+        dump("follow.png", &img);
+        let ((x0, x1), (y0, y1)) = frame.plot;
+        assert!(x1 - x0 > 600 && y1 - y0 > 350, "{:?}", frame.plot);
+        // Every data point lies on its line, inside the plot, later steps further right.
+        for (s, color) in [(0, PALETTE[0]), (1, PALETTE[1])] {
+            let pts: Vec<(i32, i32)> = frame.points[s].iter().map(|p| p.unwrap()).collect();
+            for &(x, y) in &pts {
+                assert!((x0..x1).contains(&x) && (y0..y1).contains(&y), "({x},{y})");
+                assert!(
+                    near(&img, (x, y), color, 2),
+                    "series {s}: no line at ({x},{y})"
+                );
+            }
+            assert!(pts.windows(2).all(|w| w[1].0 > w[0].0));
+        }
+        // The upper right holds the end of the rising line, the upper left is free: the legend goes there.
+        assert_eq!(frame.legend, SeriesLabelPosition::UpperLeft);
+        // Read from the pixels alone, right of the legend: the rising line climbs column after column, the
+        // tent's right half falls.
+        let (first, last) = (
+            frame.points[0][0].unwrap().0,
+            frame.points[0][49].unwrap().0,
+        );
+        let cols: Vec<i32> = ((first + last) / 2..last - 3).step_by(25).collect();
+        assert!(cols.len() >= 10, "{cols:?}");
+        let rows = |c: [u8; 3]| -> Vec<f64> {
+            cols.iter()
+                .map(|&x| {
+                    mean_row(&img, x, (y0, y1), c)
+                        .unwrap_or_else(|| panic!("no line in column {x}"))
+                })
+                .collect()
+        };
+        let up = rows(PALETTE[0]);
+        assert!(up.windows(2).all(|w| w[1] < w[0] - 5.0), "{up:?}");
+        let down = rows(PALETTE[1]);
+        assert!(down.windows(2).all(|w| w[1] > w[0] + 1.0), "{down:?}");
+        // The tent's peak (x = 25) is its highest pixel on the right half, the rising line's end the highest of all.
+        let peak = frame.points[1][25].unwrap();
+        assert!(down[0] > f64::from(peak.1));
+        assert!(f64::from(frame.points[0][49].unwrap().1) < f64::from(peak.1) - 100.0);
+    }
+
+    #[test]
+    fn gaps_and_lone_points() {
+        let mut broken: Vec<(f64, f64)> = (0..50)
+            .map(|i| (i as f64, 0.5 + i as f64 / 100.0))
+            .collect();
+        broken[20].1 = f64::NAN;
+        let lone = vec![
+            (0.0, 0.0),
+            (10.0, f64::NAN),
+            (20.0, 1.0),
+            (f64::INFINITY, 3.0),
+            (40.0, 0.2),
+        ];
+        let (img, frame) = render(
+            &PlotLabels::default(),
+            &[("broken", broken), ("lone", lone)],
+        );
+        dump("gaps.png", &img);
+        let ((_, _), (y0, y1)) = frame.plot;
+        // No line across the NaN: the columns between its neighbours hold none of the line's colour.
+        let (a, b) = (frame.points[0][19].unwrap(), frame.points[0][21].unwrap());
+        assert!(frame.points[0][20].is_none());
+        assert!(b.0 - a.0 > 12, "{a:?} {b:?}");
+        for x in a.0 + 4..b.0 - 3 {
+            assert_eq!(mean_row(&img, x, (y0, y1), PALETTE[0]), None, "column {x}");
+        }
+        assert!(near(&img, a, PALETTE[0], 2) && near(&img, b, PALETTE[0], 2));
+        // Lone finite points are dots, not joined.
+        let dots: Vec<(i32, i32)> = frame.points[1].iter().flatten().copied().collect();
+        assert_eq!(dots.len(), 3);
+        for d in &dots {
+            assert!(near(&img, *d, PALETTE[1], 1), "no dot at {d:?}");
+        }
+        let mid = ((dots[0].0 + dots[1].0) / 2, (dots[0].1 + dots[1].1) / 2);
+        assert!(!near(&img, mid, PALETTE[1], 4), "dots joined at {mid:?}");
+    }
+
+    #[test]
+    fn title_and_axis_titles_are_drawn_outside_the_plot() {
+        let data = [("loss", vec![(0.0, 1.0), (10.0, 0.5)])];
+        let (plain, pf) = render(&PlotLabels::default(), &data);
+        let labels = PlotLabels {
+            title: "DPO run".into(),
+            x: "optimizer step".into(),
+            y: "loss value".into(),
+        };
+        let (img, f) = render(&labels, &data);
+        dump("titled.png", &img);
+        let dark = |img: &RgbImage, xs: std::ops::Range<i32>, ys: std::ops::Range<i32>| {
+            xs.flat_map(|x| ys.clone().map(move |y| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x as u32, y as u32).0.iter().all(|&v| v < 100))
+                .count()
+        };
+        let (w, h) = (PLOT_W as i32, PLOT_H as i32);
+        // Title above the plot (which moves down to make room).
+        assert!(
+            f.plot.1 .0 > pf.plot.1 .0 + 10,
+            "{:?} vs {:?}",
+            f.plot,
+            pf.plot
+        );
+        assert_eq!(dark(&plain, 0..w, 0..pf.plot.1 .0 - 10), 0);
+        assert!(dark(&img, 0..w, 0..f.plot.1 .0 - 10) > 40);
+        // x title at the bottom, under the tick labels; y title at the far left, beside them.
+        let bottom = |img: &RgbImage, fr: &PlotFrame| dark(img, 0..w, fr.plot.1 .1 + 20..h);
+        assert_eq!(bottom(&plain, &pf), 0);
+        assert!(bottom(&img, &f) > 40);
+        // Left of the axis, groups of columns with ink, separated by blank columns: the tick labels, and with a
+        // y title a group before them, upright (rotated text: much taller than wide).
+        let groups = |img: &RgbImage, fr: &PlotFrame| {
+            let mut out: Vec<(i32, i32, i32, i32)> = Vec::new(); // x0, x1, y_min, y_max
+            let mut open = false;
+            for x in 0..fr.plot.0 .0 - 1 {
+                let ys: Vec<i32> = (0..h)
+                    .filter(|&y| img.get_pixel(x as u32, y as u32).0.iter().all(|&v| v < 100))
+                    .collect();
+                match (ys.first(), ys.last(), open) {
+                    (Some(&lo), Some(&hi), false) => out.push((x, x + 1, lo, hi)),
+                    (Some(&lo), Some(&hi), true) => {
+                        let g = out.last_mut().unwrap();
+                        *g = (g.0, x + 1, g.2.min(lo), g.3.max(hi));
+                    }
+                    _ => {}
+                }
+                open = !ys.is_empty();
+            }
+            out
+        };
+        let (gp, gl) = (groups(&plain, &pf), groups(&img, &f));
+        assert_eq!(gl.len(), gp.len() + 1, "{gp:?} vs {gl:?}");
+        let (x0, x1, y0, y1) = gl[0];
+        assert!(
+            y1 - y0 > 3 * (x1 - x0) && y1 - y0 > 40,
+            "y title {:?}",
+            gl[0]
+        );
     }
 
     #[test]
