@@ -268,8 +268,9 @@ pub fn pair_loss(
     let (mw, ml, w) = (f(&e.model_w)?, f(&e.model_l)?, f(&e.weight)?);
     let p = mw.dim(0)?;
     let k = cfg.z_scale();
+    // Reference-free losses (SimPO, MaPO, SFT) ignore reference errors even when given.
     let refs = match (&e.ref_w, &e.ref_l) {
-        (Some(a), Some(b)) => Some((f(a)?.detach(), f(b)?.detach())),
+        (Some(a), Some(b)) if cfg.kind.needs_reference() => Some((f(a)?.detach(), f(b)?.detach())),
         _ => None,
     };
     let need_ref = || -> Result<&(Tensor, Tensor)> {
