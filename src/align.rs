@@ -93,6 +93,8 @@ pub struct AlignConfigs {
     pub seppo: SeppoConfig,
     /// The `adjoint` row's run.
     pub adjoint: AdjointConfig,
+    /// The robustness report (fresh prompt lists × sampling seeds); `lists = 0` skips it.
+    pub robustness: Robustness,
 }
 
 /// One row of the table.
@@ -115,6 +117,51 @@ pub struct AlignRow {
     pub weights: Option<PathBuf>,
 }
 
+/// How each trained row is checked beyond the held-out list its settings may have been tuned on: on `lists`
+/// freshly drawn shapes caption lists of `prompts` captions each (list `i` drawn as `diffpref data prompts
+/// --seed 1000+i`, excluding every caption of the held-out list, of each row's training prompts files and of the
+/// DPO/SePPO manifests) × `seeds` sampling seeds (`[eval] seed` + 1, + 2, ...), with `[eval]`'s samples per
+/// prompt, steps and guidance; base and rows on the same noise in every cell. Only for the shapes reward.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Robustness {
+    pub lists: usize,
+    pub seeds: usize,
+    pub prompts: usize,
+}
+
+impl Default for Robustness {
+    fn default() -> Self {
+        Robustness {
+            lists: 0,
+            seeds: 2,
+            prompts: 48,
+        }
+    }
+}
+
+/// One (fresh list, sampling seed) cell of a row.
+#[derive(Clone, Debug, Serialize)]
+pub struct RobustCell {
+    /// The `data prompts` seed of the list.
+    pub list_seed: u64,
+    pub sample_seed: u64,
+    pub base: MeanCi,
+    pub change: MeanCi,
+    pub win_rate: f64,
+}
+
+/// A row's robustness: every cell, and the change pooled over all of their samples.
+#[derive(Clone, Debug, Serialize)]
+pub struct RobustRow {
+    pub method: String,
+    pub cells: Vec<RobustCell>,
+    pub pooled: MeanCi,
+    /// Whether every cell's change is positive beyond its 95% interval.
+    pub every_cell_beyond_ci: bool,
+    pub diversity_base: Option<f64>,
+    pub diversity: Option<f64>,
+}
+
 /// The benchmark's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct AlignReport {
@@ -122,6 +169,10 @@ pub struct AlignReport {
     pub prompts: usize,
     pub samples_per_prompt: usize,
     pub rows: Vec<AlignRow>,
+    /// Fresh lists × seeds (empty without `--fresh-lists`).
+    pub robustness: Vec<RobustRow>,
+    /// The fresh lists: `(data prompts seed, captions)`.
+    pub fresh_lists: Vec<(u64, Vec<String>)>,
     /// `align.json` and `grid.png` in the output folder.
     pub report: PathBuf,
     pub grid: PathBuf,
@@ -375,6 +426,25 @@ pub fn run_align(
         });
         sets.push((name.clone(), s));
     }
+    let (robustness, fresh_lists) = if cfgs.robustness.lists > 0 {
+        ensure!(
+            cfg.run.eval.reward.is_shapes(),
+            "--fresh-lists draws shapes-world captions: it needs the shapes reward"
+        );
+        let taken = training_captions(cfgs, &prompts)?;
+        robustness_rows(
+            &model,
+            reward.as_ref(),
+            &opts,
+            &cfgs.robustness,
+            cfg.run.eval.seed,
+            taken,
+            &trained,
+            progress,
+        )?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let mut grid_sets: Vec<(&str, &Samples)> = vec![("base", &base)];
     grid_sets.extend(sets.iter().map(|(n, s)| (n.as_str(), s)));
     let grid = comparison_grid(&grid_sets, cfg.run.eval.grid_prompts, 2)?;
@@ -386,6 +456,8 @@ pub fn run_align(
         prompts: prompts.len(),
         samples_per_prompt: opts.samples_per_prompt,
         rows,
+        robustness,
+        fresh_lists,
         report: report_path.clone(),
         grid: grid_path,
     };
@@ -408,6 +480,124 @@ pub fn run_align(
     });
     crate::io::write_json(&report_path, &doc)?;
     Ok(report)
+}
+
+/// Every caption a row trains on or is judged on: the held-out list, the prompts files of the online rows and
+/// the prompts of the DPO and SePPO manifests.
+fn training_captions(
+    cfgs: &AlignConfigs,
+    held_out: &[String],
+) -> Result<std::collections::HashSet<String>> {
+    let mut taken: std::collections::HashSet<String> = held_out.iter().cloned().collect();
+    for p in [
+        &cfgs.grpo.grpo.prompts,
+        &cfgs.lpo.lpo.prompts,
+        &cfgs.spo.spo.prompts,
+        &cfgs.seppo.seppo.prompts,
+        &cfgs.adjoint.adjoint.prompts,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        taken.extend(read_prompts(p, false).with_context(|| format!("{}", p.display()))?);
+    }
+    for m in [&cfgs.dpo.data.manifest, &cfgs.seppo.data.manifest]
+        .into_iter()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(m)
+            .with_context(|| format!("reading {}", m.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}", m.display(), i + 1))?;
+            if let Some(p) = v.get("prompt").and_then(|p| p.as_str()) {
+                taken.insert(p.to_string());
+            }
+        }
+    }
+    Ok(taken)
+}
+
+/// The robustness cells of every trained row (see [`Robustness`]).
+#[allow(clippy::too_many_arguments)]
+fn robustness_rows(
+    model: &diffpref_pipelines::loading::StableDiffusion,
+    reward: &dyn diffpref_rewards::Reward,
+    opts: &SampleOptions,
+    r: &Robustness,
+    eval_seed: u64,
+    mut taken: std::collections::HashSet<String>,
+    trained: &[(String, PathBuf, u64, f64, Option<u64>)],
+    progress: bool,
+) -> Result<(Vec<RobustRow>, Vec<(u64, Vec<String>)>)> {
+    ensure!(r.seeds > 0 && r.prompts > 0, "--fresh-seeds and --fresh-prompts must be at least 1");
+    let mut cells: Vec<Vec<RobustCell>> = vec![Vec::new(); trained.len()];
+    let mut diffs: Vec<Vec<f64>> = vec![Vec::new(); trained.len()];
+    let mut div: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); trained.len()];
+    let mut lists = Vec::with_capacity(r.lists);
+    for i in 0..r.lists {
+        let list_seed = 1000 + i as u64;
+        let prompts = crate::data::shapes::fresh_captions(list_seed, r.prompts, 3, &mut taken)?;
+        lists.push((list_seed, prompts.clone()));
+        for j in 0..r.seeds {
+            let sample_seed = eval_seed + 1 + j as u64;
+            let o = SampleOptions {
+                seed: sample_seed,
+                ..opts.clone()
+            };
+            let n = prompts.len() * o.samples_per_prompt;
+            let sample = |what: String| -> Result<Samples> {
+                let pb = if progress {
+                    crate::train::metrics::count_bar(n, &what)
+                } else {
+                    indicatif::ProgressBar::hidden()
+                };
+                let s = sample_and_score(model, &prompts, &o, reward, Some(&pb))?;
+                pb.finish_and_clear();
+                Ok(s)
+            };
+            let base = sample(format!("fresh list {list_seed} seed {sample_seed}: base"))?;
+            for (k, (name, weights, ..)) in trained.iter().enumerate() {
+                let lora = crate::train::lora::LoraSet::load_into(&model.unet, weights, 1.0)
+                    .with_context(|| format!("loading {}", weights.display()))?;
+                let s = sample(format!("fresh list {list_seed} seed {sample_seed}: {name}"));
+                lora.detach_from(&model.unet);
+                let s = s?;
+                let c = compare(&base, &s)?;
+                diffs[k].extend(s.rewards.iter().zip(&base.rewards).map(|(m, b)| m - b));
+                if let (Some(a), Some(b)) = (c.base.diversity, c.model.diversity) {
+                    div[k].0.push(a);
+                    div[k].1.push(b);
+                }
+                cells[k].push(RobustCell {
+                    list_seed,
+                    sample_seed,
+                    base: c.base.reward,
+                    change: c.difference,
+                    win_rate: c.win_rate,
+                });
+            }
+        }
+    }
+    let avg = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let rows = trained
+        .iter()
+        .zip(cells)
+        .zip(diffs)
+        .zip(div)
+        .map(|((((name, ..), cells), d), (db, dm))| RobustRow {
+            method: name.clone(),
+            every_cell_beyond_ci: cells.iter().all(|c| c.change.mean - c.change.ci95 > 0.0),
+            cells,
+            pooled: MeanCi::of(&d),
+            diversity_base: avg(&db),
+            diversity: avg(&dm),
+        })
+        .collect();
+    Ok((rows, lists))
 }
 
 /// The table of a report.
@@ -457,6 +647,37 @@ pub fn format_table(r: &AlignReport) -> String {
             row.eval_seconds,
             calls
         ));
+    }
+    if !r.robustness.is_empty() {
+        s.push_str(
+            "\nfresh prompt lists (never trained or tuned on) x sampling seeds: paired change ± 95% CI\n",
+        );
+        for row in &r.robustness {
+            let cells: Vec<String> = row
+                .cells
+                .iter()
+                .map(|c| {
+                    format!(
+                        "list {} seed {}: {:+.4} ± {:.4}",
+                        c.list_seed, c.sample_seed, c.change.mean, c.change.ci95
+                    )
+                })
+                .collect();
+            s.push_str(&format!(
+                "{:<12} pooled {:+.4} ± {:.4}; every cell beyond its CI: {}; diversity {} -> {}\n  {}\n",
+                row.method,
+                row.pooled.mean,
+                row.pooled.ci95,
+                if row.every_cell_beyond_ci { "yes" } else { "no" },
+                row.diversity_base
+                    .map(|d| format!("{d:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                row.diversity
+                    .map(|d| format!("{d:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                cells.join("; ")
+            ));
+        }
     }
     s
 }

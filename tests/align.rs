@@ -1,7 +1,7 @@
 //! `diffpref bench align` on the embedded shapes world, in small: the base row and a DPO row evaluated on the
 //! same held-out prompts and noise, with paired differences, win rates, diversity and the report files.
 
-use diffpref::align::{format_table, run_align, AlignConfigs};
+use diffpref::align::{format_table, run_align, AlignConfigs, Robustness};
 use diffpref::assets::{
     default_adjoint_config, default_dpo_config, default_grpo_config, default_lpo_config,
     default_lrm_config, default_seppo_config, default_spm_config, default_spo_config,
@@ -97,6 +97,12 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             "adjoint.early_steps=1".into(),
         ])
         .unwrap(),
+        // 2 fresh lists of 3 captions x 2 sampling seeds.
+        robustness: Robustness {
+            lists: 2,
+            seeds: 2,
+            prompts: 3,
+        },
     };
     let methods = [
         "dpo".into(),
@@ -166,6 +172,39 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     assert_eq!(dpo.steps, 2);
     assert!(dpo.weights.as_ref().unwrap().exists());
     assert!(report.report.exists() && report.grid.exists());
+
+    // Robustness: every trained row judged on 2 fresh lists x 2 seeds; the lists share no caption with the
+    // held-out list, the training prompts or the manifest; pooled = all cells' samples.
+    assert_eq!(report.robustness.len(), 8, "{table}");
+    assert!(table.contains("fresh prompt lists"), "{table}");
+    let r = &report.robustness[0];
+    assert_eq!(r.method, "dpo");
+    let seeds: Vec<(u64, u64)> = r.cells.iter().map(|c| (c.list_seed, c.sample_seed)).collect();
+    let s0 = cfg.run.eval.seed;
+    assert_eq!(
+        seeds,
+        vec![(1000, s0 + 1), (1000, s0 + 2), (1001, s0 + 1), (1001, s0 + 2)]
+    );
+    assert_eq!(r.pooled.n, 4 * 3 * 2);
+    let cell_mean = r.cells.iter().map(|c| c.change.mean).sum::<f64>() / 4.0;
+    assert!((r.pooled.mean - cell_mean).abs() < 1e-9);
+    assert_eq!(
+        r.every_cell_beyond_ci,
+        r.cells.iter().all(|c| c.change.mean > c.change.ci95)
+    );
+    let train = read_prompts(cfgs.grpo.grpo.prompts.as_ref().unwrap(), true).unwrap();
+    let manifest = std::fs::read_to_string(cfg.data.manifest.as_ref().unwrap()).unwrap();
+    assert_eq!(report.fresh_lists.len(), 2);
+    for (seed, list) in &report.fresh_lists {
+        assert_eq!(list.len(), 3, "list {seed}");
+        for c in list {
+            assert!(
+                !train.contains(c) && !prompts.contains(c) && !manifest.contains(&format!("\"{c}\"")),
+                "{c}"
+            );
+        }
+    }
+    assert!(report.fresh_lists[0].1.iter().all(|c| !report.fresh_lists[1].1.contains(c)));
 
     // The base row is reproducible: the same prompts and seeds sampled again give the same mean reward.
     let model = diffpref::pipelines::loading::StableDiffusion::load(

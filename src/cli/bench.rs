@@ -105,6 +105,17 @@ pub struct BenchArgs {
     /// align: the `adjoint` row's configuration (default: assets/shapes/adjoint.toml).
     #[arg(long)]
     pub adjoint_config: Option<std::path::PathBuf>,
+    /// align: also judge every row on N freshly drawn caption lists (never trained or tuned on: the held-out
+    /// list, the training prompts and the manifests' prompts are excluded; list i = `data prompts --seed
+    /// 1000+i`) × `--fresh-seeds` sampling seeds, and report the change per cell and pooled. Default 0 (off).
+    #[arg(long, default_value_t = 0)]
+    pub fresh_lists: usize,
+    /// align: sampling seeds per fresh list (`[eval] seed` + 1, + 2, ...).
+    #[arg(long, default_value_t = 2)]
+    pub fresh_seeds: usize,
+    /// align: captions per fresh list.
+    #[arg(long, default_value_t = 48)]
+    pub fresh_prompts: usize,
     /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
     /// every method's configuration, `loss.*` / `data.*` to DPO's and SePPO's, `grpo.*` to GRPO's, `reward.*` to
     /// GRPO's, SPO's, SePPO's and Adjoint Matching's, `rollout.*` to GRPO's, LPO's, SPO's and Adjoint Matching's,
@@ -1018,6 +1029,11 @@ fn align(a: &BenchArgs) -> Result<()> {
         spo,
         seppo,
         adjoint,
+        robustness: crate::align::Robustness {
+            lists: a.fresh_lists,
+            seeds: a.fresh_seeds,
+            prompts: a.fresh_prompts,
+        },
     };
     let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));

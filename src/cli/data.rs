@@ -24,7 +24,7 @@
 
 use super::common::ComputeArgs;
 use super::generate::{load_model, parse_scheduler, progress};
-use crate::data::shapes::{parse_caption, random_spec, Scene};
+use crate::data::shapes::{fresh_captions, parse_caption, random_spec, Scene};
 use crate::imaging::save_png;
 use crate::io::{write_atomic, write_dir_atomic};
 use crate::output::{check_output_file, mark, Input, OutputDir};
@@ -262,25 +262,8 @@ fn prompts(a: PromptsArgs) -> Result<()> {
     for f in &a.exclude {
         taken.extend(crate::eval::read_prompts(f, false).context("--exclude")?);
     }
-    let mut rng = Rng::derive(a.seed, "prompts");
-    let mut out = Vec::with_capacity(a.count);
-    let mut misses = 0usize;
-    while out.len() < a.count {
-        let caption = random_spec(&mut rng, a.max_objects).caption();
-        if taken.insert(caption.clone()) {
-            out.push(caption);
-            misses = 0;
-        } else {
-            misses += 1;
-            if misses > 100_000 {
-                bail!(
-                    "only {} distinct captions could be drawn (with --max-objects {} and the excluded files)",
-                    out.len(),
-                    a.max_objects
-                );
-            }
-        }
-    }
+    let out = fresh_captions(a.seed, a.count, a.max_objects, &mut taken)
+        .map_err(|e| anyhow::anyhow!("{e} (--max-objects {}, --exclude files)", a.max_objects))?;
     let mut text = out.join("\n");
     text.push('\n');
     write_atomic(&a.out, text.as_bytes())?;

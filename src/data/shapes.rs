@@ -212,6 +212,37 @@ pub fn corrupt(spec: &SceneSpec, rng: &mut Rng) -> SceneSpec {
     }
 }
 
+/// `count` distinct random captions (`data prompts`, and `bench align`'s fresh lists): drawn from the stream
+/// `Rng::derive(seed, "prompts")`, each of 1 to `max_objects` objects, none of them in `taken` (which receives
+/// them). An error when the caption space runs out.
+pub fn fresh_captions(
+    seed: u64,
+    count: usize,
+    max_objects: usize,
+    taken: &mut std::collections::HashSet<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut rng = Rng::derive(seed, "prompts");
+    let mut out = Vec::with_capacity(count);
+    let mut misses = 0usize;
+    while out.len() < count {
+        let caption = random_spec(&mut rng, max_objects).caption();
+        if taken.insert(caption.clone()) {
+            out.push(caption);
+            misses = 0;
+        } else {
+            misses += 1;
+            if misses > 100_000 {
+                anyhow::bail!(
+                    "only {} distinct captions could be drawn (with at most {max_objects} objects and the \
+                     excluded captions)",
+                    out.len()
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A random caption spec of 1 to `max_objects` (at most 3) objects (sizes unspecified).
 pub fn random_spec(rng: &mut Rng, max_objects: usize) -> SceneSpec {
     let n = 1 + rng.below(max_objects.clamp(1, 3) as u64) as usize;
