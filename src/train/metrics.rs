@@ -15,12 +15,13 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::data::float::pretty_print_float;
 use plotters::prelude::{
     BitMapBackend, ChartBuilder, Circle, Color, DrawingAreaErrorKind, DrawingBackend,
-    IntoDrawingArea, LineSeries, PathElement, RGBColor, Ranged, SeriesLabelPosition, BLACK, WHITE,
+    IntoDrawingArea, LineSeries, MultiLineText, PathElement, RGBColor, Ranged, SeriesLabelPosition,
+    TextStyle, BLACK, WHITE,
 };
 use serde_json::Value;
 
 use super::tensorboard::EventWriter;
-use crate::imaging::{font_desc, line_height, save_png, text_width};
+use crate::imaging::{font_desc, line_height, save_png, text_width, x_height_middle, TextBackend};
 use crate::io::write_atomic;
 
 /// Conventional file name of the metrics log in a run directory.
@@ -383,10 +384,14 @@ pub fn plot_curves_labeled(
 /// (ranges over every finite point, padded by 5%); the title is a caption above the plot, the axis titles sit
 /// outside the tick labels, and the legend (one entry per series, in palette order) goes in the corner of the
 /// plot that the curves cross least. A run of finite points is a line, a lone finite point a dot.
+///
+/// Plotters lays out and draws the chart on a [`TextBackend`], so every text in it (caption, tick labels, axis
+/// titles, legend names) is drawn by the renderer of the grids' labels ([`crate::imaging::draw_text`]).
 pub fn render_curves(labels: &PlotLabels, series: &[(&str, Vec<(f64, f64)>)]) -> RgbImage {
     let mut img = RgbImage::from_pixel(PLOT_W, PLOT_H, Rgb([255, 255, 255]));
     if let Err(e) = draw_curves(&mut img, labels, series) {
-        // Only a missing font (the embedded one is registered) or a shared backend (ours is not) can fail.
+        // Only plotters' measuring of the legend names (with the embedded font, registered for it) or a shared
+        // backend (ours is not) can fail.
         eprintln!("warning: drawing the curves plot: {e}");
     }
     img
@@ -404,7 +409,8 @@ struct PlotFrame {
     legend: SeriesLabelPosition,
 }
 
-type PlotError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+type PlotError =
+    DrawingAreaErrorKind<<TextBackend<BitMapBackend<'static>> as DrawingBackend>::ErrorType>;
 
 fn draw_curves(
     img: &mut RgbImage,
@@ -435,7 +441,8 @@ fn draw_curves(
     let x_area = lh + 10 + title_band(&labels.x);
 
     let size = img.dimensions();
-    let root = BitMapBackend::with_buffer(img, size).into_drawing_area();
+    // Plotters lays out and draws the chart; every text goes through our renderer (see `crate::imaging`).
+    let root = TextBackend(BitMapBackend::with_buffer(img, size)).into_drawing_area();
     let mut builder = ChartBuilder::on(&root);
     builder
         .margin(14)
@@ -488,7 +495,7 @@ fn draw_curves(
                 chart.draw_series(LineSeries::new(run.iter().copied(), color.stroke_width(2)))?
             };
             if !labelled {
-                legend_entry(anno, name, color);
+                legend_entry(anno, name, color, &label_style);
                 labelled = true;
             }
         }
@@ -496,12 +503,12 @@ fn draw_curves(
             // A series without a finite point still gets its legend entry.
             let anno =
                 chart.draw_series(LineSeries::new(std::iter::empty(), color.stroke_width(2)))?;
-            legend_entry(anno, name, color);
+            legend_entry(anno, name, color, &label_style);
         }
     }
 
     let (xs, ys) = chart.plotting_area().get_pixel_range();
-    let legend = legend_place(series, &points, (xs.clone(), ys.clone()), lh);
+    let legend = legend_place(series, &points, (xs.clone(), ys.clone()), &label_style);
     chart
         .configure_series_labels()
         .position(legend.clone())
@@ -519,10 +526,24 @@ fn draw_curves(
     })
 }
 
-fn legend_entry<DB: DrawingBackend>(anno: &mut SeriesAnno<'_, DB>, name: &str, color: RGBColor) {
+/// The legend entry of a series: its name and a swatch of its colour, level with the middle of the name's
+/// lowercase letters.
+fn legend_entry<DB: DrawingBackend>(
+    anno: &mut SeriesAnno<'_, DB>,
+    name: &str,
+    color: RGBColor,
+    style: &TextStyle,
+) {
     let swatch = LEGEND_SWATCH as i32 - 6;
+    // Plotters gives the swatch the middle of the line's box as it measures it (its own font estimate: a fixed
+    // height of about px / 1.24); the name is drawn with its line's top at the top of that box.
+    let box_h = style.font.box_size(name).map_or(0, |(_, h)| h as i32);
+    let dy = x_height_middle(style.font.get_size() as f32).round() as i32 - box_h / 2;
     anno.label(name).legend(move |(x, y)| {
-        PathElement::new(vec![(x, y), (x + swatch, y)], color.stroke_width(3))
+        PathElement::new(
+            vec![(x, y + dy), (x + swatch, y + dy)],
+            color.stroke_width(3),
+        )
     });
 }
 
@@ -532,16 +553,17 @@ fn legend_place(
     series: &[(&str, Vec<(f64, f64)>)],
     points: &[Vec<Option<(i32, i32)>>],
     (xs, ys): (std::ops::Range<i32>, std::ops::Range<i32>),
-    lh: u32,
+    style: &TextStyle,
 ) -> SeriesLabelPosition {
-    // The legend box as plotters lays it out (text at plotters' line spacing, which is less than `lh`).
-    let widest = series
-        .iter()
-        .map(|(n, _)| text_width(n, FONT_PX))
-        .max()
-        .unwrap_or(0);
-    let w = (widest + LEGEND_SWATCH + 2 * LEGEND_MARGIN) as i32;
-    let h = (series.len() as u32 * lh + 2 * LEGEND_MARGIN) as i32;
+    // The legend box as plotters lays it out: its names as lines of a `MultiLineText`, measured by plotters' font
+    // (text at plotters' line spacing, 1.25 × the size), plus the swatch column and the margins.
+    let mut names = MultiLineText::<_, &str>::new((0, 0), style);
+    for (n, _) in series {
+        names.push_line(*n);
+    }
+    let (tw, th) = names.estimate_dimension().unwrap_or((0, 0));
+    let w = tw + (LEGEND_SWATCH + 2 * LEGEND_MARGIN) as i32;
+    let h = th + 2 * LEGEND_MARGIN as i32;
     let (aw, ah) = (xs.end - xs.start, ys.end - ys.start);
     let boxes = LEGEND_PLACES.iter().map(|p| {
         let x = match p {
@@ -592,6 +614,7 @@ fn legend_place(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imaging::draw_text;
 
     #[test]
     fn log_lines_and_truncate_on_resume() {
@@ -850,6 +873,48 @@ mod tests {
             "y title {:?}",
             gl[0]
         );
+    }
+
+    #[test]
+    fn chart_text_is_drawn_like_labels() {
+        // The caption, drawn by plotters through `TextBackend`, is pixel for pixel what `draw_text` draws at the
+        // same place (found from the ink's corner): one text renderer for charts and grids.
+        let labels = PlotLabels {
+            title: "Hello, Wordly".into(),
+            ..Default::default()
+        };
+        let (img, f) = render(&labels, &[("loss", vec![(0.0, 1.0), (10.0, 0.5)])]);
+        let band = (f.plot.1 .0 - 10) as u32;
+        let ink = |img: &RgbImage| {
+            let pts: Vec<(u32, u32)> = (0..band)
+                .flat_map(|y| (0..PLOT_W).map(move |x| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0 != [255, 255, 255])
+                .collect();
+            let x0 = pts.iter().map(|p| p.0).min().unwrap();
+            let y0 = pts.iter().map(|p| p.1).min().unwrap();
+            (x0 as i32, y0 as i32)
+        };
+        let blank = || RgbImage::from_pixel(PLOT_W, PLOT_H, Rgb([255, 255, 255]));
+        let mut probe = blank();
+        draw_text(&mut probe, 0, 20, &labels.title, TITLE_PX, Rgb([0, 0, 0]));
+        let ((cx, cy), (px, py)) = (ink(&img), ink(&probe));
+        let mut expected = blank();
+        draw_text(
+            &mut expected,
+            cx - px,
+            cy - py + 20,
+            &labels.title,
+            TITLE_PX,
+            Rgb([0, 0, 0]),
+        );
+        for y in 0..band {
+            for x in 0..PLOT_W {
+                assert_eq!(img.get_pixel(x, y), expected.get_pixel(x, y), "({x},{y})");
+            }
+        }
+        // Centred over the plot, like the caption plotters places.
+        let w = text_width(&labels.title, TITLE_PX) as i32;
+        assert!((cx - px + w / 2 - PLOT_W as i32 / 2).abs() <= 2, "{cx}");
     }
 
     #[test]
