@@ -139,6 +139,9 @@ impl Default for Robustness {
     }
 }
 
+/// A fresh caption list: its `data prompts` seed and captions.
+pub type FreshList = (u64, Vec<String>);
+
 /// One (fresh list, sampling seed) cell of a row.
 #[derive(Clone, Debug, Serialize)]
 pub struct RobustCell {
@@ -172,7 +175,7 @@ pub struct AlignReport {
     /// Fresh lists × seeds (empty without `--fresh-lists`).
     pub robustness: Vec<RobustRow>,
     /// The fresh lists: `(data prompts seed, captions)`.
-    pub fresh_lists: Vec<(u64, Vec<String>)>,
+    pub fresh_lists: Vec<FreshList>,
     /// `align.json` and `grid.png` in the output folder.
     pub report: PathBuf,
     pub grid: PathBuf,
@@ -532,7 +535,7 @@ fn robustness_rows(
     mut taken: std::collections::HashSet<String>,
     trained: &[(String, PathBuf, u64, f64, Option<u64>)],
     progress: bool,
-) -> Result<(Vec<RobustRow>, Vec<(u64, Vec<String>)>)> {
+) -> Result<(Vec<RobustRow>, Vec<FreshList>)> {
     ensure!(r.seeds > 0 && r.prompts > 0, "--fresh-seeds and --fresh-prompts must be at least 1");
     let mut cells: Vec<Vec<RobustCell>> = vec![Vec::new(); trained.len()];
     let mut diffs: Vec<Vec<f64>> = vec![Vec::new(); trained.len()];

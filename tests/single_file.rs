@@ -58,12 +58,13 @@ fn digest(t: &candle_core::Tensor) -> String {
 #[test]
 fn the_converter_writes_what_diffusers_read() {
     let text = std::fs::read_to_string(fixtures().join("golden/single_file.json")).unwrap();
-    let golden: BTreeMap<String, BTreeMap<String, (Vec<usize>, String, String)>> =
-        serde_json::from_str(&text).unwrap();
+    // model -> key -> (shape, dtype, sha256)
+    type Digests = BTreeMap<String, (Vec<usize>, String, String)>;
+    let golden: BTreeMap<String, Digests> = serde_json::from_str(&text).unwrap();
     for model in MODELS {
         let want = &golden[model];
         let (_, tensors) = folder_to_ldm(&fixtures().join(model), None).unwrap();
-        let got: BTreeMap<String, (Vec<usize>, String, String)> = tensors
+        let got: Digests = tensors
             .iter()
             .map(|(k, t)| {
                 assert_eq!(t.dtype(), candle_core::DType::F32, "{model}: {k}");

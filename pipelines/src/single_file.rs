@@ -480,9 +480,9 @@ fn unet_rules(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, String)>> {
     pair(&mut r, "add_embedding.linear_2".into(), "label_emb.0.2".into());
     pair(&mut r, "conv_in".into(), "input_blocks.0.0".into());
     let mut k = 1;
-    for i in 0..n {
-        let attn = cfg.down_block_types[i].contains("CrossAttn");
-        for j in 0..layers[i] {
+    for (i, (&count, kind)) in layers.iter().zip(&cfg.down_block_types).enumerate() {
+        let attn = kind.contains("CrossAttn");
+        for j in 0..count {
             resnet_rules(
                 &mut r,
                 &format!("down_blocks.{i}.resnets.{j}"),
