@@ -1,9 +1,12 @@
 //! End-to-end tests of the `diffpref` binary on the tiny test model.
 
 use candle_core::{DType, Device, Tensor};
+use common::{differing_pixels, upscale, GridLayout};
 use diffpref_pipelines::golden::Golden;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+mod common;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -280,14 +283,15 @@ fn bad_model_folder_and_bad_latents_are_clear_errors() {
 fn grid_has_one_labelled_cell_per_prompt_and_column() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("grid.png");
+    let prompts = ["a red cube", "a green ball"];
     ok(&diffpref(&[
         "grid",
         "--model",
         &tiny(),
         "--prompt",
-        "a red cube",
+        prompts[0],
         "--prompt",
-        "a green ball",
+        prompts[1],
         "--guidance",
         "1",
         "--guidance",
@@ -304,11 +308,107 @@ fn grid_has_one_labelled_cell_per_prompt_and_column() {
         out.to_str().unwrap(),
     ]));
     let img = image::open(&out).unwrap().to_rgb8();
-    // 4 columns and 2 rows of 64x64 cells, plus the label margins.
-    assert!(
-        img.width() > 4 * 64 && img.height() > 2 * 64,
-        "{:?}",
-        img.dimensions()
+    // 2 rows (prompts) and 4 columns (guidance-major: cfg 1 seed 1, cfg 1 seed 2, cfg 7.5 seed 1, cfg 7.5
+    // seed 2) of 32x32 samples upscaled 2x, after a row-label column and a column-label band.
+    let l = GridLayout::of(&img, 2, 4, (32, 32), 2);
+    assert!(l.x0 > l.gap && l.y0 > l.gap, "no label areas: {l:?}");
+    let cells: Vec<Vec<image::RgbImage>> = (0..2)
+        .map(|r| (0..4).map(|c| l.cell(&img, r, c)).collect())
+        .collect();
+    // Every cell is an upscaled sample: constant 2x2 blocks.
+    for cell in cells.iter().flatten() {
+        let small = image::imageops::resize(cell, 32, 32, image::imageops::FilterType::Nearest);
+        assert_eq!(
+            upscale(&small, 2),
+            *cell,
+            "a cell is not a 2x nearest upscale"
+        );
+    }
+    // Other seeds, other guidance and other prompts all change most of a cell.
+    let many = (64 * 64) / 2;
+    for (r, row) in cells.iter().enumerate() {
+        for a in 0..4 {
+            for b in a + 1..4 {
+                let n = differing_pixels(&row[a], &row[b]);
+                assert!(
+                    n > many,
+                    "row {r}: columns {a} and {b} differ in only {n} pixels"
+                );
+            }
+        }
+    }
+    for (c, (top, bottom)) in cells[0].iter().zip(&cells[1]).enumerate() {
+        let n = differing_pixels(top, bottom);
+        assert!(
+            n > many,
+            "column {c}: the two prompts differ in only {n} pixels"
+        );
+    }
+    // Each column is what `diffpref generate` draws with that guidance from that seed's noise (the grid gives
+    // every prompt of a column the same noise: `seeded_noise(seed)` repeated over the prompts), upscaled.
+    for (col, guidance, seed) in [(3usize, "7.5", 2u64), (0, "1", 1)] {
+        let lat = tmp.path().join(format!("noise-{seed}.safetensors"));
+        let noise = diffpref_pipelines::pipeline::seeded_noise(seed, &[1, 4, 16, 16], &Device::Cpu)
+            .unwrap()
+            .repeat((2, 1, 1, 1))
+            .unwrap();
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("init_latents".to_string(), noise)]),
+            &lat,
+        )
+        .unwrap();
+        let dir = tmp.path().join(format!("gen-{col}"));
+        ok(&diffpref(&[
+            "generate",
+            "--model",
+            &tiny(),
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--guidance",
+            guidance,
+            "--steps",
+            "3",
+            "--init-latents",
+            lat.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]));
+        for (r, name) in ["000-a-red-cube.png", "001-a-green-ball.png"]
+            .iter()
+            .enumerate()
+        {
+            let single = image::open(dir.join(name)).unwrap().to_rgb8();
+            let n = differing_pixels(&upscale(&single, 2), &cells[r][col]);
+            assert_eq!(n, 0, "row {r}, column {col} (cfg {guidance}, seed {seed}) differs from `generate` in {n} pixels");
+        }
+    }
+    // And without --init-latents, `generate --seed S` of one prompt draws the same noise as the grid's column
+    // (and the batch of two prompts with CFG changes no pixel of it).
+    let dir = tmp.path().join("gen-seed");
+    ok(&diffpref(&[
+        "generate",
+        "--model",
+        &tiny(),
+        "--prompt",
+        prompts[1],
+        "--guidance",
+        "7.5",
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        dir.to_str().unwrap(),
+    ]));
+    let single = image::open(dir.join("000-a-green-ball.png"))
+        .unwrap()
+        .to_rgb8();
+    let n = differing_pixels(&upscale(&single, 2), &cells[1][2]);
+    assert_eq!(
+        n, 0,
+        "`generate --seed 1` differs from the grid's cfg 7.5 / seed 1 cell in {n} pixels"
     );
 }
 

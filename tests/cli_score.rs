@@ -2,8 +2,9 @@
 
 use candle_core::{DType, Device};
 use diffpref::imaging::images_to_tensor;
+use diffpref_pipelines::golden::Golden;
 use diffpref_rewards::metrics::{wilson_interval, Z95};
-use diffpref_rewards::{ClipReward, Reward};
+use diffpref_rewards::{Aesthetic, ClipLoadOptions, ClipReward, ClipScoring, Reward};
 use image::{Rgb, RgbImage};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -75,6 +76,62 @@ fn pickscore(path: &Path, prompt: &str) -> f64 {
     let img = image::open(path).unwrap().to_rgb8();
     let x = images_to_tensor(&[img], &Device::Cpu).unwrap();
     r.score(&x, &[prompt]).unwrap().to_vec1::<f32>().unwrap()[0] as f64
+}
+
+/// The library's HPS scorer as `diffpref score --reward hps --weights tiny-open-clip --tokenizer clip-tokenizer`
+/// builds it (the model ships an open_clip config, so no fallback config).
+fn hps_reward() -> ClipReward {
+    ClipReward::load(
+        fixtures().join("tiny-open-clip"),
+        ClipScoring::Hps,
+        &ClipLoadOptions {
+            tokenizer: Some(fixtures().join("clip-tokenizer")),
+            ..Default::default()
+        },
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The library's aesthetic predictor as `diffpref score --reward aesthetic --weights tiny-aesthetic --clip
+/// tiny-clip-hf` builds it.
+fn aesthetic_reward() -> Aesthetic {
+    Aesthetic::load(
+        fixtures().join("tiny-aesthetic"),
+        fixtures().join("tiny-clip-hf"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// `reward`'s score of one PNG (with `prompt`, if any), from the decoded pixels as the CLI reads them.
+fn library_score(reward: &dyn Reward, path: &Path, prompt: Option<&str>) -> f64 {
+    let img = image::open(path).unwrap().to_rgb8();
+    let x = images_to_tensor(&[img], &Device::Cpu).unwrap();
+    let prompts: Vec<&str> = prompt.into_iter().collect();
+    reward
+        .score(&x, &prompts)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64
+}
+
+/// The CLI's JSON `results`: (image, score) in output order, and the reported mean.
+fn cli_results(v: &serde_json::Value) -> (Vec<(String, f64)>, f64) {
+    let r = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["image"].as_str().unwrap().to_string(),
+                x["score"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    (r, v["mean"].as_f64().unwrap())
 }
 
 #[test]
@@ -182,13 +239,47 @@ fn score_manifest_hps_and_aesthetic() {
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reward"], "hps");
     let r = v["results"].as_array().unwrap();
     assert_eq!(r.len(), 2);
+    assert_eq!(r[0]["prompt"], "a horse");
     assert_eq!(r[1]["prompt"], "a lighthouse");
-    for x in r {
-        let s = x["score"].as_f64().unwrap();
+    // The library scorer the CLI should be running is the golden one: on the golden's own images and prompts it
+    // reproduces `hps_score` of tests/fixtures/golden/open_clip.safetensors (whose float images no PNG can hold).
+    let hps = hps_reward();
+    let g = Golden::load(fixtures().join("golden/open_clip.safetensors")).unwrap();
+    let gp: Vec<String> = serde_json::from_str(&g.metadata["prompts"]).unwrap();
+    let gp: Vec<&str> = gp.iter().map(|s| s.as_str()).collect();
+    let c = g
+        .compare(
+            "hps_score",
+            &hps.score(g.get("images").unwrap(), &gp).unwrap(),
+            1.0,
+        )
+        .unwrap();
+    assert!(c.passed, "{c}");
+    // Each CLI score is the library's HPS of that manifest row's image and prompt, to 1e-5.
+    let (scores, mean) = cli_results(&v);
+    let dir = tmp.path();
+    let mut sum = 0.0;
+    for ((image, s), (file, prompt)) in scores.iter().zip([
+        ("imgs/img0.png", "a horse"),
+        ("imgs/img2.png", "a lighthouse"),
+    ]) {
+        assert_eq!(Path::new(image), dir.join(file), "row order");
+        let want = library_score(&hps, &dir.join(file), Some(prompt));
+        assert!(
+            (s - want).abs() < 1e-5,
+            "{file}: CLI HPS {s} vs library {want}"
+        );
         assert!(s.abs() <= 1.0 + 1e-6, "HPS is a cosine: {s}");
+        sum += s;
     }
+    assert!((mean - sum / 2.0).abs() < 1e-9, "mean {mean} of {scores:?}");
+    assert!(
+        (scores[0].1 - scores[1].1).abs() > 1e-4,
+        "two images and prompts, one score: {scores:?}"
+    );
     // The aesthetic predictor needs no prompt but its backbone.
     let imgs = tmp.path().join("imgs");
     let err = fails(&diffpref(&[
@@ -214,7 +305,38 @@ fn score_manifest_hps_and_aesthetic() {
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["results"].as_array().unwrap().len(), 3);
+    assert_eq!(v["reward"], "aesthetic");
+    // Likewise: the library predictor reproduces the aesthetic golden's `score`, and the CLI's scores of the
+    // three PNGs (two 64x48, one 40x40, in name order) are the library's, to 1e-5.
+    let aes = aesthetic_reward();
+    let g = Golden::load(fixtures().join("golden/aesthetic.safetensors")).unwrap();
+    let c = g
+        .compare(
+            "score",
+            &aes.score(g.get("images").unwrap(), &[]).unwrap(),
+            1.0,
+        )
+        .unwrap();
+    assert!(c.passed, "{c}");
+    let (scores, mean) = cli_results(&v);
+    assert_eq!(scores.len(), 3);
+    let mut sum = 0.0;
+    for (i, (image, s)) in scores.iter().enumerate() {
+        let file = imgs.join(format!("img{i}.png"));
+        assert_eq!(Path::new(image), file, "row order");
+        let want = library_score(&aes, &file, None);
+        assert!(
+            (s - want).abs() < 1e-5,
+            "{}: CLI aesthetic {s} vs library {want}",
+            file.display()
+        );
+        sum += s;
+    }
+    assert!((mean - sum / 3.0).abs() < 1e-9, "mean {mean} of {scores:?}");
+    assert!(
+        scores.iter().any(|(_, s)| (s - scores[0].1).abs() > 1e-6),
+        "three images, one aesthetic score: {scores:?}"
+    );
     let err = fails(&diffpref(&[
         "score",
         "--reward",

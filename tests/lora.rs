@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -842,9 +844,14 @@ fn tiny() -> String {
 
 /// A LoRA on every attention/ff/projection layer of the tiny model, strong enough to change images.
 fn strong_lora(path: &Path, format: LoraFormat) {
+    strong_lora_from(path, format, 1234);
+}
+
+/// [`strong_lora`] with weights drawn from `seed`.
+fn strong_lora_from(path: &Path, format: LoraFormat, seed: u64) {
     let unet = load_unet(DType::F32);
     let set = LoraSet::attach(&unet, &config(4, Some(8.0), all_targets()), &Device::Cpu).unwrap();
-    randomize(&set, 1234, 0.5, false);
+    randomize(&set, seed, 0.5, false);
     set.save(path, format).unwrap();
 }
 
@@ -1005,19 +1012,23 @@ fn cli_generate_with_lora_and_lora_merge() {
 fn cli_grid_adds_a_column_per_lora() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
+    // alpha-style and beta hold the same weights (PEFT and kohya files); gamma other ones.
     let a = t.join("alpha-style.safetensors");
     let b = t.join("beta.safetensors");
+    let c = t.join("gamma.safetensors");
     strong_lora(&a, LoraFormat::Peft);
     strong_lora(&b, LoraFormat::Kohya);
+    strong_lora_from(&c, LoraFormat::Peft, 99);
+    let prompts = ["a red cube", "a tree"];
     let grid = |out: &Path, extra: &[&str]| {
         let mut args = vec![
             "grid",
             "--model",
             &tiny(),
             "--prompt",
-            "a red cube",
+            prompts[0],
             "--prompt",
-            "a tree",
+            prompts[1],
             "--steps",
             "2",
             "--out",
@@ -1039,17 +1050,90 @@ fn cli_grid_adds_a_column_per_lora() {
             a.to_str().unwrap(),
             "--lora",
             b.to_str().unwrap(),
+            "--lora",
+            c.to_str().unwrap(),
             "--lora-scale",
             "0.8",
         ],
     );
     assert_eq!(with.height(), plain.height());
-    // Three columns (no LoRA, alpha-style, beta) instead of one: the extra width is two cells of 32 px
-    // plus spacing.
-    assert!(
-        with.width() >= plain.width() + 2 * 32,
-        "{} vs {}",
-        with.width(),
-        plain.width()
-    );
+    // One column without LoRA; with LoRAs four (no LoRA, alpha-style, beta, gamma), 32x32 cells (scale 1).
+    let lp = common::GridLayout::of(&plain, 2, 1, (32, 32), 1);
+    let lw = common::GridLayout::of(&with, 2, 4, (32, 32), 1);
+    let cells: Vec<Vec<image::RgbImage>> = (0..2)
+        .map(|r| (0..4).map(|col| lw.cell(&with, r, col)).collect())
+        .collect();
+    let (none, alpha, beta, gamma) = (0, 1, 2, 3);
+    let many = 32 * 32 / 2;
+    let diff = common::differing_pixels;
+    for r in 0..2 {
+        let row = &cells[r as usize];
+        // The no-LoRA column is the plain grid's (same noise, base weights: the LoRAs are switched off).
+        assert_eq!(
+            diff(&row[none], &lp.cell(&plain, r, 0)),
+            0,
+            "row {r}: the no-LoRA column differs from a grid without --lora"
+        );
+        // Each LoRA column draws from the same noise but other weights: most pixels change.
+        for col in [alpha, beta, gamma] {
+            let n = diff(&row[none], &row[col]);
+            assert!(
+                n > many,
+                "row {r}: LoRA column {col} differs from the base column in only {n} pixels"
+            );
+        }
+        let n = diff(&row[alpha], &row[gamma]);
+        assert!(
+            n > many,
+            "row {r}: two different LoRAs differ in only {n} pixels"
+        );
+        // Same noise, same weights (the PEFT and the kohya file), same scale: the same pixels.
+        assert_eq!(
+            diff(&row[alpha], &row[beta]),
+            0,
+            "row {r}: the PEFT and kohya columns of the same LoRA differ"
+        );
+    }
+    // A column is `diffpref generate` with that LoRA alone at its scale (or none) from the grid's noise: the
+    // seed's (0) `seeded_noise`, the same for every prompt of the column. (Generated as the same batch of two
+    // prompts: one prompt at a time can move a pixel by one level through the LoRA matmuls' batch-size
+    // dependent rounding.)
+    let model = tiny();
+    let lat = t.join("noise.safetensors");
+    let noise = diffpref_pipelines::pipeline::seeded_noise(0, &[1, 4, 16, 16], &Device::Cpu)
+        .unwrap()
+        .repeat((2, 1, 1, 1))
+        .unwrap();
+    candle_core::safetensors::save(&HashMap::from([("init_latents".to_string(), noise)]), &lat)
+        .unwrap();
+    for (col, lora) in [(none, None), (alpha, Some(&a)), (gamma, Some(&c))] {
+        let out = t.join(format!("gen-{col}"));
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            prompts[0],
+            "--prompt",
+            prompts[1],
+            "--steps",
+            "2",
+            "--init-latents",
+            lat.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(f) = lora {
+            args.extend(["--lora", f.to_str().unwrap(), "--lora-scale", "0.8"]);
+        }
+        ok(&diffpref(&args));
+        for (r, name) in ["000-a-red-cube.png", "001-a-tree.png"].iter().enumerate() {
+            let single = image::open(out.join(name)).unwrap().to_rgb8();
+            let n = diff(&single, &cells[r][col]);
+            assert_eq!(
+                n, 0,
+                "row {r}, column {col} differs from `generate` in {n} pixels"
+            );
+        }
+    }
 }

@@ -186,12 +186,61 @@ fn cli_trains_from_a_toml_config_with_overrides() {
     assert_eq!(state["config"]["loss"]["kind"], "hinge");
 }
 
+/// Two pairs whose images are `w x h` PNGs of one colour per pair side (`shade` picks the colours) and whose
+/// latents are stored (random, `[4, 16, 16]`, the same for every call): training reads the PNGs only for their
+/// size (the SDXL micro-conditioning), never their pixels.
+fn stored_latent_pairs(dir: &Path, (w, h): (u32, u32), shade: u8) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut lines = Vec::new();
+    for i in 0..2u64 {
+        let mut v = serde_json::json!({"prompt": "a red square"});
+        for (k, key) in ["chosen", "rejected"].iter().enumerate() {
+            let name = format!("{i}-{key}");
+            image::RgbImage::from_pixel(w, h, image::Rgb([shade, 100 + 50 * k as u8, 30]))
+                .save(dir.join(format!("{name}.png")))
+                .unwrap();
+            let z = diffpref::train::rng::Rng::new(10 * i + k as u64)
+                .normal_tensor(&[4, 16, 16], &candle_core::Device::Cpu)
+                .unwrap();
+            diffpref::data::latents::save_latent(
+                &dir.join(format!("{name}.latent.safetensors")),
+                &z,
+            )
+            .unwrap();
+            v[*key] = format!("{name}.png").into();
+            v[format!("{key}_latent")] = format!("{name}.latent.safetensors").into();
+        }
+        lines.push(v.to_string());
+    }
+    let m = dir.join("pairs.jsonl");
+    std::fs::write(&m, lines.join("\n") + "\n").unwrap();
+    m
+}
+
+fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn sdxl_style_model_trains_with_micro_conditioning() {
+    use candle_core::{Device, Tensor};
+    use diffpref::pipelines::loading::{LoadOptions, StableDiffusion};
+    use diffpref::pipelines::models::unet::AddedCond;
+    use diffpref::train::lora::{LoadMode, LoraSet};
+    let sdxl = fixtures().join("tiny-sdxl");
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(tmp.path(), 2);
     let mut cfg = config(tmp.path(), &m, 2);
-    cfg.run.model = fixtures().join("tiny-sdxl").display().to_string();
+    cfg.run.model = sdxl.display().to_string();
     cfg.data.random_flip = true;
     // With the unconditional anchor: the empty prompt's pooled embedding and micro-conditioning go through too.
     cfg.loss.uncond_anchor = 1e4;
@@ -200,6 +249,94 @@ fn sdxl_style_model_trains_with_micro_conditioning() {
     assert!((records[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
     assert_eq!(records[0]["uncond_drift"].as_f64(), Some(0.0));
     assert!(s.weights.exists());
+
+    // The UNet reads both halves of the added conditioning (so training must feed them right), and the trained
+    // LoRA moves its prediction under that conditioning.
+    let model = StableDiffusion::load(&sdxl, &LoadOptions::default()).unwrap();
+    let embeds = model.encode_prompts(&["a red square"]).unwrap();
+    let added = model
+        .added_cond(&embeds, 32, 32)
+        .unwrap()
+        .expect("text_time UNet");
+    let x = diffpref::train::rng::Rng::new(5)
+        .normal_tensor(&[1, 4, 16, 16], &Device::Cpu)
+        .unwrap();
+    let t = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let predict = |a: &AddedCond| {
+        model
+            .unet
+            .forward(&x, &t, &embeds.hidden_states, Some(a))
+            .unwrap()
+    };
+    let base = predict(&added);
+    let other_ids = AddedCond {
+        text_embeds: added.text_embeds.clone(),
+        time_ids: Tensor::new(&[[32f32, 40., 0., 4., 32., 32.]], &Device::Cpu).unwrap(),
+    };
+    let other_pooled = AddedCond {
+        text_embeds: model
+            .encode_prompts(&["a blue circle"])
+            .unwrap()
+            .pooled
+            .unwrap(),
+        time_ids: added.time_ids.clone(),
+    };
+    let (d_ids, d_pooled) = (
+        max_abs_diff(&base, &predict(&other_ids)),
+        max_abs_diff(&base, &predict(&other_pooled)),
+    );
+    let lora = LoraSet::load(&model.unet, &s.weights, LoadMode::Frozen { scale: 1.0 }).unwrap();
+    let d_lora = max_abs_diff(&base, &predict(&added));
+    drop(lora);
+    println!(
+        "prediction change: time ids {d_ids:.2e}, pooled {d_pooled:.2e}, trained LoRA {d_lora:.2e}"
+    );
+    assert!(d_ids > 1e-4, "the time ids do not reach the UNet ({d_ids})");
+    assert!(
+        d_pooled > 1e-4,
+        "the pooled embedding does not reach the UNet ({d_pooled})"
+    );
+    assert!(
+        d_lora > 1e-4,
+        "two steps of training left the prediction unchanged ({d_lora})"
+    );
+
+    // The micro-conditioning of a training batch comes from each image's own size and crop: with stored latents
+    // (the pixels never enter), the same seed and data, chosen PNGs of 40x32 instead of 32x32 (time ids
+    // (32, 40, 0, 4, 32, 32) instead of (32, 32, 0, 0, 32, 32)) change the step-0 errors, while other pixels of
+    // the same size change nothing.
+    let step0 = |name: &str, size: (u32, u32), shade: u8| {
+        let dir = tmp.path().join(name);
+        let m = stored_latent_pairs(&dir.join("data"), size, shade);
+        let mut cfg = config(&dir, &m, 1);
+        cfg.run.model = sdxl.display().to_string();
+        first_record(&cfg)
+    };
+    let square = step0("square", (32, 32), 200);
+    let repainted = step0("repainted", (32, 32), 20);
+    let wide = step0("wide", (40, 32), 200);
+    let errors = |r: &serde_json::Value| {
+        ["ref_mse_w", "ref_mse_l", "model_mse_w", "model_mse_l"].map(|k| r[k].as_f64().unwrap())
+    };
+    println!(
+        "step-0 errors: square {:?}, repainted {:?}, wide {:?}",
+        errors(&square),
+        errors(&repainted),
+        errors(&wide)
+    );
+    assert_eq!(
+        errors(&square),
+        errors(&repainted),
+        "the pixels of stored-latent pairs changed the errors"
+    );
+    for (a, b) in errors(&square).iter().zip(errors(&wide)) {
+        assert!(
+            (a - b).abs() > 1e-5 * a.abs(),
+            "the images' size (time ids) did not change the errors: {:?} vs {:?}",
+            errors(&square),
+            errors(&wide)
+        );
+    }
 }
 
 /// Held-out unconditional drift of a LoRA trained on the red/blue pairs with and without the anchor.
@@ -242,17 +379,46 @@ fn full_fine_tuning_trains_every_unet_weight() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    assert_eq!(trained.len(), base.len());
-    let k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
-    let d = (&trained[k] - &base[k])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(d > 0.0, "full fine-tuning must move {k}");
+    // The same tensors as the base UNet, each one moved by the two optimiser steps.
+    let mut names: Vec<&String> = base.keys().collect();
+    names.sort();
+    let mut trained_names: Vec<&String> = trained.keys().collect();
+    trained_names.sort();
+    assert_eq!(
+        trained_names, names,
+        "the saved UNet has other tensors than the base"
+    );
+    let unchanged: Vec<&str> = names
+        .iter()
+        .filter(|k| {
+            let (t, b) = (&trained[k.as_str()], &base[k.as_str()]);
+            assert_eq!(t.dims(), b.dims(), "{k}: shape changed");
+            let d = (t.to_dtype(candle_core::DType::F32).unwrap()
+                - b.to_dtype(candle_core::DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+            d == 0.0
+        })
+        .map(|k| k.as_str())
+        .collect();
+    println!(
+        "{} UNet tensors, {} unchanged",
+        names.len(),
+        unchanged.len()
+    );
+    assert!(
+        unchanged.is_empty(),
+        "full fine-tuning left {} of {} UNet tensors unchanged: {unchanged:?}",
+        unchanged.len(),
+        names.len()
+    );
     // The result is a loadable UNet folder.
     diffpref_pipelines::models::unet::UNet2DConditionModel::load(
         &s.weights,
@@ -455,5 +621,9 @@ fn validation_grids_are_written_and_logged_to_tensorboard() {
         .collect();
     assert!(changed.len() > 100, "{} pixels changed", changed.len());
     let min_x = *changed.iter().min().unwrap();
-    assert!(min_x > a.width() / 2, "a pixel at x = {min_x} of {} changed", a.width());
+    assert!(
+        min_x > a.width() / 2,
+        "a pixel at x = {min_x} of {} changed",
+        a.width()
+    );
 }
