@@ -219,10 +219,30 @@ fn a_non_finite_loss_stops_naming_the_last_good_checkpoint() {
 
 #[test]
 fn ctrl_c_checkpoints_and_the_resumed_run_is_identical() {
+    ctrl_c_resume(0.0);
+}
+
+/// With an EMA of the weights (saved in the checkpoint, copied into the weights at the end), the resumed run
+/// still ends bit-identical, and differs from the run without EMA.
+#[test]
+fn ctrl_c_resume_keeps_the_ema() {
+    let with = ctrl_c_resume(0.5);
+    let without = ctrl_c_resume(0.0);
+    assert_ne!(with, without);
+}
+
+/// A straight 5-step run against one stopped by Ctrl-C after step 3 and resumed in a fresh process (2
+/// micro-batches per step, EMA decay `ema`): the final weights, returned.
+fn ctrl_c_resume(ema: f64) -> Vec<f32> {
+    let settings = |dir: &Path| {
+        let mut s = settings(dir, 5, 2);
+        s.optim.ema_decay = ema;
+        s
+    };
     let tmp = tempfile::tempdir().unwrap();
     let (mut m, policy) = toy();
     train(
-        &settings(&tmp.path().join("a"), 5, 2),
+        &settings(&tmp.path().join("a")),
         &policy,
         &mut m,
         &mut Hooks::none(),
@@ -236,7 +256,7 @@ fn ctrl_c_checkpoints_and_the_resumed_run_is_identical() {
     let flag = StopFlag::new();
     m.stop_after = Some((3, flag.clone()));
     let out = train(
-        &settings(&dir, 5, 2),
+        &settings(&dir),
         &policy,
         &mut m,
         &mut Hooks::none(),
@@ -248,21 +268,16 @@ fn ctrl_c_checkpoints_and_the_resumed_run_is_identical() {
     assert!(dir.join("checkpoint-3").join("state.json").exists());
     // A fresh process: new weights and method, resumed from checkpoint-3.
     let (mut m, policy) = toy();
-    let out = train(
-        &settings(&dir, 5, 2),
-        &policy,
-        &mut m,
-        &mut Hooks::none(),
-        None,
-    )
-    .unwrap();
+    let out = train(&settings(&dir), &policy, &mut m, &mut Hooks::none(), None).unwrap();
     assert_eq!((out.start_step, out.steps), (3, 5));
-    assert_eq!(m.w.as_tensor().to_vec1::<f32>().unwrap(), want);
+    let got = m.w.as_tensor().to_vec1::<f32>().unwrap();
+    assert_eq!(got, want);
     let steps: Vec<u64> = records(&out.metrics)
         .iter()
         .map(|r| r["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+    got
 }
 
 fn fixtures() -> PathBuf {
