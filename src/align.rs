@@ -508,14 +508,14 @@ fn training_captions(
         .into_iter()
         .flatten()
     {
-        let text = std::fs::read_to_string(m)
-            .with_context(|| format!("reading {}", m.display()))?;
+        let text =
+            std::fs::read_to_string(m).with_context(|| format!("reading {}", m.display()))?;
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}", m.display(), i + 1))?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}", m.display(), i + 1))?;
             if let Some(p) = v.get("prompt").and_then(|p| p.as_str()) {
                 taken.insert(p.to_string());
             }
@@ -536,7 +536,10 @@ fn robustness_rows(
     trained: &[(String, PathBuf, u64, f64, Option<u64>)],
     progress: bool,
 ) -> Result<(Vec<RobustRow>, Vec<FreshList>)> {
-    ensure!(r.seeds > 0 && r.prompts > 0, "--fresh-seeds and --fresh-prompts must be at least 1");
+    ensure!(
+        r.seeds > 0 && r.prompts > 0,
+        "--fresh-seeds and --fresh-prompts must be at least 1"
+    );
     let mut cells: Vec<Vec<RobustCell>> = vec![Vec::new(); trained.len()];
     let mut diffs: Vec<Vec<f64>> = vec![Vec::new(); trained.len()];
     let mut div: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); trained.len()];

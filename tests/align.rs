@@ -179,11 +179,20 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     assert!(table.contains("fresh prompt lists"), "{table}");
     let r = &report.robustness[0];
     assert_eq!(r.method, "dpo");
-    let seeds: Vec<(u64, u64)> = r.cells.iter().map(|c| (c.list_seed, c.sample_seed)).collect();
+    let seeds: Vec<(u64, u64)> = r
+        .cells
+        .iter()
+        .map(|c| (c.list_seed, c.sample_seed))
+        .collect();
     let s0 = cfg.run.eval.seed;
     assert_eq!(
         seeds,
-        vec![(1000, s0 + 1), (1000, s0 + 2), (1001, s0 + 1), (1001, s0 + 2)]
+        vec![
+            (1000, s0 + 1),
+            (1000, s0 + 2),
+            (1001, s0 + 1),
+            (1001, s0 + 2)
+        ]
     );
     assert_eq!(r.pooled.n, 4 * 3 * 2);
     let cell_mean = r.cells.iter().map(|c| c.change.mean).sum::<f64>() / 4.0;
@@ -199,12 +208,17 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         assert_eq!(list.len(), 3, "list {seed}");
         for c in list {
             assert!(
-                !train.contains(c) && !prompts.contains(c) && !manifest.contains(&format!("\"{c}\"")),
+                !train.contains(c)
+                    && !prompts.contains(c)
+                    && !manifest.contains(&format!("\"{c}\"")),
                 "{c}"
             );
         }
     }
-    assert!(report.fresh_lists[0].1.iter().all(|c| !report.fresh_lists[1].1.contains(c)));
+    assert!(report.fresh_lists[0]
+        .1
+        .iter()
+        .all(|c| !report.fresh_lists[1].1.contains(c)));
 
     // The base row is reproducible: the same prompts and seeds sampled again give the same mean reward.
     let model = diffpref::pipelines::loading::StableDiffusion::load(

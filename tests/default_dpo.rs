@@ -18,7 +18,12 @@ use std::path::Path;
 static ALLOC: diffpref::alloc::MiMalloc = diffpref::alloc::MiMalloc;
 
 /// The demo manifest's lines `range`, with their image and latent paths made absolute, as `dir/name`.
-fn split(manifest: &Path, range: std::ops::Range<usize>, dir: &Path, name: &str) -> std::path::PathBuf {
+fn split(
+    manifest: &Path,
+    range: std::ops::Range<usize>,
+    dir: &Path,
+    name: &str,
+) -> std::path::PathBuf {
     let manifest = manifest.canonicalize().unwrap();
     let base = manifest.parent().unwrap();
     let text = std::fs::read_to_string(&manifest).unwrap();
@@ -48,19 +53,32 @@ fn the_embedded_default_learns_preferences_that_hold_on_unseen_pairs() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = default_dpo_config(&[
         "log.progress=false".into(),
-        format!("output_dir={:?}", tmp.path().join("run").display().to_string()),
-        format!("data.cache_dir={:?}", tmp.path().join("cache").display().to_string()),
+        format!(
+            "output_dir={:?}",
+            tmp.path().join("run").display().to_string()
+        ),
+        format!(
+            "data.cache_dir={:?}",
+            tmp.path().join("cache").display().to_string()
+        ),
     ])
     .unwrap();
     let demo = cfg.data.manifest.clone().unwrap();
-    let n = std::fs::read_to_string(&demo).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    let n = std::fs::read_to_string(&demo)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
     assert!(n >= 100, "{n} demo pairs");
     let held = n - 50;
     cfg.data.manifest = Some(split(&demo, 0..held, tmp.path(), "train.jsonl"));
     cfg.run.eval.prompts = None;
     let s = train(&cfg, None).unwrap();
     assert_eq!(s.steps, cfg.run.optim.max_steps);
-    assert!(s.output_dir.join("pytorch_lora_weights.safetensors").exists());
+    assert!(s
+        .output_dir
+        .join("pytorch_lora_weights.safetensors")
+        .exists());
 
     let mut unseen = cfg.clone();
     unseen.data.manifest = Some(split(&demo, held..n, tmp.path(), "unseen.jsonl"));
@@ -69,7 +87,11 @@ fn the_embedded_default_learns_preferences_that_hold_on_unseen_pairs() {
     println!("base {base:?}\ntuned {tuned:?}");
     assert!((base.loss - std::f64::consts::LN_2).abs() < 1e-6 && base.implicit_acc == 0.5);
     assert_eq!(tuned.pairs, (n - held) * 4);
-    assert!(tuned.implicit_acc > 0.5, "unseen-pair accuracy {}", tuned.implicit_acc);
+    assert!(
+        tuned.implicit_acc > 0.5,
+        "unseen-pair accuracy {}",
+        tuned.implicit_acc
+    );
     assert!(tuned.margin > 0.0, "unseen-pair margin {}", tuned.margin);
     assert!(
         tuned.reward_chosen > tuned.reward_rejected,
@@ -77,5 +99,9 @@ fn the_embedded_default_learns_preferences_that_hold_on_unseen_pairs() {
         tuned.reward_chosen,
         tuned.reward_rejected
     );
-    assert!(tuned.uncond_drift < 5e-5, "unconditional drift {}", tuned.uncond_drift);
+    assert!(
+        tuned.uncond_drift < 5e-5,
+        "unconditional drift {}",
+        tuned.uncond_drift
+    );
 }

@@ -802,7 +802,10 @@ fn out_of_range_counts_and_config_values_are_named() {
             vec!["train", "adjoint", "--device", "cuda:x"],
             vec!["device", "cuda:x"],
         ),
-        (vec!["train", "seppo", "--dtype", "f64"], vec!["dtype", "f64"]),
+        (
+            vec!["train", "seppo", "--dtype", "f64"],
+            vec!["dtype", "f64"],
+        ),
         (
             vec!["pretrain", "--device", "tpu", "--set", "seed=1"],
             vec!["device", "tpu"],

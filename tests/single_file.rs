@@ -39,10 +39,18 @@ fn run_err(cmd: &mut Command) -> String {
 /// The single file of a fixture model, written by `diffpref convert`, with its configs as `<stem>.config/`.
 fn single_file(dir: &Path, model: &str) -> PathBuf {
     let file = dir.join(format!("{model}.safetensors"));
-    run_ok(bin().args(["convert", "--model"]).arg(fixtures().join(model)).arg("--out").arg(&file));
+    run_ok(
+        bin()
+            .args(["convert", "--model"])
+            .arg(fixtures().join(model))
+            .arg("--out")
+            .arg(&file),
+    );
     let src = fixtures().join(model);
     for f in config_files(&src).unwrap() {
-        let to = dir.join(format!("{model}.config")).join(f.strip_prefix(&src).unwrap());
+        let to = dir
+            .join(format!("{model}.config"))
+            .join(f.strip_prefix(&src).unwrap());
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(&f, &to).unwrap();
     }
@@ -68,12 +76,18 @@ fn the_converter_writes_what_diffusers_read() {
             .iter()
             .map(|(k, t)| {
                 assert_eq!(t.dtype(), candle_core::DType::F32, "{model}: {k}");
-                (k.clone(), (t.dims().to_vec(), "float32".to_string(), digest(t)))
+                (
+                    k.clone(),
+                    (t.dims().to_vec(), "float32".to_string(), digest(t)),
+                )
             })
             .collect();
         let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).collect();
         let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "{model}: missing {missing:?}, extra {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{model}: missing {missing:?}, extra {extra:?}"
+        );
         for (k, w) in want {
             assert_eq!(&got[k], w, "{model}: {k}");
         }
@@ -126,7 +140,8 @@ fn bad_single_files_are_named() {
     let mut tensors = diffpref_pipelines::single_file::read_tensors(&file).unwrap();
     let save = |name: &str, t: &[(String, candle_core::Tensor)]| {
         let p = tmp.path().join(name);
-        let map: std::collections::HashMap<String, candle_core::Tensor> = t.iter().cloned().collect();
+        let map: std::collections::HashMap<String, candle_core::Tensor> =
+            t.iter().cloned().collect();
         candle_core::safetensors::save(&map, &p).unwrap();
         p
     };
@@ -137,7 +152,10 @@ fn bad_single_files_are_named() {
         candle_core::Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
     ));
     let p = save("bogus.safetensors", &bogus);
-    let e = format!("{:#}", write_folder(&p, &config, None, &tmp.path().join("x")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        write_folder(&p, &config, None, &tmp.path().join("x")).unwrap_err()
+    );
     assert!(
         e.contains("unmapped key `model.diffusion_model.input_blocks.1.0.bogus.weight`"),
         "{e}"
@@ -154,11 +172,23 @@ fn bad_single_files_are_named() {
     assert!(e.contains("decoder.conv_in.weight"), "{e}");
     // Not a Stable Diffusion checkpoint at all (a LoRA file), and an SD 1.x file read with SDXL configs.
     let lora = fixtures().join("parity/lora_peft.safetensors");
-    let e = format!("{:#}", write_folder(&lora, &config, None, &tmp.path().join("y")).unwrap_err());
-    assert!(e.contains("not a single-file Stable Diffusion checkpoint"), "{e}");
     let e = format!(
         "{:#}",
-        write_folder(&file, &fixtures().join("tiny-sdxl"), None, &tmp.path().join("z")).unwrap_err()
+        write_folder(&lora, &config, None, &tmp.path().join("y")).unwrap_err()
+    );
+    assert!(
+        e.contains("not a single-file Stable Diffusion checkpoint"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        write_folder(
+            &file,
+            &fixtures().join("tiny-sdxl"),
+            None,
+            &tmp.path().join("z")
+        )
+        .unwrap_err()
     );
     assert!(e.contains("Sd1") && e.contains("Sdxl"), "{e}");
     // The CLI: a folder --out for a single file, and an existing file without --overwrite.
@@ -170,7 +200,13 @@ fn bad_single_files_are_named() {
             .arg(tmp.path().join("o.bin")),
     );
     assert!(e.contains(".safetensors"), "{e}");
-    let e = run_err(bin().args(["convert", "--model"]).arg(&config).arg("--out").arg(&file));
+    let e = run_err(
+        bin()
+            .args(["convert", "--model"])
+            .arg(&config)
+            .arg("--out")
+            .arg(&file),
+    );
     assert!(e.contains("--overwrite"), "{e}");
 }
 
@@ -197,11 +233,21 @@ fn the_cli_generates_trains_and_merges_from_a_single_file() {
     let gen = |model: &Path, out: &str| {
         let mut c = bin();
         env(&mut c);
-        run_ok(c.args(["generate", "--prompt", "a red circle", "--steps", "2", "--seed", "4"])
+        run_ok(
+            c.args([
+                "generate",
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--seed",
+                "4",
+            ])
             .arg("--model")
             .arg(model)
             .arg("--out")
-            .arg(tmp.path().join(out)));
+            .arg(tmp.path().join(out)),
+        );
         image::open(tmp.path().join(out).join("000-a-red-circle.png"))
             .unwrap()
             .to_rgb8()
@@ -214,7 +260,12 @@ fn the_cli_generates_trains_and_merges_from_a_single_file() {
     assert_eq!(converted.len(), 1, "{converted:?}");
     // Reused, not converted again.
     gen(&file, "g-file-2");
-    assert_eq!(std::fs::read_dir(cache.join("single-file")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(cache.join("single-file"))
+            .unwrap()
+            .count(),
+        1
+    );
 
     let manifest = make_pairs(tmp.path(), 3);
     let cfg = tmp.path().join("dpo.toml");
@@ -233,7 +284,10 @@ fn the_cli_generates_trains_and_merges_from_a_single_file() {
         c.args(["train", "dpo", "--config"]).arg(&cfg);
         for s in [
             format!("model={:?}", model.display().to_string()),
-            format!("output_dir={:?}", tmp.path().join(out).display().to_string()),
+            format!(
+                "output_dir={:?}",
+                tmp.path().join(out).display().to_string()
+            ),
         ] {
             c.arg("--set").arg(s);
         }
@@ -253,27 +307,33 @@ fn the_cli_generates_trains_and_merges_from_a_single_file() {
     let lora = b.join("pytorch_lora_weights.safetensors");
     let mut c = bin();
     env(&mut c);
-    run_ok(c.args(["lora", "merge", "--single-file", "--model"])
-        .arg(&file)
-        .arg("--lora")
-        .arg(&lora)
-        .arg("--out")
-        .arg(tmp.path().join("merged.safetensors")));
-    run_ok(bin()
-        .args(["lora", "merge", "--model"])
-        .arg(&folder)
-        .arg("--lora")
-        .arg(&lora)
-        .arg("--out")
-        .arg(tmp.path().join("merged")));
+    run_ok(
+        c.args(["lora", "merge", "--single-file", "--model"])
+            .arg(&file)
+            .arg("--lora")
+            .arg(&lora)
+            .arg("--out")
+            .arg(tmp.path().join("merged.safetensors")),
+    );
+    run_ok(
+        bin()
+            .args(["lora", "merge", "--model"])
+            .arg(&folder)
+            .arg("--lora")
+            .arg(&lora)
+            .arg("--out")
+            .arg(tmp.path().join("merged")),
+    );
     let back = tmp.path().join("merged-back");
     write_folder(&tmp.path().join("merged.safetensors"), &folder, None, &back).unwrap();
     let unet = |d: &Path| -> BTreeMap<String, String> {
-        diffpref_pipelines::single_file::read_tensors(&d.join("unet/diffusion_pytorch_model.safetensors"))
-            .unwrap()
-            .iter()
-            .map(|(k, t)| (k.clone(), digest(t)))
-            .collect()
+        diffpref_pipelines::single_file::read_tensors(
+            &d.join("unet/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap()
+        .iter()
+        .map(|(k, t)| (k.clone(), digest(t)))
+        .collect()
     };
     let merged = unet(&tmp.path().join("merged"));
     assert_eq!(unet(&back), merged);
@@ -281,11 +341,13 @@ fn the_cli_generates_trains_and_merges_from_a_single_file() {
 
     // --prediction-type reaches the converted scheduler config.
     let out = tmp.path().join("vpred");
-    run_ok(bin()
-        .args(["convert", "--prediction-type", "v_prediction", "--model"])
-        .arg(&file)
-        .arg("--out")
-        .arg(&out));
+    run_ok(
+        bin()
+            .args(["convert", "--prediction-type", "v_prediction", "--model"])
+            .arg(&file)
+            .arg("--out")
+            .arg(&out),
+    );
     let s: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("scheduler/scheduler_config.json")).unwrap(),
     )

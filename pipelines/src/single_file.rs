@@ -166,7 +166,9 @@ impl Mapping {
             },
         ];
         match family {
-            Family::Sd1 => components.push(hf_clip("text_encoder", "cond_stage_model.transformer.")),
+            Family::Sd1 => {
+                components.push(hf_clip("text_encoder", "cond_stage_model.transformer."))
+            }
             Family::Sd2 => components.push(open_clip(
                 "text_encoder",
                 "cond_stage_model.model.",
@@ -253,7 +255,12 @@ fn hf_clip(folder: &'static str, ldm_prefix: &'static str) -> Component {
     }
 }
 
-fn open_clip(folder: &'static str, ldm_prefix: &'static str, layers: usize, projection: bool) -> Component {
+fn open_clip(
+    folder: &'static str,
+    ldm_prefix: &'static str,
+    layers: usize,
+    projection: bool,
+) -> Component {
     let mut rules: Vec<(String, String)> = vec![
         (
             "text_model.embeddings.token_embedding".into(),
@@ -309,7 +316,15 @@ fn is_vae_attention_weight(diffusers_key: &str) -> bool {
         diffusers_key
             .strip_prefix(side)
             .and_then(|k| k.strip_prefix(".mid_block.attentions.0."))
-            .is_some_and(|k| ["to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"].contains(&k))
+            .is_some_and(|k| {
+                [
+                    "to_q.weight",
+                    "to_k.weight",
+                    "to_v.weight",
+                    "to_out.0.weight",
+                ]
+                .contains(&k)
+            })
     })
 }
 
@@ -364,7 +379,8 @@ impl Component {
         } else {
             local.to_string()
         };
-        let name = rename(&self.rules, &local, true).ok_or_else(|| "no rule maps it".to_string())?;
+        let name =
+            rename(&self.rules, &local, true).ok_or_else(|| "no rule maps it".to_string())?;
         let t = if is_vae_attention_weight(&name) && t.rank() == 4 {
             t.flatten_from(1)
                 .and_then(|x| x.contiguous())
@@ -378,7 +394,8 @@ impl Component {
     /// A component's diffusers tensors as single-file tensors (keys with the component prefix).
     fn write(&self, tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        let by_name: BTreeMap<&str, &Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let by_name: BTreeMap<&str, &Tensor> =
+            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
         let missing = |name: &str| Error::MissingTensor {
             name: name.to_string(),
             files: format!("the {} weights", self.folder),
@@ -408,7 +425,10 @@ impl Component {
                             })
                             .collect::<Result<Vec<&Tensor>>>()?;
                         out.push((
-                            format!("{}transformer.resblocks.{i}.attn.in_proj_{kind}", self.ldm_prefix),
+                            format!(
+                                "{}transformer.resblocks.{i}.attn.in_proj_{kind}",
+                                self.ldm_prefix
+                            ),
                             Tensor::cat(&parts, 0)?,
                         ));
                     }
@@ -474,10 +494,26 @@ fn unet_rules(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, String)>> {
     fn pair(r: &mut Vec<(String, String)>, d: String, l: String) {
         r.push((d, l));
     }
-    pair(&mut r, "time_embedding.linear_1".into(), "time_embed.0".into());
-    pair(&mut r, "time_embedding.linear_2".into(), "time_embed.2".into());
-    pair(&mut r, "add_embedding.linear_1".into(), "label_emb.0.0".into());
-    pair(&mut r, "add_embedding.linear_2".into(), "label_emb.0.2".into());
+    pair(
+        &mut r,
+        "time_embedding.linear_1".into(),
+        "time_embed.0".into(),
+    );
+    pair(
+        &mut r,
+        "time_embedding.linear_2".into(),
+        "time_embed.2".into(),
+    );
+    pair(
+        &mut r,
+        "add_embedding.linear_1".into(),
+        "label_emb.0.0".into(),
+    );
+    pair(
+        &mut r,
+        "add_embedding.linear_2".into(),
+        "label_emb.0.2".into(),
+    );
     pair(&mut r, "conv_in".into(), "input_blocks.0.0".into());
     let mut k = 1;
     for (i, (&count, kind)) in layers.iter().zip(&cfg.down_block_types).enumerate() {
@@ -507,7 +543,11 @@ fn unet_rules(cfg: &UNet2DConditionConfig) -> Result<Vec<(String, String)>> {
         }
     }
     resnet_rules(&mut r, "mid_block.resnets.0", "middle_block.0");
-    pair(&mut r, "mid_block.attentions.0".into(), "middle_block.1".into());
+    pair(
+        &mut r,
+        "mid_block.attentions.0".into(),
+        "middle_block.1".into(),
+    );
     resnet_rules(&mut r, "mid_block.resnets.1", "middle_block.2");
     let mut k = 0;
     for i in 0..n {
@@ -711,11 +751,9 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .path();
             if p.is_dir() {
                 stack.push(p);
-            } else if !p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.contains(".safetensors") || n.ends_with(".bin") || n.ends_with(".ckpt"))
-            {
+            } else if !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.contains(".safetensors") || n.ends_with(".bin") || n.ends_with(".ckpt")
+            }) {
                 out.push(p);
             }
         }
@@ -764,7 +802,8 @@ pub fn write_folder(
         let path = dst.join("scheduler/scheduler_config.json");
         let mut v: serde_json::Value = crate::error::read_json(&path)?;
         v["prediction_type"] = serde_json::Value::String(p.to_string());
-        std::fs::write(&path, serde_json::to_string_pretty(&v).expect("JSON")).map_err(io(&path))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&v).expect("JSON"))
+            .map_err(io(&path))?;
     }
     let parts = mapping.to_diffusers(read_tensors(ckpt)?, &what)?;
     for c in &mapping.components {
@@ -891,7 +930,13 @@ pub fn materialize(ckpt: &Path) -> Result<PathBuf> {
         .and_then(|s| s.to_str())
         .unwrap_or("model")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect::<String>();
     let root = cache_root()?.join("single-file");
     let dst = root.join(format!("{stem}-{:016x}", h.finish()));

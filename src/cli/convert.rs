@@ -50,7 +50,10 @@ fn parse_dtype(s: &str) -> Result<candle_core::DType> {
     })
 }
 
-fn cast(tensors: &mut [(String, candle_core::Tensor)], dtype: Option<candle_core::DType>) -> Result<()> {
+fn cast(
+    tensors: &mut [(String, candle_core::Tensor)],
+    dtype: Option<candle_core::DType>,
+) -> Result<()> {
     if let Some(dt) = dtype {
         for (_, t) in tensors.iter_mut() {
             if t.dtype().is_float() {
@@ -72,7 +75,10 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         to_folder(&a, dtype)
     } else if a.model.join("model_index.json").is_file() {
         if a.config.is_some() || a.prediction_type.is_some() {
-            bail!("--config and --prediction-type apply to a single file; --model {} is a folder", a.model.display());
+            bail!(
+                "--config and --prediction-type apply to a single file; --model {} is a folder",
+                a.model.display()
+            );
         }
         to_single_file(&a, dtype)
     } else {
@@ -145,18 +151,27 @@ fn to_single_file(a: &ConvertArgs, dtype: Option<candle_core::DType>) -> Result<
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
     {
-        bail!("--out {}: a single file must end in .safetensors", a.out.display());
+        bail!(
+            "--out {}: a single file must end in .safetensors",
+            a.out.display()
+        );
     }
     let inputs = [Input::new("--model folder", &a.model)];
     crate::output::check_output_file(&a.out, "--out", &inputs)?;
     if a.out.exists() && !a.overwrite {
-        bail!("--out {} exists; pass --overwrite to replace it", a.out.display());
+        bail!(
+            "--out {} exists; pass --overwrite to replace it",
+            a.out.display()
+        );
     }
     let (family, mut tensors) = folder_to_ldm(&a.model, a.variant.as_deref())
         .with_context(|| format!("--model {}", a.model.display()))?;
     cast(&mut tensors, dtype)?;
     crate::io::save_safetensors(&a.out, &tensors)?;
-    eprintln!("diffusers folder -> {family:?} single file ({} tensors)", tensors.len());
+    eprintln!(
+        "diffusers folder -> {family:?} single file ({} tensors)",
+        tensors.len()
+    );
     println!("{}", a.out.display());
     Ok(())
 }

@@ -92,7 +92,9 @@ fn write_merged(
     specs: &[(PathBuf, f64)],
     dst: &Path,
 ) -> Result<usize> {
-    for entry in std::fs::read_dir(model).with_context(|| format!("cannot read {}", model.display()))? {
+    for entry in
+        std::fs::read_dir(model).with_context(|| format!("cannot read {}", model.display()))?
+    {
         let entry = entry.with_context(|| format!("cannot read {}", model.display()))?;
         if entry.file_name() == "unet" {
             continue;
@@ -105,7 +107,8 @@ fn write_merged(
             link_or_copy(&from, &to)?;
         }
     }
-    let summary = merge_into_unet_weights_variant(&model.join("unet"), variant, specs, &dst.join("unet"))?;
+    let summary =
+        merge_into_unet_weights_variant(&model.join("unet"), variant, specs, &dst.join("unet"))?;
     Ok(summary.merged_layers.len())
 }
 
@@ -159,7 +162,10 @@ fn merge(a: MergeArgs) -> Result<()> {
             diffpref_pipelines::single_file::folder_to_ldm(scratch.path(), a.variant.as_deref())
                 .with_context(|| format!("--model {}: writing the single-file layout", a.model))?;
         crate::io::save_safetensors(&a.out, &tensors)?;
-        eprintln!("wrote a single-file {family:?} checkpoint ({} tensors)", tensors.len());
+        eprintln!(
+            "wrote a single-file {family:?} checkpoint ({} tensors)",
+            tensors.len()
+        );
     } else {
         crate::io::write_dir_atomic(&a.out, |tmp| {
             crate::output::mark(tmp, MERGE)?;

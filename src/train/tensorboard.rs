@@ -347,7 +347,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path(), None).unwrap();
         w.scalars(3, &[("loss", 0.5), ("bad", f64::NAN)]).unwrap();
-        let img = image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        let img =
+            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
         w.image(3, "grid", &img).unwrap();
         let path = w.path().to_path_buf();
         drop(w);
@@ -411,7 +412,14 @@ mod tests {
         let s = read_scalars(dir.path()).unwrap();
         assert_eq!(
             s["loss"],
-            vec![(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+            vec![
+                (1, 1.0),
+                (2, 2.0),
+                (3, 3.0),
+                (4, 40.0),
+                (5, 50.0),
+                (6, 60.0)
+            ]
         );
     }
 }
