@@ -393,18 +393,8 @@ fn full_fine_tuning_trains_every_unet_weight() {
         .filter(|k| {
             let (t, b) = (&trained[k.as_str()], &base[k.as_str()]);
             assert_eq!(t.dims(), b.dims(), "{k}: shape changed");
-            let d = (t.to_dtype(candle_core::DType::F32).unwrap()
-                - b.to_dtype(candle_core::DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-            d == 0.0
+            let f32 = |x: &candle_core::Tensor| x.to_dtype(candle_core::DType::F32).unwrap();
+            max_abs_diff(&f32(t), &f32(b)) == 0.0
         })
         .map(|k| k.as_str())
         .collect();

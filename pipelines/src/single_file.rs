@@ -85,6 +85,12 @@ impl Family {
 const UNET_PREFIX: &str = "model.diffusion_model.";
 const VAE_PREFIX: &str = "first_stage_model.";
 
+/// An I/O error naming `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_path_buf();
+    move |source| Error::Io { path, source }
+}
+
 /// Keys of a single file that no diffusers component holds.
 fn ignored(key: &str) -> bool {
     const BUFFERS: &[&str] = &[
@@ -786,10 +792,6 @@ pub fn write_folder(
             mapping.family
         )));
     }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
     for f in config_files(config_dir)? {
         let rel = f.strip_prefix(config_dir).expect("listed under it");
         let to = dst.join(rel);
@@ -913,10 +915,6 @@ pub fn cache_root() -> Result<PathBuf> {
 /// folder, so an edited file is converted again) and reused afterwards. The folder appears atomically.
 pub fn materialize(ckpt: &Path) -> Result<PathBuf> {
     use std::hash::{Hash, Hasher};
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
     let real = ckpt.canonicalize().map_err(io(ckpt))?;
     let meta = std::fs::metadata(&real).map_err(io(&real))?;
     let config_dir = default_config_dir(&real)?;

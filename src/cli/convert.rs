@@ -41,15 +41,6 @@ pub struct ConvertArgs {
     pub overwrite: bool,
 }
 
-fn parse_dtype(s: &str) -> Result<candle_core::DType> {
-    Ok(match s {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        _ => bail!("--dtype {s:?}: expected f32, f16 or bf16"),
-    })
-}
-
 fn cast(
     tensors: &mut [(String, candle_core::Tensor)],
     dtype: Option<candle_core::DType>,
@@ -65,7 +56,11 @@ fn cast(
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let dtype = a.dtype.as_deref().map(parse_dtype).transpose()?;
+    let dtype = a
+        .dtype
+        .as_deref()
+        .map(super::common::parse_dtype)
+        .transpose()?;
     if let Some(p) = &a.prediction_type {
         if !["epsilon", "v_prediction", "sample"].contains(&p.as_str()) {
             bail!("--prediction-type {p:?}: expected epsilon, v_prediction or sample");
