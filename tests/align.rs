@@ -13,8 +13,15 @@ use diffpref::rewards::shapes::ShapesReward;
 fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let out = tempfile::tempdir().unwrap();
     let cache = out.path().join("cache");
+    // The rows are judged on the first 4 held-out captions (the default's list, cut for time).
+    let heldout = default_dpo_config(&[]).unwrap().run.eval.prompts.unwrap();
+    let four: Vec<String> = read_prompts(&heldout, true).unwrap()[..4].to_vec();
+    let lists = tempfile::tempdir().unwrap();
+    let short = lists.path().join("heldout-4.txt");
+    std::fs::write(&short, four.join("\n") + "\n").unwrap();
     let cfg = default_dpo_config(&[
         "log.progress=false".into(),
+        format!("eval.prompts={:?}", short.display().to_string()),
         "optim.max_steps=2".into(),
         "optim.batch_size=2".into(),
         "eval.samples=2".into(),
@@ -97,11 +104,11 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             "adjoint.early_steps=1".into(),
         ])
         .unwrap(),
-        // 2 fresh lists of 3 captions x 2 sampling seeds.
+        // 2 fresh lists of 2 captions x 2 sampling seeds.
         robustness: Robustness {
             lists: 2,
             seeds: 2,
-            prompts: 3,
+            prompts: 2,
         },
     };
     let methods = [
@@ -159,7 +166,7 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     assert_eq!((base.method.as_str(), dpo.method.as_str()), ("base", "dpo"));
     assert!(base.difference.is_none() && base.win_rate.is_none());
     let prompts = read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap();
-    assert_eq!(report.prompts, prompts.len());
+    assert_eq!((report.prompts, &prompts), (4, &four));
     assert_eq!(base.reward.n, prompts.len() * 2);
     // The paired change is the difference of the two means (same images per row, same noise).
     let d = dpo.difference.unwrap();
@@ -194,7 +201,7 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             (1001, s0 + 2)
         ]
     );
-    assert_eq!(r.pooled.n, 4 * 3 * 2);
+    assert_eq!(r.pooled.n, 4 * 2 * 2);
     let cell_mean = r.cells.iter().map(|c| c.change.mean).sum::<f64>() / 4.0;
     assert!((r.pooled.mean - cell_mean).abs() < 1e-9);
     assert_eq!(
@@ -205,7 +212,7 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let manifest = std::fs::read_to_string(cfg.data.manifest.as_ref().unwrap()).unwrap();
     assert_eq!(report.fresh_lists.len(), 2);
     for (seed, list) in &report.fresh_lists {
-        assert_eq!(list.len(), 3, "list {seed}");
+        assert_eq!(list.len(), 2, "list {seed}");
         for c in list {
             assert!(
                 !train.contains(c)
