@@ -13,15 +13,8 @@ use diffpref::rewards::shapes::ShapesReward;
 fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let out = tempfile::tempdir().unwrap();
     let cache = out.path().join("cache");
-    // The rows are judged on the first 4 held-out captions (the default's list, cut for time).
-    let heldout = default_dpo_config(&[]).unwrap().run.eval.prompts.unwrap();
-    let four: Vec<String> = read_prompts(&heldout, true).unwrap()[..4].to_vec();
-    let lists = tempfile::tempdir().unwrap();
-    let short = lists.path().join("heldout-4.txt");
-    std::fs::write(&short, four.join("\n") + "\n").unwrap();
-    let cfg = default_dpo_config(&[
+    let mut cfg = default_dpo_config(&[
         "log.progress=false".into(),
-        format!("eval.prompts={:?}", short.display().to_string()),
         "optim.max_steps=2".into(),
         "optim.batch_size=2".into(),
         "eval.samples=2".into(),
@@ -29,6 +22,13 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         format!("data.cache_dir={:?}", cache.display().to_string()),
     ])
     .unwrap();
+    // The rows are judged on the first 4 held-out captions (the default's list, cut for time).
+    let four: Vec<String> =
+        read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap()[..4].to_vec();
+    let lists = tempfile::tempdir().unwrap();
+    let short = lists.path().join("heldout-4.txt");
+    std::fs::write(&short, four.join("\n") + "\n").unwrap();
+    cfg.run.eval.prompts = Some(short);
     // simpo is reference-free: it trains without the default's unconditional anchor instead of failing.
     assert!(cfg.loss.uncond_anchor > 0.0);
     // GRPO in small: one round of 2 prompts x 2 samples, one optimizer step.
