@@ -1137,3 +1137,35 @@ fn cli_grid_adds_a_column_per_lora() {
         }
     }
 }
+
+#[test]
+fn backward_stores_no_gradient_for_frozen_weights() {
+    // candle's backward computes and keeps a gradient for every operand of every op on the way to a trainable
+    // tensor; with a LoRA that was a weight-sized gradient per frozen layer and an activation-sized one per
+    // bias, norm scale, softmax shift and residual. The guarded ops leave only the adapters' gradients, plus
+    // one for the first skip connection (the `conv_in` output the up path concatenates, untracked).
+    let unet = load_unet(DType::F32);
+    let set = LoraSet::attach(&unet, &config(4, None, all_targets()), &Device::Cpu).unwrap();
+    randomize(&set, 200, 0.1, false);
+    let w = randn(9, &[2, 4, 8, 8], 1.0);
+    let loss = diffpref::pipelines::autograd::mul(&fwd(&unet), &w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap();
+    let vars = set.vars();
+    let ids: std::collections::HashSet<_> = vars.iter().map(|(_, v)| v.as_tensor().id()).collect();
+    let others: Vec<Vec<usize>> = g
+        .get_ids()
+        .filter(|id| !ids.contains(id))
+        .map(|id| g.get_id(*id).unwrap().dims().to_vec())
+        .collect();
+    for (name, v) in &vars {
+        assert!(g.get(v.as_tensor()).is_some(), "{name}: no gradient");
+    }
+    let c0 = unet.config().block_out_channels[0];
+    assert!(
+        others.len() <= 1 && others.iter().all(|d| d == &[2, c0, 8, 8]),
+        "gradients stored beyond the adapters': {others:?}"
+    );
+}

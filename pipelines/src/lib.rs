@@ -6,6 +6,7 @@
 //! encoders, the CLIP tokenizer, noise schedulers with step means/stds/log-probs, and the text-to-image
 //! pipeline with a per-step observer.
 
+pub mod autograd;
 pub mod checks;
 pub mod error;
 pub mod golden;

@@ -4,6 +4,7 @@
 //! silently; nothing here uses them. Normalisations run in f32 whatever the model dtype, and every linear/conv
 //! layer carries its diffusers module path and an adapter slot where LoRA (or any other delta) attaches.
 
+use crate::autograd;
 use crate::weights::Params;
 use candle_core::{DType, Module, Result, Tensor, D};
 use std::sync::{Arc, RwLock};
@@ -19,7 +20,7 @@ type AdapterSlot = Arc<RwLock<Vec<Arc<dyn Adapter>>>>;
 fn apply_adapters(slot: &AdapterSlot, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
     let adapters = slot.read().unwrap();
     for a in adapters.iter() {
-        y = (y + a.delta(x)?)?;
+        y = autograd::add(&y, &a.delta(x)?)?;
     }
     Ok(y)
 }
@@ -82,9 +83,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let in_dim = *dims.last().unwrap();
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-    let mut y = x2.matmul(&w.t()?)?;
+    let mut y = autograd::matmul(&x2, &w.t()?)?;
     if let Some(b) = b {
-        y = y.broadcast_add(b)?;
+        y = autograd::broadcast_add(&y, b)?;
     }
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = w.dim(0)?;
@@ -164,15 +165,12 @@ impl Conv2d {
             let o = self.weight.dim(0)?;
             let w2 = self.weight.reshape((o, c))?;
             let xs = x.contiguous()?.reshape((b, c, h * w))?;
-            w2.broadcast_left(b)?
-                .contiguous()?
-                .matmul(&xs)?
-                .reshape((b, o, h, w))?
+            autograd::matmul(&w2.broadcast_left(b)?.contiguous()?, &xs)?.reshape((b, o, h, w))?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            autograd::conv2d(x, &self.weight, self.padding, self.stride, 1)?
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => autograd::broadcast_add(&y, &b.reshape((1, (), 1, 1))?),
             None => Ok(y),
         }
     }
@@ -227,7 +225,7 @@ impl Module for LayerNorm {
         let xc = xf.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dt)?;
-        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        autograd::broadcast_add(&autograd::broadcast_mul(&y, &self.weight)?, &self.bias)
     }
 }
 
@@ -270,18 +268,17 @@ impl Module for GroupNorm {
         let y = y.reshape(dims.as_slice())?.to_dtype(dt)?;
         let mut shape = vec![1usize; dims.len()];
         shape[1] = c;
-        y.broadcast_mul(&self.weight.reshape(shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(shape.as_slice())?)
+        autograd::broadcast_add(
+            &autograd::broadcast_mul(&y, &self.weight.reshape(shape.as_slice())?)?,
+            &self.bias.reshape(shape.as_slice())?,
+        )
     }
 }
 
-/// Softmax over the last dimension from differentiable primitives (the max shift is detached: softmax is
-/// shift-invariant, so the gradient is unchanged).
+/// Softmax over the last dimension with a backward (the max shift is detached: softmax is shift-invariant,
+/// so the gradient is unchanged); see [`autograd::softmax_last`].
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
+    autograd::softmax_last(x)
 }
 
 /// Activation functions named as in diffusers / transformers configs.
@@ -337,12 +334,12 @@ pub fn attention(
     } else {
         (q.clone(), k.clone())
     };
-    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let mut scores = (autograd::matmul(&q.contiguous()?, &k.t()?.contiguous()?)? * scale)?;
     if let Some(m) = mask {
-        scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?)?;
+        scores = autograd::broadcast_add(&scores, &m.to_dtype(scores.dtype())?)?;
     }
     let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-    probs.matmul(&v.contiguous()?)
+    autograd::matmul(&probs, &v.contiguous()?)
 }
 
 /// `[B, T, H·d] -> [B, H, T, d]`.

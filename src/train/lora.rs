@@ -53,6 +53,7 @@ use crate::train::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
+use diffpref_pipelines::autograd;
 use diffpref_pipelines::models::unet::UNet2DConditionModel;
 use diffpref_pipelines::nn::{linear, Adapter, Layer};
 use serde::{Deserialize, Serialize};
@@ -419,10 +420,7 @@ fn conv1x1(x: &Tensor, w2: &Tensor) -> candle_core::Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = w2.dim(0)?;
     let xs = x.contiguous()?.reshape((b, c, h * wd))?;
-    w2.broadcast_left(b)?
-        .contiguous()?
-        .matmul(&xs)?
-        .reshape((b, o, h, wd))
+    autograd::matmul(&w2.broadcast_left(b)?.contiguous()?, &xs)?.reshape((b, o, h, wd))
 }
 
 impl Adapter for LoraAdapter {
@@ -473,7 +471,7 @@ impl Adapter for LoraAdapter {
                 let h = if k == 1 && stride == 1 && padding == 0 {
                     conv1x1(&x, &a.reshape((r, in_c))?)?
                 } else {
-                    x.conv2d(&a, padding, stride, 1, 1)?
+                    autograd::conv2d(&x, &a, padding, stride, 1)?
                 };
                 let h = scaled(h)?;
                 conv1x1(&h, &b.reshape((out_c, r))?)

@@ -5,6 +5,7 @@
 //! self-attention), output `to_out.0`. GEGLU: `h ⊙ GELU_erf(g)` with `[h, g] = proj(x)` (the EXACT GELU,
 //! as diffusers).
 
+use crate::autograd;
 use crate::nn::{self, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Params;
 use crate::Result;
@@ -130,12 +131,14 @@ impl BasicTransformerBlock {
         } else {
             self.attn1.forward(&n, None)?
         };
-        let x = (a + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + x)?;
-        let x = (self.ff.forward(&self.norm3.forward(&x)?)? + x)?;
+        let x = autograd::add(&a, x)?;
+        let x = autograd::add(
+            &self
+                .attn2
+                .forward(&self.norm2.forward(&x)?, Some(context))?,
+            &x,
+        )?;
+        let x = autograd::add(&self.ff.forward(&self.norm3.forward(&x)?)?, &x)?;
         Ok(x)
     }
 }
@@ -240,6 +243,6 @@ impl Transformer2DModel {
             Proj::Linear(l) => from_tokens(&l.forward(&t)?)?,
         };
         debug_assert_eq!(out.dim(1)?, c);
-        Ok((out + residual)?)
+        Ok(autograd::add(&out, &residual)?)
     }
 }

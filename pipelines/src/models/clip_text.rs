@@ -7,6 +7,7 @@
 //! load too. Every op is differentiable (token embedding by `index_select`, LayerNorm / softmax from
 //! primitives) and every projection is an adapter-capable [`Linear`].
 
+use crate::autograd;
 use crate::error::{read_json, Error, Result};
 use crate::nn::{attention, merge_heads, split_heads, Activation, LayerNorm, Linear};
 use crate::weights::{find_weight_files, Params};
@@ -169,10 +170,10 @@ impl ClipEncoderLayer {
         let k = split_heads(&self.k_proj.forward(&h)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward(&h)?, self.heads)?;
         let o = merge_heads(&attention(&q, &k, &v, Some(mask), false)?)?;
-        let x = (x + self.out_proj.forward(&o)?)?;
+        let x = autograd::add(x, &self.out_proj.forward(&o)?)?;
         let h = self.layer_norm2.forward(&x)?;
         let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
-        x + h
+        autograd::add(&x, &h)
     }
 }
 

@@ -1,6 +1,7 @@
 //! ResNet blocks and resampling layers shared by the UNet and the VAE (diffusers `resnet.py` names:
 //! `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`; `Downsample2D.conv`, `Upsample2D.conv`).
 
+use crate::autograd;
 use crate::nn::{Activation, Conv2d, GroupNorm, Linear};
 use crate::weights::Params;
 use crate::Result;
@@ -63,7 +64,7 @@ impl ResnetBlock2D {
             .forward(&self.act.apply(&self.norm1.forward(x)?)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.apply(t)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+            h = autograd::broadcast_add(&h, &t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
         let h = self
             .conv2
@@ -72,7 +73,7 @@ impl ResnetBlock2D {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
+        let out = autograd::add(&skip, &h)?;
         Ok(if self.output_scale_factor != 1.0 {
             (out / self.output_scale_factor)?
         } else {

@@ -7,6 +7,7 @@
 //! Every op is differentiable: the decoder is backpropagated through for reward gradients, the encoder for
 //! image-space objectives.
 
+use crate::autograd;
 use crate::error::{read_json, Error};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, ResnetOptions, Upsample2D};
 use crate::nn::{attention, merge_heads, split_heads, Activation, Conv2d, GroupNorm, Linear};
@@ -258,7 +259,7 @@ impl VaeAttention {
         let a = merge_heads(&attention(&q, &k, &v, None, true)?)?;
         let out = self.to_out.forward(&a)?;
         let out = out.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
-        Ok((out + x)?)
+        Ok(autograd::add(&out, x)?)
     }
 }
 
