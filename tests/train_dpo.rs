@@ -617,3 +617,70 @@ fn validation_grids_are_written_and_logged_to_tensorboard() {
         a.width()
     );
 }
+
+#[test]
+fn gradient_checkpointing_trains_like_the_plain_run() {
+    // `gradient_checkpointing = true` recomputes each UNet block in the backward pass; the trainer must collect
+    // the adapters' gradients from inside the blocks (a run without them would leave the LoRA at zero, and
+    // the step-2 loss at ln 2).
+    let tmp = tempfile::tempdir().unwrap();
+    let m = make_pairs(tmp.path(), 2);
+    let run = |name: &str, ckpt: bool| {
+        let mut cfg = config(&tmp.path().join(name), &m, 4);
+        cfg.run.gradient_checkpointing = ckpt;
+        let s = train(&cfg, None).unwrap();
+        let losses: Vec<f64> = diffpref::train::metrics::read_metrics(&s.metrics)
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["loss"].as_f64())
+            .collect();
+        let w = candle_core::safetensors::load(&s.weights, &candle_core::Device::Cpu).unwrap();
+        (losses, w)
+    };
+    let (plain_losses, plain_w) = run("plain", false);
+    let (ckpt_losses, ckpt_w) = run("ckpt", true);
+    assert_eq!(plain_losses.len(), 4);
+    assert_eq!(
+        plain_losses[0], ckpt_losses[0],
+        "the first loss is the same forward"
+    );
+    // The gradients agree to rounding (tests/train_memory.rs); β = 5000 and Adam's per-element normalisation
+    // amplify that a little over the steps, not more.
+    for (a, b) in plain_losses.iter().zip(&ckpt_losses) {
+        assert!(
+            (a - b).abs() < 1e-3,
+            "losses {plain_losses:?} vs {ckpt_losses:?}"
+        );
+    }
+    assert!(
+        (plain_losses[3] - std::f64::consts::LN_2).abs() > 1e-3,
+        "the plain run did not move: {plain_losses:?}"
+    );
+    assert_eq!(plain_w.len(), ckpt_w.len());
+    let (mut diff2, mut norm2) = (0f64, 0f64);
+    for (k, a) in &plain_w {
+        let d = (a - &ckpt_w[k]).unwrap().sqr().unwrap().sum_all().unwrap();
+        diff2 += d.to_scalar::<f32>().unwrap() as f64;
+        norm2 += a
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+    }
+    let rel = (diff2 / norm2).sqrt();
+    assert!(
+        norm2 > 0.0 && rel < 0.05,
+        "the LoRAs differ by {rel} (relative L2)"
+    );
+    // A recomputed block would draw another dropout mask: refused, naming the keys.
+    let mut cfg = config(&tmp.path().join("drop"), &m, 1);
+    cfg.run.gradient_checkpointing = true;
+    cfg.run.lora.dropout = 0.1;
+    let err = format!("{:#}", train(&cfg, None).unwrap_err());
+    assert!(
+        err.contains("gradient_checkpointing") && err.contains("dropout"),
+        "{err}"
+    );
+}

@@ -17,6 +17,7 @@
 //! composite's gradient bit for bit.
 
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
 use candle_core::op::{BinaryOpT, ReduceOp};
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor, D,
@@ -462,4 +463,125 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
         return e.broadcast_div(&s);
     }
     x.apply_op1_arc(std::sync::Arc::new(Box::new(SoftmaxLast)))
+}
+
+/// A block's function of its input, recomputed with graph in the backward pass.
+type BlockFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+thread_local! {
+    /// Gradients found by recomputed blocks for tensors other than their input (the trainable weights inside
+    /// them), merged into the store by [`backward`].
+    static PENDING: std::cell::RefCell<Vec<GradStore>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Gradient checkpointing of one block: the forward keeps only the block's input and output, and the backward
+/// runs the block again with graph, backpropagates the output's gradient through it, returns the input's
+/// gradient and leaves the gradients of the weights inside for [`backward`] to merge.
+struct Checkpoint {
+    value: Mutex<Option<Tensor>>,
+    /// The block's input (detached).
+    input: Tensor,
+    input_needs_grad: bool,
+    f: BlockFn,
+}
+
+impl Checkpoint {
+    fn take(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: applied twice".into()))
+    }
+}
+
+impl CustomOp1 for Checkpoint {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("checkpoint: the value is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("checkpoint: the value is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let xv = if self.input_needs_grad {
+            Some(candle_core::Var::from_tensor(&self.input)?)
+        } else {
+            None
+        };
+        let x = xv
+            .as_ref()
+            .map(|v| v.as_tensor().clone())
+            .unwrap_or_else(|| self.input.clone());
+        let y = (self.f)(&x)?;
+        // Σ y · g has gradient exactly g at y.
+        let mut store = mul(&y, &grad.detach())?.sum_all()?.backward()?;
+        let gx = match &xv {
+            Some(v) => store.remove(v.as_tensor()),
+            None => None,
+        };
+        PENDING.with(|p| p.borrow_mut().push(store));
+        Ok(gx)
+    }
+}
+
+/// `f(x)` with gradient checkpointing (diffusers' `gradient_checkpointing`): the graph inside `f` is not kept;
+/// the backward pass recomputes it (about one more forward of the block). Gradients of the trainable tensors
+/// inside `f` reach the store only through [`backward`], so a pass over checkpointed blocks must use it
+/// instead of `Tensor::backward`. When nothing in `f(x)` needs a gradient, this is `f(x)`.
+pub fn checkpoint<F>(x: &Tensor, f: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let input = x.detach();
+    let y = f(&input)?;
+    let input_needs_grad = needs_grad(x);
+    if !input_needs_grad && !needs_grad(&y) {
+        return Ok(y);
+    }
+    // The value, without the graph that computed it (freed when `y` goes).
+    let value = y.detach();
+    drop(y);
+    let op = Checkpoint {
+        value: Mutex::new(Some(value)),
+        input,
+        input_needs_grad,
+        f: Box::new(f),
+    };
+    // The op needs a tracked argument to be part of the graph: the input when it has a gradient, otherwise a
+    // scalar anchor (its gradient is not computed).
+    let arg = if input_needs_grad {
+        x.clone()
+    } else {
+        candle_core::Var::zeros((), x.dtype(), x.device())?.into_inner()
+    };
+    arg.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
+}
+
+/// `loss.backward()` plus the gradients that checkpointed blocks ([`checkpoint`]) found for the trainable
+/// tensors inside them.
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    PENDING.with(|p| p.borrow_mut().clear());
+    let result = loss.backward();
+    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    let mut store = result?;
+    for s in pending {
+        store.extend(s)?;
+    }
+    Ok(store)
 }

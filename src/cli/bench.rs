@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// dpo: LoRA rank (adapters on to_q, to_k, to_v, to_out.0; f32 master weights).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
+    /// dpo: gradient checkpointing of the UNet's resnet and transformer blocks (`gradient_checkpointing` in
+    /// training configs).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// align: methods to train, one row each (dpo, ipo, hinge, robust, simpo, mapo, kto, sft, grpo, lpo, spo, seppo, seppo-noflip, adjoint; repeat
     /// the flag). Default: dpo and grpo.
     #[arg(long = "method", default_values_t = ["dpo".to_string(), "grpo".to_string()])]
@@ -563,6 +567,7 @@ pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
             (unet, policy)
         };
         let n_trainable: usize = policy.params().iter().map(|(_, v)| v.elem_count()).sum();
+        unet.set_gradient_checkpointing(a.gradient_checkpointing);
         let hw = a.latent.unwrap_or_else(|| sample_size(&unet, 64));
         let mut method = BenchDpo::new(unet, &sched_cfg, b, hw, dtype)?;
         let run_dir = tempfile::tempdir()?;
@@ -600,8 +605,13 @@ pub fn dpo(a: &BenchArgs) -> Result<Vec<Row>> {
         let secs = timed.iter().sum::<f64>() / timed.len().max(1) as f64;
         let peak = method.peak;
         let device_used = method.device_used;
+        let ckpt = if a.gradient_checkpointing {
+            ", checkpointed"
+        } else {
+            ""
+        };
         let mut what = format!(
-            "dpo {mode} b{b} {hw}x{hw}: {:.3} steps/s, {:.2} pairs/s",
+            "dpo {mode}{ckpt} b{b} {hw}x{hw}: {:.3} steps/s, {:.2} pairs/s",
             1.0 / secs,
             b as f64 / secs
         );

@@ -339,6 +339,12 @@ pub struct RunConfig {
     pub overwrite: bool,
     /// lora | full. Default lora.
     pub mode: TrainMode,
+    /// Gradient checkpointing of the UNet's resnet and transformer blocks (diffusers'
+    /// `gradient_checkpointing`): training keeps only each block's input and output and recomputes the block in
+    /// the backward pass — much less memory (the SD1.5 LoRA step at 32x32 latents: see docs/perf.md) for about
+    /// one more forward per step. Needs `lora.dropout = 0` (a recomputed block must draw the same). Default
+    /// false.
+    pub gradient_checkpointing: bool,
     pub lora: LoraConfig,
     pub optim: OptimConfig,
     pub log: LogConfig,
@@ -358,6 +364,7 @@ impl Default for RunConfig {
             resume: true,
             overwrite: false,
             mode: TrainMode::Lora,
+            gradient_checkpointing: false,
             lora: LoraConfig::default(),
             optim: OptimConfig::default(),
             log: LogConfig::default(),
@@ -421,6 +428,12 @@ impl RunConfig {
         );
         if self.mode == TrainMode::Lora {
             self.lora.validate().context("[lora]")?;
+            ensure!(
+                !self.gradient_checkpointing || self.lora.dropout == 0.0,
+                "gradient_checkpointing = true needs lora.dropout = 0 (a recomputed block would draw another \
+                 dropout mask; got dropout {})",
+                self.lora.dropout
+            );
         }
         self.optim.validate()?;
         self.validation.validate()?;

@@ -62,14 +62,18 @@ pub fn load_policy(
     model: &mut StableDiffusion,
     model_dir: &Path,
 ) -> Result<Policy> {
-    Policy::for_mode(
+    let policy = Policy::for_mode(
         run.mode,
         model,
         model_dir,
         run.variant.as_deref(),
         &run.lora,
         run.seed,
-    )
+    )?;
+    model
+        .unet
+        .set_gradient_checkpointing(run.gradient_checkpointing);
+    Ok(policy)
 }
 
 /// A whole training command of a method that owns its model: checks `out` against the command's `inputs`

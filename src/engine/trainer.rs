@@ -261,7 +261,7 @@ pub fn train(
                     last_good(out)
                 );
             }
-            let grads = (m.loss / o.grad_accum as f64)?.backward()?;
+            let grads = diffpref_pipelines::autograd::backward(&(m.loss / o.grad_accum as f64)?)?;
             acc.add_store(params, grads)?;
             means.add("loss", loss_v);
             for (k, v) in m.metrics {

@@ -11,6 +11,7 @@
 use super::attention::{Transformer2DModel, TransformerOptions};
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetOptions, Upsample2D};
+use crate::autograd;
 use crate::error::{Error, Result};
 use crate::nn::{Activation, Conv2d, GroupNorm, Layer};
 use crate::weights::Params;
@@ -18,6 +19,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The keys of diffusers' `UNet2DConditionModel` config that diffpref reads. Int-or-list keys are kept as JSON
 /// and resolved per block by [`UNet2DConditionConfig::per_block`].
@@ -413,6 +416,8 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     act: Activation,
     layers: Vec<Layer>,
+    /// Gradient checkpointing of every resnet and transformer block (shared by clones).
+    checkpointing: Arc<AtomicBool>,
 }
 
 impl UNet2DConditionModel {
@@ -681,11 +686,49 @@ impl UNet2DConditionModel {
             conv_out,
             act,
             layers,
+            checkpointing: Arc::default(),
         })
     }
 
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
+    }
+
+    /// Gradient checkpointing (diffusers' `enable_gradient_checkpointing`): training forwards keep only each
+    /// resnet and transformer block's input and output, and the backward pass recomputes the block — far less
+    /// memory for about one more forward. Gradients of weights inside checkpointed blocks reach the store only
+    /// through [`crate::autograd::backward`]. Outputs are unchanged; gradients equal up to the order of
+    /// floating-point additions. Shared by clones of this model.
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
+    }
+
+    /// A resnet block, checkpointed when enabled.
+    fn resnet(&self, r: &ResnetBlock2D, h: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        if !self.gradient_checkpointing() {
+            return r.forward(h, Some(emb));
+        }
+        let (r, emb) = (r.clone(), emb.clone());
+        Ok(autograd::checkpoint(h, move |x| {
+            r.forward(x, Some(&emb))
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })?)
+    }
+
+    /// A transformer block, checkpointed when enabled.
+    fn transformer(&self, a: &Transformer2DModel, h: &Tensor, ehs: &Tensor) -> Result<Tensor> {
+        if !self.gradient_checkpointing() {
+            return a.forward(h, ehs);
+        }
+        let (a, ehs) = (a.clone(), ehs.clone());
+        Ok(autograd::checkpoint(h, move |x| {
+            a.forward(x, &ehs)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })?)
     }
 
     /// Every linear/conv layer (with its diffusers module path) that adapters can attach to.
@@ -816,9 +859,9 @@ impl UNet2DConditionModel {
         let mut down_features = Vec::with_capacity(self.down_blocks.len());
         for blk in &self.down_blocks {
             for (j, r) in blk.resnets.iter().enumerate() {
-                h = r.forward(&h, Some(&emb))?;
+                h = self.resnet(r, &h, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &ehs)?;
+                    h = self.transformer(a, &h, &ehs)?;
                 }
                 skips.push(h.clone());
             }
@@ -830,13 +873,13 @@ impl UNet2DConditionModel {
         }
         let mut mid_feature = None;
         if let Some(m) = &self.mid_block {
-            h = m.resnets[0].forward(&h, Some(&emb))?;
+            h = self.resnet(&m.resnets[0], &h, &emb)?;
             for (a, r) in m.attentions.iter().zip(&m.resnets[1..]) {
-                h = a.forward(&h, &ehs)?;
-                h = r.forward(&h, Some(&emb))?;
+                h = self.transformer(a, &h, &ehs)?;
+                h = self.resnet(r, &h, &emb)?;
             }
             if m.attentions.is_empty() {
-                h = m.resnets[1].forward(&h, Some(&emb))?;
+                h = self.resnet(&m.resnets[1], &h, &emb)?;
             }
             mid_feature = Some(h.clone());
         }
@@ -853,9 +896,9 @@ impl UNet2DConditionModel {
                     .pop()
                     .ok_or_else(|| Error::msg("UNet: skip connections exhausted"))?;
                 h = Tensor::cat(&[&h, &skip], 1)?;
-                h = r.forward(&h, Some(&emb))?;
+                h = self.resnet(r, &h, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    h = a.forward(&h, &ehs)?;
+                    h = self.transformer(a, &h, &ehs)?;
                 }
             }
             if let Some(u) = &blk.upsampler {
