@@ -50,7 +50,8 @@ pub struct BenchArgs {
     /// Model folder for the small-model rows.
     #[arg(long, default_value = "tests/fixtures/tiny-sd")]
     pub model: String,
-    /// Also run the SD1.5-sized random UNet (about 3.5 GB of weights, ~11 GB peak for the backward at 32x32).
+    /// Also run the SD1.5-sized random UNet (about 3.5 GB of weights; the LoRA DPO step at 32x32 peaks at ~9 GB, ~5 GB
+    /// with --gradient-checkpointing).
     #[arg(long)]
     pub sd15: bool,
     /// rewards: also the real-sized random-weight models (CLIP ViT-L/14: CLIP score and aesthetic;
