@@ -114,7 +114,7 @@ trap 'rm -rf "$STAGE"' EXIT
 ROOT="$STAGE/$NAME"
 mkdir -p "$ROOT/scripts" "$ROOT/tests/fixtures" "$ROOT/docs"
 cp "$BIN" "$ROOT/diffpref"
-cp scripts/gpu-check.sh "$ROOT/scripts/"
+cp scripts/gpu-check.sh scripts/torch_reference.py "$ROOT/scripts/"
 [ -f docs/perf.md ] && cp docs/perf.md "$ROOT/docs/"
 # The fixtures gpu-check.sh reads (goldens, the tiny models they need, reward fixtures). Files over 64 MB
 # are left out (none today); generator scripts are not needed there.

@@ -314,6 +314,26 @@ if [ "$SD15" = 1 ]; then
     done
   done
 fi
+# Side by side with PyTorch (scripts/torch_reference.py) where python has torch and diffusers: the same rows,
+# diffpref run again in the same step, the ratio in the log and in torch-*.json.
+PY="${PYTHON:-python3}"
+if [ -f "$SELF_DIR/torch_reference.py" ] && "$PY" -c "import torch, diffusers" >/dev/null 2>&1; then
+  run_step torch-dpo-tiny bench -- "$PY" "$SELF_DIR/torch_reference.py" dpo --model "$FX/tiny-sd" \
+    --device "$DEVICE" --dtype "$first_dt" --iters "$ITERS" --diffpref "$BIN" --json "$B/torch-dpo-tiny.json"
+  run_step torch-pipeline-tiny bench -- "$PY" "$SELF_DIR/torch_reference.py" pipeline --model "$FX/tiny-sd" \
+    --device "$DEVICE" --dtype "$first_dt" --iters "$ITERS" --diffpref "$BIN" --json "$B/torch-pipeline-tiny.json"
+  if [ "$SD15" = 1 ]; then
+    for dt in $DTYPES; do
+      for b in $BATCHES; do
+        run_step "torch-dpo-sd15-$dt-b$b" bench -- "$PY" "$SELF_DIR/torch_reference.py" dpo --sd15 \
+          --latent "$LATENT" --batch "$b" --device "$DEVICE" --dtype "$dt" --iters "$ITERS" --diffpref "$BIN" \
+          --json "$B/torch-dpo-sd15-$dt-b$b.json"
+      done
+    done
+  fi
+else
+  log "torch side by side: skipped (no torch_reference.py next to this script, or $PY lacks torch/diffusers)"
+fi
 [ "$DRY" = 1 ] && exit 0
 
 # ------------------------------------------------------------------------------------------- report
