@@ -471,6 +471,35 @@ fn verify_passes_on_the_goldens_and_fails_on_wrong_weights() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL"));
+
+    // In half precision the DPO golden's implicit accuracy (a fraction of 0/1 decisions) is reported, not
+    // judged; in f32 it is compared.
+    let dpo = gold.join("dpo.safetensors");
+    let o = diffpref(&[
+        "verify",
+        "--dtype",
+        "f16",
+        "--model",
+        &t,
+        dpo.to_str().unwrap(),
+    ]);
+    ok(&o);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.contains("implicit_acc"))
+        .unwrap_or("");
+    assert!(line.contains("not judged in F16"), "{out}");
+    let o = diffpref(&["verify", "--model", &t, dpo.to_str().unwrap()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out
+        .lines()
+        .find(|l| l.contains("implicit_acc"))
+        .unwrap_or("");
+    assert!(
+        line.starts_with("  ok") && !line.contains("not judged"),
+        "{out}"
+    );
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
