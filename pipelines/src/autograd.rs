@@ -585,3 +585,134 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
     }
     Ok(store)
 }
+
+/// `Σ x²` over the last dimension (kept as size 1), as `x.sqr().sum_keepdim(D::Minus1)` without keeping the
+/// squares in the graph.
+struct SumSqrLast;
+
+impl SumSqrLast {
+    fn fwd<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+        let dims = l.dims().to_vec();
+        let last = dims.len() - 1;
+        let sq = s.unary_impl::<candle_core::op::Sqr>(l)?;
+        let sum = sq.reduce_op(ReduceOp::Sum, &Layout::contiguous(dims.clone()), &[last])?;
+        let mut out = dims;
+        out[last] = 1;
+        Ok((sum, Shape::from(out)))
+    }
+}
+
+impl CustomOp1 for SumSqrLast {
+    fn name(&self) -> &'static str {
+        "sum-sqr-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(s, l)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        Self::fwd(s, l)
+    }
+
+    /// candle's: the sum's gradient broadcast back, then the square's `2 · x · g`.
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.broadcast_as(x.shape())?;
+        Ok(Some(x.mul(&g)?.affine(2.0, 0.0)?))
+    }
+}
+
+/// `Σ x²` over the last dimension, keepdim (the variance of a norm): the same values and gradient as
+/// `x.sqr()?.sum_keepdim(D::Minus1)`, without an activation-sized square in the graph.
+pub fn sum_sqr_last(x: &Tensor) -> Result<Tensor> {
+    if !needs_grad(x) || x.rank() == 0 || x.elem_count() == 0 {
+        return x.sqr()?.sum_keepdim(D::Minus1);
+    }
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(SumSqrLast)))
+}
+
+/// `y · w + b` on same-shape operands (`w`, `b` arrive as broadcast views): a norm's affine, without the
+/// product in the graph.
+struct ScaleShift;
+
+impl ScaleShift {
+    fn fwd<S: BackendStorage>(
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+        s3: &S,
+        l3: &Layout,
+    ) -> Result<(S, Shape)> {
+        let m = s1.binary_impl::<candle_core::op::Mul>(s2, l1, l2)?;
+        let out =
+            m.binary_impl::<candle_core::op::Add>(s3, &Layout::contiguous(l1.shape().clone()), l3)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for ScaleShift {
+    fn name(&self) -> &'static str {
+        "scale-shift"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    /// candle's formulas for the sum then the product, each operand only when it needs a gradient.
+    fn bwd(
+        &self,
+        y: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            if needs_grad(y) {
+                Some(grad.mul(w)?)
+            } else {
+                None
+            },
+            if needs_grad(w) {
+                Some(grad.mul(y)?)
+            } else {
+                None
+            },
+            needs_grad(b).then(|| grad.clone()),
+        ))
+    }
+}
+
+/// `y · w + b` with `w` and `b` broadcast to `y` (a norm's scale and shift): the values and gradients of
+/// `broadcast_add(broadcast_mul(y, w), b)`, keeping no product in the graph.
+pub fn scale_shift(y: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !(needs_grad(y) || needs_grad(w) || needs_grad(b)) || y.elem_count() == 0 {
+        return broadcast_add(&broadcast_mul(y, w)?, b);
+    }
+    let shape = y.shape();
+    let w = w.broadcast_as(shape)?;
+    let b = b.broadcast_as(shape)?;
+    y.apply_op3_arc(&w, &b, std::sync::Arc::new(Box::new(ScaleShift)))
+}

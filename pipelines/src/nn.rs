@@ -223,10 +223,17 @@ impl Module for LayerNorm {
         let xf = x.to_dtype(DType::F32)?;
         let mean = xf.mean_keepdim(D::Minus1)?;
         let xc = xf.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let var = mean_sqr_last(&xc)?;
         let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dt)?;
-        autograd::broadcast_add(&autograd::broadcast_mul(&y, &self.weight)?, &self.bias)
+        autograd::scale_shift(&y, &self.weight, &self.bias)
     }
+}
+
+/// `mean(x²)` over the last dimension, keepdim: `x.sqr()?.mean_keepdim(D::Minus1)` (the same values and
+/// gradient) without the squares in the graph.
+fn mean_sqr_last(x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    autograd::sum_sqr_last(x)? * (1f64 / n as f64)
 }
 
 /// GroupNorm over `[B, C, ...]`, statistics in f32, differentiable.
@@ -263,13 +270,14 @@ impl Module for GroupNorm {
         let xf = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
         let mean = xf.mean_keepdim(D::Minus1)?;
         let xc = xf.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let var = mean_sqr_last(&xc)?;
         let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let y = y.reshape(dims.as_slice())?.to_dtype(dt)?;
         let mut shape = vec![1usize; dims.len()];
         shape[1] = c;
-        autograd::broadcast_add(
-            &autograd::broadcast_mul(&y, &self.weight.reshape(shape.as_slice())?)?,
+        autograd::scale_shift(
+            &y,
+            &self.weight.reshape(shape.as_slice())?,
             &self.bias.reshape(shape.as_slice())?,
         )
     }

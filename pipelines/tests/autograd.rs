@@ -263,3 +263,107 @@ fn softmax_matches_the_composite_bit_for_bit() {
     assert_eq!(bits(&y), bits(&composite_softmax(&x)));
     assert!(!autograd::needs_grad(&y));
 }
+
+/// The composite norms the fused pieces replace (statistics over the last dimension, then `y · w + b`).
+fn composite_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let y = xc
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap();
+    autograd::broadcast_add(&autograd::broadcast_mul(&y, w).unwrap(), b).unwrap()
+}
+
+#[test]
+fn layer_and_group_norms_match_the_composite_bit_for_bit() {
+    use candle_core::Module;
+    use diffpref_pipelines::nn::{GroupNorm, LayerNorm};
+    // The input also feeds a residual, so its gradient is accumulated from two consumers, as in the UNet.
+    let check = |name: &str,
+                 x0: Tensor,
+                 norm: &dyn Fn(&Tensor) -> Tensor,
+                 reference: &dyn Fn(&Tensor) -> Tensor| {
+        let x = Var::from_tensor(&x0).unwrap();
+        let xs = (x.as_tensor() * 1.5).unwrap();
+        let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+            let out = f(&xs);
+            let l = (loss(&out) + loss(&(&xs * 0.25).unwrap())).unwrap();
+            (out, l.backward().unwrap())
+        };
+        let (want, gw) = run(reference);
+        let (got, gg) = run(norm);
+        assert_eq!(bits(&want), bits(&got), "{name}: forward");
+        assert_eq!(
+            bits(gw.get(x.as_tensor()).unwrap()),
+            bits(gg.get(x.as_tensor()).unwrap()),
+            "{name}: gradient"
+        );
+        assert!(entries(&gg) <= entries(&gw));
+    };
+    let (c, eps) = (8usize, 1e-5);
+    let w = (randn(11, &[c]) * 1.0).unwrap();
+    let b = (randn(12, &[c]) * 1.0).unwrap();
+    let ln = LayerNorm {
+        weight: w.clone(),
+        bias: b.clone(),
+        eps,
+    };
+    check(
+        "layer norm",
+        randn(13, &[2, 5, c]),
+        &|x| ln.forward(x).unwrap(),
+        &|x| composite_norm(x, &w, &b, eps),
+    );
+    let groups = 4;
+    let gn = GroupNorm {
+        weight: w.clone(),
+        bias: b.clone(),
+        groups,
+        eps,
+    };
+    let (wr, br) = (
+        w.reshape((1, c, 1, 1)).unwrap(),
+        b.reshape((1, c, 1, 1)).unwrap(),
+    );
+    check(
+        "group norm",
+        randn(14, &[2, c, 3, 3]),
+        &|x| gn.forward(x).unwrap(),
+        &|x| {
+            let (bn, _, h, wd) = x.dims4().unwrap();
+            let xg = x.reshape((bn, groups, ())).unwrap();
+            let mean = xg.mean_keepdim(D::Minus1).unwrap();
+            let xc = xg.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let y = xc
+                .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                .unwrap()
+                .reshape((bn, c, h, wd))
+                .unwrap();
+            autograd::broadcast_add(&autograd::broadcast_mul(&y, &wr).unwrap(), &br).unwrap()
+        },
+    );
+    // Trainable scale and shift (full fine-tuning) get candle's gradients too.
+    let wv = Var::from_tensor(&w).unwrap();
+    let bv = Var::from_tensor(&b).unwrap();
+    let y = (randn(15, &[2, 5, c]) * 1.0).unwrap();
+    let gw = loss(
+        &autograd::broadcast_add(
+            &autograd::broadcast_mul(&y, wv.as_tensor()).unwrap(),
+            bv.as_tensor(),
+        )
+        .unwrap(),
+    )
+    .backward()
+    .unwrap();
+    let gg = loss(&autograd::scale_shift(&y, wv.as_tensor(), bv.as_tensor()).unwrap())
+        .backward()
+        .unwrap();
+    for v in [&wv, &bv] {
+        assert_eq!(
+            bits(gw.get(v.as_tensor()).unwrap()),
+            bits(gg.get(v.as_tensor()).unwrap())
+        );
+    }
+}
