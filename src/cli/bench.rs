@@ -1153,6 +1153,7 @@ mod tests {
             latent: None,
             full: false,
             rank: 4,
+            gradient_checkpointing: false,
             methods: vec!["dpo".into()],
             config: None,
             grpo_config: None,
@@ -1227,6 +1228,17 @@ mod tests {
             r["what"].as_str().unwrap().contains("lora r4 b1 8x8"),
             "{r}"
         );
+        // The same step with gradient checkpointing.
+        let mut a = args(Suite::Dpo);
+        a.latent = Some(8);
+        a.gradient_checkpointing = true;
+        let rows = dpo(&a).unwrap();
+        assert!(
+            rows[0].what.contains("lora r4, checkpointed b1 8x8"),
+            "{}",
+            rows[0].what
+        );
+        assert!(rows[0].steps_per_s.unwrap() > 0.0);
     }
 
     #[test]
