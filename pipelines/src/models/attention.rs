@@ -243,6 +243,6 @@ impl Transformer2DModel {
             Proj::Linear(l) => from_tokens(&l.forward(&t)?)?,
         };
         debug_assert_eq!(out.dim(1)?, c);
-        Ok(autograd::add(&out, &residual)?)
+        Ok(autograd::add(&out, residual)?)
     }
 }
