@@ -292,6 +292,99 @@ enum ConvSide {
     Kernel,
 }
 
+/// `x @ w + b` (`b` as a broadcast view of the output's shape): a linear layer with its bias, without the
+/// product before the bias in the graph.
+struct MatmulBias;
+
+impl MatmulBias {
+    #[allow(clippy::too_many_arguments)]
+    fn fwd<S: BackendStorage>(
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+        s3: &S,
+        l3: &Layout,
+    ) -> Result<(S, Shape)> {
+        let (bmnk, shape) = Matmul::dims(l1, l2)?;
+        let m = s1.matmul(s2, bmnk, l1, l2)?;
+        let out =
+            m.binary_impl::<candle_core::op::Add>(s3, &Layout::contiguous(shape.clone()), l3)?;
+        Ok((out, shape))
+    }
+}
+
+impl candle_core::CustomOp3 for MatmulBias {
+    fn name(&self) -> &'static str {
+        "matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    /// candle's: the sum passes `g` to both sides, the product's two formulas take it on.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            if needs_grad(x) {
+                Some(grad.matmul(&w.t()?)?)
+            } else {
+                None
+            },
+            if needs_grad(w) {
+                Some(x.t()?.matmul(grad)?)
+            } else {
+                None
+            },
+            needs_grad(b).then(|| grad.clone()),
+        ))
+    }
+}
+
+/// `x @ w + b` with `b` broadcast to the product's shape (a linear layer's bias): the values and gradients of
+/// `broadcast_add(matmul(x, w), b)`, keeping no pre-bias product in the graph.
+pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let tracked = needs_grad(x) || needs_grad(w) || needs_grad(b);
+    if !tracked
+        || x.rank() < 2
+        || x.rank() != w.rank()
+        || x.elem_count() == 0
+        || w.elem_count() == 0
+    {
+        return broadcast_add(&matmul(x, w)?, b);
+    }
+    let (_, shape) = Matmul::dims(x.layout(), w.layout())?;
+    let b = b.broadcast_as(shape)?;
+    x.apply_op3_arc(w, &b, std::sync::Arc::new(Box::new(MatmulBias)))
+}
+
 /// Attaches the gradient of a convolution to one operand: the forward value was computed by candle's `conv2d`
 /// on detached operands (candle's kernel, so the same output); this op hands that value over and, backwards,
 /// gives its operand candle's gradient (`conv_transpose2d` with the kernel for the input; the input-gradient
@@ -401,12 +494,25 @@ pub fn conv2d(
     arg.apply_op1_arc(std::sync::Arc::new(Box::new(op)))
 }
 
-/// Softmax over the last dimension, `exp(x − max) / Σ exp(x − max)` (the max shift carries no gradient).
-struct SoftmaxLast;
+/// Softmax over the last dimension of `scale · x`, `exp(z − max) / Σ exp(z − max)` (the max shift carries no
+/// gradient); `scale = None` is the plain softmax of `x`.
+struct SoftmaxLast {
+    scale: Option<f64>,
+}
 
 impl SoftmaxLast {
-    /// The composite's storage calls, in its order: max, shift, exp, sum, divide.
-    fn fwd<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    /// The composite's storage calls, in its order: (scale,) max, shift, exp, sum, divide.
+    fn fwd<S: BackendStorage>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
+        match self.scale {
+            None => Self::softmax(s, l),
+            Some(k) => {
+                let z = s.affine(l, k, 0.0)?;
+                Self::softmax(&z, &Layout::contiguous(l.shape().clone()))
+            }
+        }
+    }
+
+    fn softmax<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
         let dims = l.dims().to_vec();
         let last = dims.len() - 1;
         let mut reduced = dims.clone();
@@ -428,17 +534,21 @@ impl CustomOp1 for SoftmaxLast {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(s, l)
+        self.fwd(s, l)
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        Self::fwd(s, l)
+        self.fwd(s, l)
     }
 
-    /// The gradient candle's backward gives the composite `e / Σe` (`e = exp(x − max)`), step for step: the
-    /// division's two gradients, the broadcast's sum, the sum's broadcast back, the exponential's product.
+    /// The gradient candle's backward gives the composite `e / Σe` (`e = exp(z − max)`, `z = scale · x`), step
+    /// for step: the division's two gradients, the broadcast's sum, the sum's broadcast back, the exponential's
+    /// product, and the scaling's `g · scale`.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = x.detach();
+        let x = match self.scale {
+            None => x.detach(),
+            Some(k) => (x.detach() * k)?,
+        };
         let max = x.max_keepdim(D::Minus1)?;
         let e = x.broadcast_sub(&max)?.exp()?;
         let s = e.sum_keepdim(D::Minus1)?;
@@ -449,20 +559,38 @@ impl CustomOp1 for SoftmaxLast {
         let g_sb = grad.mul(&e)?.div(&sb.sqr()?)?.affine(-1.0, 0.0)?;
         let g_s = g_sb.sum_keepdim(&[last][..])?;
         let g_e = g_e.add(&g_s.broadcast_as(e.shape())?)?;
-        Ok(Some(g_e.mul(&e)?))
+        let g_z = g_e.mul(&e)?;
+        Ok(Some(match self.scale {
+            None => g_z,
+            Some(k) => g_z.affine(k, 0.0)?,
+        }))
     }
 }
 
 /// Softmax over the last dimension from differentiable primitives' kernels; the graph keeps only the input and
 /// the output.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    softmax(x, None)
+}
+
+/// `softmax_last(x * scale)` (attention's `QKᵀ/√d`): the same values and gradient, without the scaled scores in
+/// the graph.
+pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    softmax(x, Some(scale))
+}
+
+fn softmax(x: &Tensor, scale: Option<f64>) -> Result<Tensor> {
     if !needs_grad(x) || x.rank() == 0 || x.elem_count() == 0 {
+        let x = match scale {
+            None => x.clone(),
+            Some(k) => (x * k)?,
+        };
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         let s = e.sum_keepdim(D::Minus1)?;
         return e.broadcast_div(&s);
     }
-    x.apply_op1_arc(std::sync::Arc::new(Box::new(SoftmaxLast)))
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(SoftmaxLast { scale })))
 }
 
 /// A block's function of its input, recomputed with graph in the backward pass.

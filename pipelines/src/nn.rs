@@ -83,10 +83,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let in_dim = *dims.last().unwrap();
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.contiguous()?.reshape((rows, in_dim))?;
-    let mut y = autograd::matmul(&x2, &w.t()?)?;
-    if let Some(b) = b {
-        y = autograd::broadcast_add(&y, b)?;
-    }
+    let y = match b {
+        Some(b) => autograd::matmul_bias(&x2, &w.t()?, b)?,
+        None => autograd::matmul(&x2, &w.t()?)?,
+    };
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = w.dim(0)?;
     y.reshape(out_dims)
@@ -342,11 +342,15 @@ pub fn attention(
     } else {
         (q.clone(), k.clone())
     };
-    let mut scores = (autograd::matmul(&q.contiguous()?, &k.t()?.contiguous()?)? * scale)?;
-    if let Some(m) = mask {
-        scores = autograd::broadcast_add(&scores, &m.to_dtype(scores.dtype())?)?;
+    let scores = autograd::matmul(&q.contiguous()?, &k.t()?.contiguous()?)?;
+    let probs = match mask {
+        Some(m) => {
+            let m = m.to_dtype(scores.dtype())?;
+            softmax_last(&autograd::broadcast_add(&(scores * scale)?, &m)?)?
+        }
+        None => autograd::softmax_last_scaled(&scores, scale)?,
     }
-    let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
+    .to_dtype(v.dtype())?;
     autograd::matmul(&probs, &v.contiguous()?)
 }
 

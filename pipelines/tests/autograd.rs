@@ -367,3 +367,53 @@ fn layer_and_group_norms_match_the_composite_bit_for_bit() {
         );
     }
 }
+
+#[test]
+fn fused_bias_and_scaled_softmax_match_the_composites() {
+    // x @ wᵀ + b (a linear layer's bias) against matmul then broadcast_add, for each trainable operand.
+    for side in 0..3 {
+        let x0 = randn(21, &[6, 5]);
+        let w0 = randn(22, &[4, 5]);
+        let b0 = randn(23, &[4]);
+        let vars: Vec<Var> = [&x0, &w0, &b0]
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let pick = |i: usize, t: &Tensor| {
+            if i == side {
+                vars[i].as_tensor().clone()
+            } else {
+                (t * 1.0).unwrap()
+            }
+        };
+        let (x, w, b) = (pick(0, &x0), pick(1, &w0), pick(2, &b0));
+        let want = autograd::broadcast_add(&x.matmul(&w.t().unwrap()).unwrap(), &b).unwrap();
+        let got = autograd::matmul_bias(&x, &w.t().unwrap(), &b).unwrap();
+        assert_eq!(bits(&want), bits(&got), "forward, side {side}");
+        let gw = loss(&want).backward().unwrap();
+        let gg = loss(&got).backward().unwrap();
+        let v = vars[side].as_tensor();
+        assert_eq!(
+            bits(gw.get(v).unwrap()),
+            bits(gg.get(v).unwrap()),
+            "side {side}"
+        );
+        assert_eq!(
+            entries(&gg),
+            1,
+            "side {side}: a frozen operand's gradient was stored"
+        );
+    }
+    // softmax(x · k) against the scaled composite.
+    let x = Var::from_tensor(&(randn(24, &[2, 3, 7, 7]) * 3.0).unwrap()).unwrap();
+    let xs = (x.as_tensor() * 1.0).unwrap();
+    let want = composite_softmax(&(&xs * 0.35).unwrap());
+    let got = autograd::softmax_last_scaled(&xs, 0.35).unwrap();
+    assert_eq!(bits(&want), bits(&got));
+    let gw = loss(&want).backward().unwrap();
+    let gg = loss(&got).backward().unwrap();
+    assert_eq!(
+        bits(gw.get(x.as_tensor()).unwrap()),
+        bits(gg.get(x.as_tensor()).unwrap())
+    );
+}
