@@ -283,6 +283,41 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.apply_op2_arc(b, std::sync::Arc::new(Box::new(Matmul)))
 }
 
+/// A value computed before its op was applied, handed over as the op's output storage (once).
+struct HandOver(Mutex<Option<Tensor>>);
+
+impl HandOver {
+    fn new(value: Tensor) -> Self {
+        HandOver(Mutex::new(Some(value)))
+    }
+
+    fn take(&self, op: &str) -> Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: applied twice")))
+    }
+
+    fn cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        let y = self.take(op)?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{op}: the value is not on the CPU"),
+        }
+    }
+
+    fn cuda(&self, op: &str) -> Result<(CudaStorage, Shape)> {
+        let y = self.take(op)?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{op}: the value is not on the GPU"),
+        }
+    }
+}
+
 /// Which operand of a convolution gets the gradient.
 #[derive(Clone, Copy)]
 enum ConvSide {
@@ -390,7 +425,7 @@ pub fn matmul_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// gives its operand candle's gradient (`conv_transpose2d` with the kernel for the input; the input-gradient
 /// convolution for the kernel) and the other operand none.
 struct OneSidedConv {
-    value: Mutex<Option<Tensor>>,
+    value: HandOver,
     /// The operand that gets no gradient.
     other: Tensor,
     side: ConvSide,
@@ -399,37 +434,17 @@ struct OneSidedConv {
     dilation: usize,
 }
 
-impl OneSidedConv {
-    fn take(&self) -> Result<Tensor> {
-        self.value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("one-sided conv: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("one-sided conv: applied twice".into()))
-    }
-}
-
 impl CustomOp1 for OneSidedConv {
     fn name(&self) -> &'static str {
         "one-sided-conv2d"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("one-sided conv: the value is not on the CPU"),
-        }
+        self.value.cpu("one-sided conv")
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("one-sided conv: the value is not on the GPU"),
-        }
+        self.value.cuda("one-sided conv")
     }
 
     /// candle's two formulas (`backprop.rs`, `Op::Conv2D`), one of them.
@@ -484,7 +499,7 @@ pub fn conv2d(
         (w, x, ConvSide::Kernel)
     };
     let op = OneSidedConv {
-        value: Mutex::new(Some(y)),
+        value: HandOver::new(y),
         other: other.detach(),
         side,
         padding,
@@ -606,21 +621,11 @@ thread_local! {
 /// runs the block again with graph, backpropagates the output's gradient through it, returns the input's
 /// gradient and leaves the gradients of the weights inside for [`backward`] to merge.
 struct Checkpoint {
-    value: Mutex<Option<Tensor>>,
+    value: HandOver,
     /// The block's input (detached).
     input: Tensor,
     input_needs_grad: bool,
     f: BlockFn,
-}
-
-impl Checkpoint {
-    fn take(&self) -> Result<Tensor> {
-        self.value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: applied twice".into()))
-    }
 }
 
 impl CustomOp1 for Checkpoint {
@@ -629,21 +634,11 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint: the value is not on the CPU"),
-        }
+        self.value.cpu("checkpoint")
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("checkpoint: the value is not on the GPU"),
-        }
+        self.value.cuda("checkpoint")
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -686,7 +681,7 @@ where
     let value = y.detach();
     drop(y);
     let op = Checkpoint {
-        value: Mutex::new(Some(value)),
+        value: HandOver::new(value),
         input,
         input_needs_grad,
         f: Box::new(f),
