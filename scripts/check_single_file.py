@@ -24,9 +24,9 @@ failed = False
 for name, cls in [("tiny-sd", StableDiffusionPipeline), ("tiny-sd2", StableDiffusionPipeline),
                   ("tiny-sdxl", StableDiffusionXLPipeline)]:
     folder = fixtures / name
-    ref = cls.from_pretrained(folder, safety_checker=None) if cls is StableDiffusionPipeline else cls.from_pretrained(folder)
+    ref = cls.from_pretrained(folder, safety_checker=None, torch_dtype=torch.float32) if cls is StableDiffusionPipeline else cls.from_pretrained(folder, torch_dtype=torch.float32)
     kw = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
-    got = cls.from_single_file(str(sf_dir / f"{name}.safetensors"), config=str(folder), local_files_only=True, **kw)
+    got = cls.from_single_file(str(sf_dir / f"{name}.safetensors"), config=str(folder), local_files_only=True, torch_dtype=torch.float32, **kw)
     if cls is StableDiffusionXLPipeline:
         # diffusers tells SDXL's two text encoders apart by width (768 vs 1280); the tiny model's are both 32
         # wide, so from_single_file reads embedders.0 for both. Read encoder 2 with diffusers' own OpenCLIP
