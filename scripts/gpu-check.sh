@@ -270,6 +270,7 @@ sd_goldens=(); reward_goldens=()
 for f in "$G"/*.safetensors; do
   case "$(basename "$f")" in
     aesthetic.*|clip_hf.*|open_clip.*|imagereward.*) reward_goldens+=("$f") ;;
+    tokenizer.*) ;;            # the real CLIP tokenizer's golden: checked against clip-tokenizer below
     *) sd_goldens+=("$f") ;;   # dpo_ref_unet (weights, no `kind`) is skipped by verify itself
   esac
 done
@@ -282,6 +283,7 @@ for dt in $DTYPES; do
     "$P"/sdxl/*.safetensors "$P/pipeline_sdxl.safetensors"
   run_step "verify-rewards-$dt" verify -- "$BIN" verify "${dev[@]}" --dtype "$dt" "${reward_goldens[@]}"
 done
+run_step verify-tokenizer verify -- "$BIN" verify --model "$FX/clip-tokenizer" "$G/tokenizer.safetensors"
 
 # ------------------------------------------------------------------------------- 3. generate and score
 run_step generate-tiny-sd generate -- "$BIN" generate "${dev[@]}" --model "$FX/tiny-sd" \

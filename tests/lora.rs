@@ -20,6 +20,21 @@ fn unet_dir() -> PathBuf {
     fixtures().join("tiny-sd/unet")
 }
 
+/// A float32 copy of the fixture's UNet folder under `dir` (the fixture may store float16; merging keeps the
+/// stored dtype, and the exact merge checks need float32 weights).
+fn unet_dir_f32(dir: &Path) -> PathBuf {
+    let out = dir.join("unet32");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(unet_dir().join("config.json"), out.join("config.json")).unwrap();
+    let (w, _) = read_file(&unet_dir().join("diffusion_pytorch_model.safetensors"));
+    let w: HashMap<String, Tensor> = w
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F32).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&w, out.join("diffusion_pytorch_model.safetensors")).unwrap();
+    out
+}
+
 fn load_unet(dtype: DType) -> UNet2DConditionModel {
     UNet2DConditionModel::load(unet_dir(), None, dtype, &Device::Cpu).unwrap()
 }
@@ -480,9 +495,10 @@ fn several_frozen_loras_stack_with_their_scales() {
     assert_eq!(max_diff(&fwd(&unet), &base), 0.0);
     zero.detach_from(&unet);
     // Merging both with the same scales gives the same model.
+    let src = unet_dir_f32(tmp.path());
     let merged_dir = tmp.path().join("unet");
     let summary = merge_into_unet_weights(
-        &unet_dir(),
+        &src,
         &[(fa.clone(), 0.5), (fb.clone(), -1.0)],
         &merged_dir,
     )
@@ -492,7 +508,7 @@ fn several_frozen_loras_stack_with_their_scales() {
     let merged = UNet2DConditionModel::load(&merged_dir, None, DType::F32, &Device::Cpu).unwrap();
     assert!(max_diff(&fwd(&merged), &both) < 1e-5);
     let merged_a = tmp.path().join("unet_a");
-    merge_into_unet_weights(&unet_dir(), &[(fa, 0.5)], &merged_a).unwrap();
+    merge_into_unet_weights(&src, &[(fa, 0.5)], &merged_a).unwrap();
     let merged_a = UNet2DConditionModel::load(&merged_a, None, DType::F32, &Device::Cpu).unwrap();
     assert!(max_diff(&fwd(&merged_a), &only_a) < 1e-5);
 }
@@ -523,14 +539,15 @@ fn merged_unet_equals_the_unet_with_the_lora_attached() {
     let with = fwd(&unet);
     attached.detach_from(&unet);
 
+    let src = unet_dir_f32(tmp.path());
     let out = tmp.path().join("merged/unet");
-    let summary = merge_into_unet_weights(&unet_dir(), &[(file, 0.7)], &out).unwrap();
+    let summary = merge_into_unet_weights(&src, &[(file, 0.7)], &out).unwrap();
     assert_eq!(summary.merged_layers.len(), attached.len());
     let merged = UNet2DConditionModel::load(&out, None, DType::F32, &Device::Cpu).unwrap();
     let d = max_diff(&fwd(&merged), &with);
     assert!(d < 1e-5, "merged vs attached: {d}");
     // Untouched tensors are copied byte for byte; the config is copied.
-    let (orig, _) = read_file(&unet_dir().join("diffusion_pytorch_model.safetensors"));
+    let (orig, _) = read_file(&src.join("diffusion_pytorch_model.safetensors"));
     let (new, meta) = read_file(&out.join("diffusion_pytorch_model.safetensors"));
     assert_eq!(orig.len(), new.len());
     assert_eq!(meta["format"], "pt");
@@ -558,7 +575,7 @@ fn merging_keeps_half_precision_weights() {
     let f16_dir = tmp.path().join("unet16");
     std::fs::create_dir_all(&f16_dir).unwrap();
     std::fs::copy(unet_dir().join("config.json"), f16_dir.join("config.json")).unwrap();
-    let (orig, _) = read_file(&unet_dir().join("diffusion_pytorch_model.safetensors"));
+    let (orig, _) = read_file(&unet_dir_f32(tmp.path()).join("diffusion_pytorch_model.safetensors"));
     let half: HashMap<String, Tensor> = orig
         .iter()
         .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))

@@ -49,7 +49,8 @@ fn max_diff(
     assert_eq!(a.len(), b.len());
     a.iter()
         .map(|(k, ta)| {
-            (ta - &b[k])
+            let f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
+            (f32(ta) - f32(&b[k]))
                 .unwrap()
                 .abs()
                 .unwrap()

@@ -28,9 +28,10 @@ fn zero_initialised_lora_starts_at_ln2_and_training_raises_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(tmp.path(), 2);
     let mut cfg = config(tmp.path(), &m, 40);
-    cfg.run.optim.lr = 3e-3;
+    // (lr 1e-3: with beta 5000 a larger step overshoots on this random model; 64 noise draws per pair make the
+    // held-out loss a stable estimate.)
     cfg.run.optim.batch_size = 2;
-    let before = evaluate_pairs(&cfg, None, 11, 8).unwrap();
+    let before = evaluate_pairs(&cfg, None, 11, 64).unwrap();
     assert!(
         (before.loss - std::f64::consts::LN_2).abs() < 1e-6,
         "{before:?}"
@@ -43,7 +44,7 @@ fn zero_initialised_lora_starts_at_ln2_and_training_raises_accuracy() {
         "step-0 loss {first}"
     );
     assert_eq!(records.last().unwrap()["step"].as_u64(), Some(40));
-    let after = evaluate_pairs(&cfg, Some(&s.weights), 11, 8).unwrap();
+    let after = evaluate_pairs(&cfg, Some(&s.weights), 11, 64).unwrap();
     println!("before {before:?}\nafter {after:?}");
     assert!(
         after.loss < before.loss - 0.01,
