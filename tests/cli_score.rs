@@ -78,14 +78,25 @@ fn pickscore(path: &Path, prompt: &str) -> f64 {
     r.score(&x, &[prompt]).unwrap().to_vec1::<f32>().unwrap()[0] as f64
 }
 
-/// The library's HPS scorer as `diffpref score --reward hps --weights tiny-open-clip --tokenizer clip-tokenizer`
-/// builds it (the model ships an open_clip config, so no fallback config).
+/// The tokenizer of tiny-open-clip: its own (a small CLIP tokenizer) when it has one, else the CLIP tokenizer
+/// beside it (open_clip checkpoints ship none).
+fn oc_tokenizer() -> std::path::PathBuf {
+    let own = fixtures().join("tiny-open-clip");
+    if own.join("vocab.json").exists() {
+        own
+    } else {
+        fixtures().join("clip-tokenizer")
+    }
+}
+
+/// The library's HPS scorer as `diffpref score --reward hps --weights tiny-open-clip --tokenizer TOK` builds it
+/// (the model ships an open_clip config, so no fallback config).
 fn hps_reward() -> ClipReward {
     ClipReward::load(
         fixtures().join("tiny-open-clip"),
         ClipScoring::Hps,
         &ClipLoadOptions {
-            tokenizer: Some(fixtures().join("clip-tokenizer")),
+            tokenizer: Some(oc_tokenizer()),
             ..Default::default()
         },
         DType::F32,
@@ -233,7 +244,7 @@ fn score_manifest_hps_and_aesthetic() {
         "--weights",
         &fx("tiny-open-clip"),
         "--tokenizer",
-        &fx("clip-tokenizer"),
+        oc_tokenizer().to_str().unwrap(),
         "--manifest",
         manifest.to_str().unwrap(),
         "--json",

@@ -497,12 +497,9 @@ fn several_frozen_loras_stack_with_their_scales() {
     // Merging both with the same scales gives the same model.
     let src = unet_dir_f32(tmp.path());
     let merged_dir = tmp.path().join("unet");
-    let summary = merge_into_unet_weights(
-        &src,
-        &[(fa.clone(), 0.5), (fb.clone(), -1.0)],
-        &merged_dir,
-    )
-    .unwrap();
+    let summary =
+        merge_into_unet_weights(&src, &[(fa.clone(), 0.5), (fb.clone(), -1.0)], &merged_dir)
+            .unwrap();
     // to_q of attn1 and attn2 (12) and ff.net.2 (6).
     assert_eq!(summary.merged_layers.len(), 18);
     let merged = UNet2DConditionModel::load(&merged_dir, None, DType::F32, &Device::Cpu).unwrap();
@@ -575,7 +572,8 @@ fn merging_keeps_half_precision_weights() {
     let f16_dir = tmp.path().join("unet16");
     std::fs::create_dir_all(&f16_dir).unwrap();
     std::fs::copy(unet_dir().join("config.json"), f16_dir.join("config.json")).unwrap();
-    let (orig, _) = read_file(&unet_dir_f32(tmp.path()).join("diffusion_pytorch_model.safetensors"));
+    let (orig, _) =
+        read_file(&unet_dir_f32(tmp.path()).join("diffusion_pytorch_model.safetensors"));
     let half: HashMap<String, Tensor> = orig
         .iter()
         .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))

@@ -66,8 +66,8 @@ fn golden_aesthetic_all_tensors() {
 
 #[test]
 fn golden_tokenization_is_compared_exactly() {
-    // tiny-clip-hf has its own tokenizer (pads with <|endoftext|>); tiny-open-clip takes the fixtures' CLIP
-    // tokenizer and pads with 0 — both must reproduce the golden ids.
+    // tiny-clip-hf has its own tokenizer (pads with <|endoftext|>); tiny-open-clip pads with 0 (its own
+    // tokenizer, or the fixtures' CLIP tokenizer beside it when it has none) — both must reproduce the golden ids.
     for name in ["clip_hf.safetensors", "open_clip.safetensors"] {
         let res = checks::run(&golden(name), &CheckContext::cpu(None))
             .unwrap()
@@ -85,6 +85,15 @@ fn hf_dir() -> PathBuf {
 }
 fn oc_dir() -> PathBuf {
     fixtures().join("tiny-open-clip")
+}
+/// The tokenizer of tiny-open-clip: its own (a small CLIP tokenizer) when it has one, else the CLIP tokenizer
+/// beside it (open_clip checkpoints ship none).
+fn oc_tokenizer() -> PathBuf {
+    if oc_dir().join("vocab.json").exists() {
+        oc_dir()
+    } else {
+        fixtures().join("clip-tokenizer")
+    }
 }
 
 fn prompts3(g: &Golden) -> Vec<String> {
@@ -183,8 +192,7 @@ fn image_gradients_match_finite_differences() {
     let mut hps = hps;
     let mut m = ClipModel::load(oc_dir(), dt, &dev).unwrap();
     m.set_tokenizer(
-        diffpref_pipelines::tokenizer::ClipTokenizer::from_dir(fixtures().join("clip-tokenizer"))
-            .unwrap(),
+        diffpref_pipelines::tokenizer::ClipTokenizer::from_dir(oc_tokenizer()).unwrap(),
     );
     m.config.preprocess.mode = ResizeMode::LongestSidePad;
     hps.model = std::sync::Arc::new(m);
@@ -478,7 +486,12 @@ fn configs_follow_the_files_and_presets() {
 
 #[test]
 fn hps_without_a_tokenizer_says_what_is_missing() {
-    let hps = ClipReward::load_hps(oc_dir(), DType::F32, &Device::Cpu).unwrap();
+    // The model alone, as open_clip checkpoints ship it: config and weights, no tokenizer.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["open_clip_config.json", "open_clip_model.safetensors"] {
+        std::fs::copy(oc_dir().join(f), tmp.path().join(f)).unwrap();
+    }
+    let hps = ClipReward::load_hps(tmp.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(hps.scoring, ClipScoring::Hps);
     let images = golden("open_clip.safetensors")
         .get("images")
@@ -493,12 +506,12 @@ fn hps_without_a_tokenizer_says_what_is_missing() {
         err.contains("no tokenizer") && err.contains("open_clip_model.safetensors"),
         "{err}"
     );
-    // With the CLIP tokenizer the score is the golden's HPS score.
+    // With its tokenizer the score is the golden's HPS score.
     let hps = ClipReward::load(
-        oc_dir(),
+        tmp.path(),
         ClipScoring::Hps,
         &ClipLoadOptions {
-            tokenizer: Some(fixtures().join("clip-tokenizer")),
+            tokenizer: Some(oc_tokenizer()),
             ..Default::default()
         },
         DType::F32,

@@ -431,22 +431,22 @@ fn rewards_at(
     let images = Tensor::rand(0f32, 1f32, (b, 3, 512, 512), &device)?;
     let prompts = vec!["a photograph of an astronaut riding a horse"; b];
     let mut rows = Vec::new();
-    let opts = ClipLoadOptions {
-        tokenizer: Some(tok_dir.to_path_buf()),
+    // A model folder with its own tokenizer (the fixtures' tiny models carry a small one) keeps it; one
+    // without (open_clip checkpoints ship none) takes the CLIP tokenizer.
+    let opts = |dir: &std::path::Path| ClipLoadOptions {
+        tokenizer: (!["vocab.json", "tokenizer.json", "tokenizer"]
+            .iter()
+            .any(|f| dir.join(f).exists()))
+        .then(|| tok_dir.to_path_buf()),
         ..Default::default()
     };
     let hf = fixtures.join("tiny-clip-hf");
     for scoring in [ClipScoring::ClipScore, ClipScoring::PickScore] {
-        let r = ClipReward::load(&hf, scoring, &opts, dtype, &device)?;
+        let r = ClipReward::load(&hf, scoring, &opts(&hf), dtype, &device)?;
         rows.extend(reward_rows("tiny-clip-hf", &r, &images, &prompts, a.iters)?);
     }
-    let hps = ClipReward::load(
-        fixtures.join("tiny-open-clip"),
-        ClipScoring::Hps,
-        &opts,
-        dtype,
-        &device,
-    )?;
+    let oc = fixtures.join("tiny-open-clip");
+    let hps = ClipReward::load(&oc, ClipScoring::Hps, &opts(&oc), dtype, &device)?;
     rows.extend(reward_rows(
         "tiny-open-clip",
         &hps,
