@@ -23,6 +23,35 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
+/// A copy of tiny-sd under `dir` whose weights are float32 and off the float16 grid (every value × (1 + 1e-4)):
+/// the fixture may store float16, and these tests need float32 weights that rounding to f16 / bf16 moves.
+fn f32_tiny_sd(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny-sd-f32");
+    copy_dir(&fixtures().join("tiny-sd"), &out);
+    for f in [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ] {
+        let p = out.join(f);
+        let w: HashMap<String, Tensor> = candle_core::safetensors::load(&p, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v.dtype() {
+                    DType::F16 | DType::BF16 | DType::F32 => {
+                        (v.to_dtype(DType::F32).unwrap() * (1.0 + 1e-4)).unwrap()
+                    }
+                    _ => v,
+                };
+                (k, v)
+            })
+            .collect();
+        candle_core::safetensors::save(&w, &p).unwrap();
+    }
+    out
+}
+
 fn unet_out(dir: &Path, variant: Option<&str>) -> Tensor {
     let unet = UNet2DConditionModel::load(dir, variant, DType::F32, &Device::Cpu).unwrap();
     let c = Tensor::ones((2, 5, 32), DType::F32, &Device::Cpu).unwrap();
@@ -49,7 +78,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn fp16_variant_and_shards_load_like_the_plain_file() {
-    let src = fixtures().join("tiny-sd/unet");
+    let f32_copy = tempfile::tempdir().unwrap();
+    let src = f32_tiny_sd(f32_copy.path()).join("unet");
     let reference = unet_out(&src, None);
     let weights = candle_core::safetensors::load(
         src.join("diffusion_pytorch_model.safetensors"),
@@ -308,7 +338,8 @@ fn half_precision_weights_are_the_f32_weights_rounded() {
     use diffpref_pipelines::models::clip_text::{ClipTextConfig, ClipTextModel};
     use diffpref_pipelines::models::unet::UNet2DConditionConfig;
     use diffpref_pipelines::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-    let sd = fixtures().join("tiny-sd");
+    let f32_copy = tempfile::tempdir().unwrap();
+    let sd = f32_tiny_sd(f32_copy.path());
     for dt in [DType::BF16, DType::F16] {
         let te = sd.join("text_encoder");
         let n_te = check_weights_rounded(&te, "model", dt, &|p| {
