@@ -28,8 +28,10 @@ fn zero_initialised_lora_starts_at_ln2_and_training_raises_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let m = make_pairs(tmp.path(), 2);
     let mut cfg = config(tmp.path(), &m, 40);
-    // (lr 1e-3: with beta 5000 a larger step overshoots on this random model; 64 noise draws per pair make the
-    // held-out loss a stable estimate.)
+    // lr 1e-3 (the config's): larger steps overshoot on random tiny models at beta 5000. 64 noise draws per
+    // pair (128 in all) make the held-out accuracy a stable estimate; the held-out *loss* is not: at beta 5000 a
+    // few draws with a large negative margin dominate it (on two tiny-sd variants it moved by -0.02 and +0.05
+    // while the accuracy rose to 0.65-0.69), so it is printed, not judged.
     cfg.run.optim.batch_size = 2;
     let before = evaluate_pairs(&cfg, None, 11, 64).unwrap();
     assert!(
@@ -46,13 +48,9 @@ fn zero_initialised_lora_starts_at_ln2_and_training_raises_accuracy() {
     assert_eq!(records.last().unwrap()["step"].as_u64(), Some(40));
     let after = evaluate_pairs(&cfg, Some(&s.weights), 11, 64).unwrap();
     println!("before {before:?}\nafter {after:?}");
-    assert!(
-        after.loss < before.loss - 0.01,
-        "loss did not drop: {} -> {}",
-        before.loss,
-        after.loss
-    );
-    assert!(after.implicit_acc > 0.5, "accuracy {}", after.implicit_acc);
+    // Chance is 0.5 with a standard error of 0.044 over 128 draws.
+    assert!(after.implicit_acc >= 0.6, "accuracy {}", after.implicit_acc);
+    assert!(after.margin > 0.0, "mean margin {}", after.margin);
     assert!(s.output_dir.join("curves.png").exists());
     assert!(s.output_dir.join("checkpoint-40/state.json").exists());
 }
