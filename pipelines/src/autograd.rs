@@ -34,6 +34,20 @@ fn one_sided(a: &Tensor, b: &Tensor) -> bool {
     needs_grad(a) != needs_grad(b)
 }
 
+/// `cpu_fwd` and `cuda_fwd` of a custom op whose forward is one generic `fwd(&self, s1, l1, ...)` over
+/// [`BackendStorage`]: the same storage calls on either device (`storage_fwd!(s1 l1, s2 l2)` for two operands).
+macro_rules! storage_fwd {
+    ($($s:ident $l:ident),+) => {
+        fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+            self.fwd($($s, $l),+)
+        }
+
+        fn cuda_fwd(&self, $($s: &CudaStorage, $l: &Layout),+) -> Result<(CudaStorage, Shape)> {
+            self.fwd($($s, $l),+)
+        }
+    };
+}
+
 #[derive(Clone, Copy, Debug)]
 enum BinaryKind {
     Add,
@@ -74,6 +88,18 @@ impl BinaryKind {
 /// An element-wise binary op on same-shape operands (broadcast ones arrive as broadcast views).
 struct Binary(BinaryKind);
 
+impl Binary {
+    fn fwd<S: BackendStorage>(
+        &self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> Result<(S, Shape)> {
+        Ok((self.0.fwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
 impl CustomOp2 for Binary {
     fn name(&self) -> &'static str {
         match self.0 {
@@ -84,25 +110,7 @@ impl CustomOp2 for Binary {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((self.0.fwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Ok((self.0.fwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
+    storage_fwd!(s1 l1, s2 l2);
 
     /// candle's formulas (`backprop.rs`), each side only when it needs a gradient. Where candle subtracts a
     /// term from the accumulated gradient, the term is returned negated (`0 − r` and `0 + (−r)` are the same
@@ -221,7 +229,13 @@ impl Matmul {
         Ok(((batch, m, n, k), Shape::from(&a[..r - 2]).extend(&[m, n])))
     }
 
-    fn fwd<S: BackendStorage>(s1: &S, l1: &Layout, s2: &S, l2: &Layout) -> Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(
+        &self,
+        s1: &S,
+        l1: &Layout,
+        s2: &S,
+        l2: &Layout,
+    ) -> Result<(S, Shape)> {
         let (bmnk, shape) = Self::dims(l1, l2)?;
         Ok((s1.matmul(s2, bmnk, l1, l2)?, shape))
     }
@@ -232,25 +246,7 @@ impl CustomOp2 for Matmul {
         "guarded-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2)
-    }
+    storage_fwd!(s1 l1, s2 l2);
 
     fn bwd(
         &self,
@@ -334,6 +330,7 @@ struct MatmulBias;
 impl MatmulBias {
     #[allow(clippy::too_many_arguments)]
     fn fwd<S: BackendStorage>(
+        &self,
         s1: &S,
         l1: &Layout,
         s2: &S,
@@ -354,29 +351,7 @@ impl candle_core::CustomOp3 for MatmulBias {
         "matmul-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2, s3, l3)
-    }
+    storage_fwd!(s1 l1, s2 l2, s3 l3);
 
     /// candle's: the sum passes `g` to both sides, the product's two formulas take it on.
     fn bwd(
@@ -548,13 +523,7 @@ impl CustomOp1 for SoftmaxLast {
         "softmax-last-dim"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd(s, l)
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.fwd(s, l)
-    }
+    storage_fwd!(s l);
 
     /// The gradient candle's backward gives the composite `e / Σe` (`e = exp(z − max)`, `z = scale · x`), step
     /// for step: the division's two gradients, the broadcast's sum, the sum's broadcast back, the exponential's
@@ -714,7 +683,7 @@ pub fn backward(loss: &Tensor) -> Result<GradStore> {
 struct SumSqrLast;
 
 impl SumSqrLast {
-    fn fwd<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(&self, s: &S, l: &Layout) -> Result<(S, Shape)> {
         let dims = l.dims().to_vec();
         let last = dims.len() - 1;
         let sq = s.unary_impl::<candle_core::op::Sqr>(l)?;
@@ -730,13 +699,7 @@ impl CustomOp1 for SumSqrLast {
         "sum-sqr-last-dim"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(s, l)
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        Self::fwd(s, l)
-    }
+    storage_fwd!(s l);
 
     /// candle's: the sum's gradient broadcast back, then the square's `2 · x · g`.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -760,6 +723,7 @@ struct ScaleShift;
 
 impl ScaleShift {
     fn fwd<S: BackendStorage>(
+        &self,
         s1: &S,
         l1: &Layout,
         s2: &S,
@@ -779,29 +743,7 @@ impl candle_core::CustomOp3 for ScaleShift {
         "scale-shift"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Self::fwd(s1, l1, s2, l2, s3, l3)
-    }
+    storage_fwd!(s1 l1, s2 l2, s3 l3);
 
     /// candle's formulas for the sum then the product, each operand only when it needs a gradient.
     fn bwd(
