@@ -81,12 +81,8 @@ fn pickscore(path: &Path, prompt: &str) -> f64 {
 /// The tokenizer of tiny-open-clip: its own (a small CLIP tokenizer) when it has one, else the CLIP tokenizer
 /// beside it (open_clip checkpoints ship none).
 fn oc_tokenizer() -> std::path::PathBuf {
-    let own = fixtures().join("tiny-open-clip");
-    if own.join("vocab.json").exists() {
-        own
-    } else {
-        fixtures().join("clip-tokenizer")
-    }
+    diffpref_rewards::clip::find_tokenizer_dir(&fixtures().join("tiny-open-clip"))
+        .unwrap_or_else(|| fixtures().join("clip-tokenizer"))
 }
 
 /// The library's HPS scorer as `diffpref score --reward hps --weights tiny-open-clip --tokenizer TOK` builds it

@@ -106,6 +106,11 @@ struct TokenizerConfig {
 }
 
 impl ClipTokenizer {
+    /// Whether `dir` holds a tokenizer [`ClipTokenizer::from_dir`] can load (`tokenizer.json` or `vocab.json`).
+    pub fn is_tokenizer_dir(dir: &Path) -> bool {
+        dir.join("tokenizer.json").exists() || dir.join("vocab.json").exists()
+    }
+
     /// Loads the tokenizer folder `dir` (`tokenizer.json`, or `vocab.json` + `merges.txt`; plus
     /// `tokenizer_config.json` / `special_tokens_map.json` when present).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {

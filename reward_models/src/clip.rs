@@ -1270,10 +1270,10 @@ pub struct ClipModel {
 }
 
 /// The tokenizer folder of a model folder: the folder itself or its `tokenizer/` subfolder.
-pub(crate) fn find_tokenizer_dir(dir: &Path) -> Option<PathBuf> {
+pub fn find_tokenizer_dir(dir: &Path) -> Option<PathBuf> {
     [dir.to_path_buf(), dir.join("tokenizer")]
         .into_iter()
-        .find(|d| d.join("tokenizer.json").exists() || d.join("vocab.json").exists())
+        .find(|d| ClipTokenizer::is_tokenizer_dir(d))
 }
 
 /// Whether the model at `path` (a folder, or a weights file in one) has its own config file

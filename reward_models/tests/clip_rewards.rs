@@ -89,11 +89,8 @@ fn oc_dir() -> PathBuf {
 /// The tokenizer of tiny-open-clip: its own (a small CLIP tokenizer) when it has one, else the CLIP tokenizer
 /// beside it (open_clip checkpoints ship none).
 fn oc_tokenizer() -> PathBuf {
-    if oc_dir().join("vocab.json").exists() {
-        oc_dir()
-    } else {
-        fixtures().join("clip-tokenizer")
-    }
+    diffpref_rewards::clip::find_tokenizer_dir(&oc_dir())
+        .unwrap_or_else(|| fixtures().join("clip-tokenizer"))
 }
 
 fn prompts3(g: &Golden) -> Vec<String> {

@@ -434,10 +434,9 @@ fn rewards_at(
     // A model folder with its own tokenizer (the fixtures' tiny models carry a small one) keeps it; one
     // without (open_clip checkpoints ship none) takes the CLIP tokenizer.
     let opts = |dir: &std::path::Path| ClipLoadOptions {
-        tokenizer: (!["vocab.json", "tokenizer.json", "tokenizer"]
-            .iter()
-            .any(|f| dir.join(f).exists()))
-        .then(|| tok_dir.to_path_buf()),
+        tokenizer: diffpref_rewards::clip::find_tokenizer_dir(dir)
+            .is_none()
+            .then(|| tok_dir.to_path_buf()),
         ..Default::default()
     };
     let hf = fixtures.join("tiny-clip-hf");

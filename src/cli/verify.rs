@@ -7,6 +7,7 @@ use clap::Args;
 use diffpref_pipelines::checks::{self, CheckContext};
 use diffpref_pipelines::golden::{Comparison, Golden};
 use diffpref_pipelines::loading::resolve_model;
+use diffpref_pipelines::tokenizer::ClipTokenizer;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `diffpref verify`.
@@ -57,18 +58,17 @@ pub fn run_one(g: &Golden, ctx: &CheckContext) -> Result<Vec<Comparison>> {
     }
 }
 
-/// A tokenizer folder (`tokenizer.json` or `vocab.json`) that is not a model folder.
-fn is_tokenizer_folder(p: &Path) -> bool {
-    !p.join("model_index.json").exists()
-        && (p.join("tokenizer.json").is_file() || p.join("vocab.json").is_file())
-}
-
 pub fn run(a: VerifyArgs) -> Result<()> {
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
     let model_dir = match &a.model {
         // A bare tokenizer folder is enough for a tokenizer golden.
-        Some(m) if is_tokenizer_folder(Path::new(m)) => Some(PathBuf::from(m)),
+        Some(m)
+            if !Path::new(m).join("model_index.json").exists()
+                && ClipTokenizer::is_tokenizer_dir(Path::new(m)) =>
+        {
+            Some(PathBuf::from(m))
+        }
         Some(m) => Some(resolve_model(m, None).with_context(|| format!("--model {m}"))?),
         None => None,
     };

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 fn tokenizer_dir(golden: &Golden, ctx: &CheckContext) -> Result<PathBuf> {
     let dir = ctx.model_dir(golden)?;
     let sub = dir.join("tokenizer");
-    if !sub.exists() && (dir.join("tokenizer.json").exists() || dir.join("vocab.json").exists()) {
+    if !sub.exists() && ClipTokenizer::is_tokenizer_dir(dir) {
         return Ok(dir.to_path_buf());
     }
     Ok(sub)
