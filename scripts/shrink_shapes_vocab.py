@@ -26,10 +26,10 @@ import re
 import sys
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures", "parity"))
+from make_small_tokenizer import restrict_embedding  # noqa: E402  (the fixtures' vocabulary helpers)
 
 
 def bytes_to_unicode():
@@ -97,24 +97,15 @@ def main(model):
     new_tokens = [t for t, _ in by_id[:512]] + ["".join(merges[r]) for r in keep] + ["<|startoftext|>", "<|endoftext|>"]
     new_vocab = {t: i for i, t in enumerate(new_tokens)}
     assert len(new_vocab) == len(new_tokens)
-    rows = torch.tensor([vocab[t] for t in new_tokens])
 
     # the check: every shipped text tokenizes into the same pieces, and the encoder's outputs are identical
     from transformers import CLIPTextModel, CLIPTokenizer
     old_tok = CLIPTokenizer.from_pretrained(tok)
     old_te = CLIPTextModel.from_pretrained(os.path.join(model, "text_encoder"), dtype=torch.float32).eval()
 
-    p = os.path.join(model, "text_encoder", "model.safetensors")
-    with safe_open(p, "pt") as f:
-        w, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    key = "text_model.embeddings.token_embedding.weight"
-    w[key] = w[key][rows].contiguous()
-    save_file(w, p + ".tmp", metadata=meta)
-    os.replace(p + ".tmp", p)
-    cfg_path = os.path.join(model, "text_encoder", "config.json")
-    cfg = json.load(open(cfg_path))
-    cfg["vocab_size"] = len(new_vocab)
-    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    te = os.path.join(model, "text_encoder")
+    restrict_embedding(os.path.join(te, "model.safetensors"), "text_model.embeddings.token_embedding.weight",
+                       vocab, new_vocab, os.path.join(te, "config.json"), ["vocab_size"])
     with open(os.path.join(tok, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(new_vocab, f, ensure_ascii=False)
     with open(os.path.join(tok, "merges.txt"), "w", encoding="utf-8") as f:
