@@ -95,6 +95,11 @@ pub struct AlignConfigs {
     pub adjoint: AdjointConfig,
     /// The robustness report (fresh prompt lists × sampling seeds); `lists = 0` skips it.
     pub robustness: Robustness,
+    /// Training seeds per method (≥ 1): run `k` trains with every seed of its configurations (the run's, and
+    /// the LRM's / SPM's that LPO / SPO train first) plus `k`, and the table adds each method's change over its
+    /// seeds ([`SeedSummary`]). The seed moves a short run's result as much as many settings do, so settings are
+    /// only compared across several.
+    pub train_seeds: usize,
 }
 
 /// One row of the table.
@@ -115,6 +120,24 @@ pub struct AlignRow {
     pub reward_calls: Option<u64>,
     /// The trained LoRA.
     pub weights: Option<PathBuf>,
+    /// The training seed (none for the base row).
+    pub seed: Option<u64>,
+}
+
+/// A method's result over its training seeds (`--train-seeds`): the change of each seed's LoRA on the held-out
+/// prompts (and, with fresh lists, pooled over them), their mean, their standard deviation across seeds (the
+/// seed noise) and the Student-t 95% interval of the mean over seeds: the interval a comparison of settings
+/// must clear, wider than any one row's interval, which only counts the judge's sampling noise.
+#[derive(Clone, Debug, Serialize)]
+pub struct SeedSummary {
+    pub method: String,
+    pub seeds: Vec<u64>,
+    /// Held-out change of each seed's LoRA, and their mean ± t-interval over seeds.
+    pub changes: Vec<f64>,
+    pub change: MeanCi,
+    /// With fresh lists: each seed's pooled fresh-list change, and their mean ± t-interval over seeds.
+    pub fresh_changes: Vec<f64>,
+    pub fresh_change: Option<MeanCi>,
 }
 
 /// How each trained row is checked beyond the held-out list its settings may have been tuned on: on `lists`
@@ -174,6 +197,8 @@ pub struct AlignReport {
     pub rows: Vec<AlignRow>,
     /// Fresh lists × seeds (empty without `--fresh-lists`).
     pub robustness: Vec<RobustRow>,
+    /// Each method over its training seeds (empty with one seed per method).
+    pub seed_summaries: Vec<SeedSummary>,
     /// The fresh lists: `(data prompts seed, captions)`.
     pub fresh_lists: Vec<FreshList>,
     /// `align.json` and `grid.png` in the output folder.
@@ -273,104 +298,128 @@ pub fn run_align(
     guard.check(&inputs, cfg.run.overwrite)?;
     guard.create()?;
 
-    // Train every method first (each run loads its own model).
-    let mut trained = Vec::with_capacity(methods.len());
-    for (name, kind) in methods.iter().zip(kinds) {
-        let dir = out.join(name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot clear {}", dir.display()))?;
-        }
-        let quiet = |r: &mut crate::engine::RunConfig| {
-            r.output_dir = Some(dir.clone());
-            r.resume = false;
-            r.eval.prompts = None;
-            r.validation.every = 0;
-            r.log.progress = progress;
-        };
-        let t0 = Instant::now();
-        let s = match kind {
-            AlignMethod::Pairwise(kind) => {
-                let mut c = cfg.clone();
-                c.loss.kind = kind;
-                // The unconditional anchor holds the base model's prediction, so it needs a reference: the
-                // reference-free methods (simpo, mapo, sft) train without it.
-                if !kind.needs_reference() {
-                    c.loss.uncond_anchor = 0.0;
-                }
-                quiet(&mut c.run);
-                crate::methods::pairwise::train(&c, None)
+    ensure!(cfgs.train_seeds >= 1, "--train-seeds must be at least 1");
+    // Train every method first (each run loads its own model), each with every training seed.
+    let mut trained: Vec<Trained> = Vec::with_capacity(methods.len() * cfgs.train_seeds);
+    for (method, kind) in methods.iter().zip(kinds) {
+        for k in 0..cfgs.train_seeds as u64 {
+            // One seed: the row and its folder are the method's name; several: `dpo@seed1`, ...
+            let seed = match kind {
+                AlignMethod::Pairwise(_) => cfg.run.seed,
+                AlignMethod::Grpo => cfgs.grpo.run.seed,
+                AlignMethod::Lpo => cfgs.lpo.run.seed,
+                AlignMethod::Spo => cfgs.spo.run.seed,
+                AlignMethod::Seppo { .. } => cfgs.seppo.run.seed,
+                AlignMethod::Adjoint => cfgs.adjoint.run.seed,
+            } + k;
+            let name = if cfgs.train_seeds == 1 {
+                method.clone()
+            } else {
+                format!("{method}@seed{seed}")
+            };
+            let name = &name;
+            let dir = out.join(name);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("cannot clear {}", dir.display()))?;
             }
-            AlignMethod::Grpo => {
-                let mut c = cfgs.grpo.clone();
-                quiet(&mut c.run);
-                crate::methods::grpo::train(&c, None)
-            }
-            AlignMethod::Lpo => {
-                let lrm_dir = out.join(format!("{name}-lrm"));
-                if lrm_dir.exists() {
-                    std::fs::remove_dir_all(&lrm_dir)
-                        .with_context(|| format!("cannot clear {}", lrm_dir.display()))?;
-                }
-                let mut l = cfgs.lrm.clone();
-                l.output_dir = Some(lrm_dir);
-                l.resume = false;
-                l.log.progress = progress;
-                let lrm = crate::methods::lrm::train(&l, None).context("training the LRM")?;
-                ensure!(!lrm.interrupted, "training the LRM was interrupted");
-                let mut c = cfgs.lpo.clone();
-                c.lpo.lrm = Some(lrm.weights);
-                quiet(&mut c.run);
-                crate::methods::lpo::train(&c, None)
-            }
-            AlignMethod::Spo => {
-                let mut c = cfgs.spo.clone();
-                if c.spo.scorer == SpoScorer::Spm {
-                    let spm_dir = out.join(format!("{name}-spm"));
-                    if spm_dir.exists() {
-                        std::fs::remove_dir_all(&spm_dir)
-                            .with_context(|| format!("cannot clear {}", spm_dir.display()))?;
+            let quiet = |r: &mut crate::engine::RunConfig| {
+                r.output_dir = Some(dir.clone());
+                r.seed += k;
+                r.resume = false;
+                r.eval.prompts = None;
+                r.validation.every = 0;
+                r.log.progress = progress;
+            };
+            let t0 = Instant::now();
+            let s = match kind {
+                AlignMethod::Pairwise(kind) => {
+                    let mut c = cfg.clone();
+                    c.loss.kind = kind;
+                    // The unconditional anchor holds the base model's prediction, so it needs a reference: the
+                    // reference-free methods (simpo, mapo, sft) train without it.
+                    if !kind.needs_reference() {
+                        c.loss.uncond_anchor = 0.0;
                     }
-                    let mut m = cfgs.spm.clone();
-                    m.output_dir = Some(spm_dir);
-                    m.resume = false;
-                    m.log.progress = progress;
-                    let spm = crate::methods::spm::train(&m, None).context("training the SPM")?;
-                    ensure!(!spm.interrupted, "training the SPM was interrupted");
-                    c.spo.spm = Some(spm.weights);
+                    quiet(&mut c.run);
+                    crate::methods::pairwise::train(&c, None)
                 }
-                quiet(&mut c.run);
-                crate::methods::spo::train(&c, None)
-            }
-            AlignMethod::Seppo { flipper } => {
-                let mut c = cfgs.seppo.clone();
-                if !flipper {
-                    c.seppo.flipper = crate::methods::seppo::Flipper::Off;
+                AlignMethod::Grpo => {
+                    let mut c = cfgs.grpo.clone();
+                    quiet(&mut c.run);
+                    crate::methods::grpo::train(&c, None)
                 }
-                quiet(&mut c.run);
-                crate::methods::seppo::train(&c, None)
+                AlignMethod::Lpo => {
+                    let lrm_dir = out.join(format!("{name}-lrm"));
+                    if lrm_dir.exists() {
+                        std::fs::remove_dir_all(&lrm_dir)
+                            .with_context(|| format!("cannot clear {}", lrm_dir.display()))?;
+                    }
+                    let mut l = cfgs.lrm.clone();
+                    l.output_dir = Some(lrm_dir);
+                    l.seed += k;
+                    l.resume = false;
+                    l.log.progress = progress;
+                    let lrm = crate::methods::lrm::train(&l, None).context("training the LRM")?;
+                    ensure!(!lrm.interrupted, "training the LRM was interrupted");
+                    let mut c = cfgs.lpo.clone();
+                    c.lpo.lrm = Some(lrm.weights);
+                    quiet(&mut c.run);
+                    crate::methods::lpo::train(&c, None)
+                }
+                AlignMethod::Spo => {
+                    let mut c = cfgs.spo.clone();
+                    if c.spo.scorer == SpoScorer::Spm {
+                        let spm_dir = out.join(format!("{name}-spm"));
+                        if spm_dir.exists() {
+                            std::fs::remove_dir_all(&spm_dir)
+                                .with_context(|| format!("cannot clear {}", spm_dir.display()))?;
+                        }
+                        let mut m = cfgs.spm.clone();
+                        m.output_dir = Some(spm_dir);
+                        m.seed += k;
+                        m.resume = false;
+                        m.log.progress = progress;
+                        let spm =
+                            crate::methods::spm::train(&m, None).context("training the SPM")?;
+                        ensure!(!spm.interrupted, "training the SPM was interrupted");
+                        c.spo.spm = Some(spm.weights);
+                    }
+                    quiet(&mut c.run);
+                    crate::methods::spo::train(&c, None)
+                }
+                AlignMethod::Seppo { flipper } => {
+                    let mut c = cfgs.seppo.clone();
+                    if !flipper {
+                        c.seppo.flipper = crate::methods::seppo::Flipper::Off;
+                    }
+                    quiet(&mut c.run);
+                    crate::methods::seppo::train(&c, None)
+                }
+                AlignMethod::Adjoint => {
+                    let mut c = cfgs.adjoint.clone();
+                    quiet(&mut c.run);
+                    crate::methods::adjoint::train(&c, None)
+                }
             }
-            AlignMethod::Adjoint => {
-                let mut c = cfgs.adjoint.clone();
-                quiet(&mut c.run);
-                crate::methods::adjoint::train(&c, None)
+            .with_context(|| format!("training {name}"))?;
+            if s.interrupted {
+                bail!("training {name} was interrupted");
             }
+            let calls = s
+                .last_metric("reward_calls")
+                .or_else(|| s.last_metric("scorer_calls"))
+                .map(|c| c as u64);
+            trained.push(Trained {
+                name: name.clone(),
+                method: method.clone(),
+                seed,
+                weights: s.weights,
+                steps: s.steps,
+                train_seconds: t0.elapsed().as_secs_f64(),
+                calls,
+            });
         }
-        .with_context(|| format!("training {name}"))?;
-        if s.interrupted {
-            bail!("training {name} was interrupted");
-        }
-        let calls = s
-            .last_metric("reward_calls")
-            .or_else(|| s.last_metric("scorer_calls"))
-            .map(|c| c as u64);
-        trained.push((
-            name.clone(),
-            s.weights,
-            s.steps,
-            t0.elapsed().as_secs_f64(),
-            calls,
-        ));
     }
 
     // Evaluate the base model and each LoRA on the same prompts and noise.
@@ -406,28 +455,30 @@ pub fn run_align(
         eval_seconds: base_s,
         reward_calls: None,
         weights: None,
+        seed: None,
     }];
     let mut sets = Vec::new();
-    for (name, weights, steps, train_s, calls) in &trained {
-        let lora = crate::train::lora::LoraSet::load_into(&model.unet, weights, 1.0)
-            .with_context(|| format!("loading {}", weights.display()))?;
-        let (s, eval_s) = sample(&format!("eval {name}"))?;
+    for t in &trained {
+        let lora = crate::train::lora::LoraSet::load_into(&model.unet, &t.weights, 1.0)
+            .with_context(|| format!("loading {}", t.weights.display()))?;
+        let (s, eval_s) = sample(&format!("eval {}", t.name))?;
         lora.detach_from(&model.unet);
         let c = compare(&base, &s)?;
         rows.push(AlignRow {
-            method: name.clone(),
+            method: t.name.clone(),
             reward: c.model.reward,
             difference: Some(c.difference),
             win_rate: Some(c.win_rate),
             win_rate_ci95: Some(c.win_rate_ci95),
             diversity: c.model.diversity,
-            steps: *steps,
-            train_seconds: *train_s,
+            steps: t.steps,
+            train_seconds: t.train_seconds,
             eval_seconds: eval_s,
-            reward_calls: *calls,
-            weights: Some(weights.clone()),
+            reward_calls: t.calls,
+            weights: Some(t.weights.clone()),
+            seed: Some(t.seed),
         });
-        sets.push((name.clone(), s));
+        sets.push((t.name.clone(), s));
     }
     let (robustness, fresh_lists) = if cfgs.robustness.lists > 0 {
         ensure!(
@@ -448,6 +499,11 @@ pub fn run_align(
     } else {
         (Vec::new(), Vec::new())
     };
+    let seed_summaries = if cfgs.train_seeds > 1 {
+        seed_summaries(methods, &trained, &rows, &robustness)
+    } else {
+        Vec::new()
+    };
     let mut grid_sets: Vec<(&str, &Samples)> = vec![("base", &base)];
     grid_sets.extend(sets.iter().map(|(n, s)| (n.as_str(), s)));
     let grid = comparison_grid(&grid_sets, cfg.run.eval.grid_prompts, 2)?;
@@ -460,6 +516,7 @@ pub fn run_align(
         samples_per_prompt: opts.samples_per_prompt,
         rows,
         robustness,
+        seed_summaries,
         fresh_lists,
         report: report_path.clone(),
         grid: grid_path,
@@ -476,6 +533,7 @@ pub fn run_align(
         "spm_steps": cfgs.spm.optim.max_steps,
         "seppo_steps": cfgs.seppo.run.optim.max_steps,
         "adjoint_steps": cfgs.adjoint.run.optim.max_steps,
+        "train_seeds": cfgs.train_seeds,
         "batch_size": cfg.run.optim.batch_size,
         "lr": cfg.run.optim.lr,
         "beta": cfg.loss.beta,
@@ -524,6 +582,53 @@ fn training_captions(
     Ok(taken)
 }
 
+/// A trained LoRA of a row.
+struct Trained {
+    /// The row's name (`dpo`, or `dpo@seed1` with several training seeds).
+    name: String,
+    /// The method's name (`dpo`).
+    method: String,
+    seed: u64,
+    weights: PathBuf,
+    steps: u64,
+    train_seconds: f64,
+    calls: Option<u64>,
+}
+
+/// Each method's changes over its training seeds; `rows` are the table's (the base row first, then one per
+/// trained LoRA in `trained`'s order), `robustness` empty or one per trained LoRA.
+fn seed_summaries(
+    methods: &[String],
+    trained: &[Trained],
+    rows: &[AlignRow],
+    robustness: &[RobustRow],
+) -> Vec<SeedSummary> {
+    methods
+        .iter()
+        .map(|m| {
+            let of: Vec<usize> = (0..trained.len())
+                .filter(|&i| &trained[i].method == m)
+                .collect();
+            let changes: Vec<f64> = of
+                .iter()
+                .map(|&i| rows[i + 1].difference.map_or(f64::NAN, |d| d.mean))
+                .collect();
+            let fresh_changes: Vec<f64> = of
+                .iter()
+                .filter_map(|&i| robustness.get(i).map(|r| r.pooled.mean))
+                .collect();
+            SeedSummary {
+                method: m.clone(),
+                seeds: of.iter().map(|&i| trained[i].seed).collect(),
+                change: MeanCi::of(&changes),
+                changes,
+                fresh_change: (!fresh_changes.is_empty()).then(|| MeanCi::of(&fresh_changes)),
+                fresh_changes,
+            }
+        })
+        .collect()
+}
+
 /// The robustness cells of every trained row (see [`Robustness`]).
 #[allow(clippy::too_many_arguments)]
 fn robustness_rows(
@@ -533,7 +638,7 @@ fn robustness_rows(
     r: &Robustness,
     eval_seed: u64,
     mut taken: std::collections::HashSet<String>,
-    trained: &[(String, PathBuf, u64, f64, Option<u64>)],
+    trained: &[Trained],
     progress: bool,
 ) -> Result<(Vec<RobustRow>, Vec<FreshList>)> {
     ensure!(
@@ -566,10 +671,13 @@ fn robustness_rows(
                 Ok(s)
             };
             let base = sample(format!("fresh list {list_seed} seed {sample_seed}: base"))?;
-            for (k, (name, weights, ..)) in trained.iter().enumerate() {
-                let lora = crate::train::lora::LoraSet::load_into(&model.unet, weights, 1.0)
-                    .with_context(|| format!("loading {}", weights.display()))?;
-                let s = sample(format!("fresh list {list_seed} seed {sample_seed}: {name}"));
+            for (k, t) in trained.iter().enumerate() {
+                let lora = crate::train::lora::LoraSet::load_into(&model.unet, &t.weights, 1.0)
+                    .with_context(|| format!("loading {}", t.weights.display()))?;
+                let s = sample(format!(
+                    "fresh list {list_seed} seed {sample_seed}: {}",
+                    t.name
+                ));
                 lora.detach_from(&model.unet);
                 let s = s?;
                 let c = compare(&base, &s)?;
@@ -594,8 +702,8 @@ fn robustness_rows(
         .zip(cells)
         .zip(diffs)
         .zip(div)
-        .map(|((((name, ..), cells), d), (db, dm))| RobustRow {
-            method: name.clone(),
+        .map(|(((t, cells), d), (db, dm))| RobustRow {
+            method: t.name.clone(),
             every_cell_beyond_ci: cells.iter().all(|c| c.change.mean - c.change.ci95 > 0.0),
             cells,
             pooled: MeanCi::of(&d),
@@ -653,6 +761,38 @@ pub fn format_table(r: &AlignReport) -> String {
             row.eval_seconds,
             calls
         ));
+    }
+    if !r.seed_summaries.is_empty() {
+        s.push_str(
+            "\nover training seeds: mean change ± 95% t-interval across seeds (std = the seed noise)\n",
+        );
+        for m in &r.seed_summaries {
+            let list = |xs: &[f64]| {
+                xs.iter()
+                    .map(|x| format!("{x:+.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            s.push_str(&format!(
+                "{:<12} seeds {:?}: held-out {:+.4} ± {:.4} (std {:.4}; {})",
+                m.method,
+                m.seeds,
+                m.change.mean,
+                m.change.ci95,
+                m.change.std,
+                list(&m.changes)
+            ));
+            if let Some(f) = &m.fresh_change {
+                s.push_str(&format!(
+                    "; fresh lists pooled {:+.4} ± {:.4} (std {:.4}; {})",
+                    f.mean,
+                    f.ci95,
+                    f.std,
+                    list(&m.fresh_changes)
+                ));
+            }
+            s.push('\n');
+        }
     }
     if !r.robustness.is_empty() {
         s.push_str(

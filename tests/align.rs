@@ -110,6 +110,7 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
             seeds: 2,
             prompts: 2,
         },
+        train_seeds: 1,
     };
     let methods = [
         "dpo".into(),
@@ -248,4 +249,90 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
         "{mean} vs {}",
         base.reward.mean
     );
+}
+
+/// `--train-seeds 2`: every method trained twice with its seeds + 0 and + 1 (different LoRAs, one row each on
+/// the same base noise), and a summary per method whose changes are the rows' and whose interval is the
+/// Student-t one across seeds; with a fresh list, the per-seed pooled fresh changes too.
+#[test]
+fn bench_align_trains_each_method_with_several_seeds() {
+    let out = tempfile::tempdir().unwrap();
+    let cache = out.path().join("cache");
+    let mut cfg = default_dpo_config(&[
+        "log.progress=false".into(),
+        "optim.max_steps=2".into(),
+        "optim.batch_size=2".into(),
+        "eval.samples=2".into(),
+        "eval.steps=3".into(),
+        "seed=5".into(),
+        format!("data.cache_dir={:?}", cache.display().to_string()),
+    ])
+    .unwrap();
+    let two: Vec<String> =
+        read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap()[..2].to_vec();
+    let lists = tempfile::tempdir().unwrap();
+    let short = lists.path().join("heldout-2.txt");
+    std::fs::write(&short, two.join("\n") + "\n").unwrap();
+    cfg.run.eval.prompts = Some(short);
+    let q: &[String] = &["log.progress=false".into()];
+    let cfgs = AlignConfigs {
+        dpo: cfg.clone(),
+        grpo: default_grpo_config(q).unwrap(),
+        lrm: default_lrm_config(q).unwrap(),
+        lpo: default_lpo_config(q).unwrap(),
+        spm: default_spm_config(q).unwrap(),
+        spo: default_spo_config(q).unwrap(),
+        seppo: default_seppo_config(q).unwrap(),
+        adjoint: default_adjoint_config(q).unwrap(),
+        robustness: Robustness {
+            lists: 1,
+            seeds: 1,
+            prompts: 2,
+        },
+        train_seeds: 2,
+    };
+    let report = run_align(&cfgs, &["dpo".into()], out.path(), false).unwrap();
+    let table = format_table(&report);
+    eprintln!("{table}");
+    let names: Vec<&str> = report.rows.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(names, ["base", "dpo@seed5", "dpo@seed6"], "{table}");
+    assert_eq!(
+        report.rows.iter().map(|r| r.seed).collect::<Vec<_>>(),
+        [None, Some(5), Some(6)]
+    );
+    // The two seeds trained different LoRAs (another draw of pairs, timesteps and noise).
+    let load = |r: &diffpref::align::AlignRow| {
+        candle_core::safetensors::load(r.weights.as_ref().unwrap(), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (load(&report.rows[1]), load(&report.rows[2]));
+    assert_eq!(a.len(), b.len());
+    let differs = a.iter().any(|(k, t)| {
+        let d = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() > 0.0
+    });
+    assert!(differs, "the two seeds' LoRAs are identical");
+    assert_eq!(report.seed_summaries.len(), 1);
+    let s = &report.seed_summaries[0];
+    assert_eq!(
+        (s.method.as_str(), s.seeds.as_slice()),
+        ("dpo", &[5, 6][..])
+    );
+    let row_changes: Vec<f64> = report.rows[1..]
+        .iter()
+        .map(|r| r.difference.unwrap().mean)
+        .collect();
+    assert_eq!(s.changes, row_changes);
+    let mean = (row_changes[0] + row_changes[1]) / 2.0;
+    assert!((s.change.mean - mean).abs() < 1e-12);
+    // Two seeds: the t quantile with one degree of freedom (12.706) times the standard error.
+    let sd = (row_changes[0] - row_changes[1]).abs() / 2f64.sqrt();
+    assert!((s.change.std - sd).abs() < 1e-12);
+    assert!((s.change.ci95 - 12.706 * sd / 2f64.sqrt()).abs() < 1e-3 * (1.0 + sd));
+    let fresh: Vec<f64> = report.robustness.iter().map(|r| r.pooled.mean).collect();
+    assert_eq!(fresh.len(), 2);
+    assert_eq!(s.fresh_changes, fresh);
+    assert!(s.fresh_change.is_some());
+    assert!(table.contains("over training seeds"), "{table}");
+    assert!(out.path().join("dpo@seed6").exists());
 }

@@ -121,6 +121,11 @@ pub struct BenchArgs {
     /// align: captions per fresh list.
     #[arg(long, default_value_t = 48)]
     pub fresh_prompts: usize,
+    /// align: train each method this many times, with its configurations' seeds + 0, 1, ... (rows `dpo@seed0`,
+    /// `dpo@seed1`, ...), and report each method's mean change over its seeds with the seed-to-seed standard
+    /// deviation and a Student-t 95% interval across seeds. Default 1.
+    #[arg(long, default_value_t = 1)]
+    pub train_seeds: usize,
     /// align: configuration overrides, e.g. `--set optim.max_steps=200`: keys of the shared run section go to
     /// every method's configuration, `loss.*` / `data.*` to DPO's and SePPO's, `grpo.*` to GRPO's, `reward.*` to
     /// GRPO's, SPO's, SePPO's and Adjoint Matching's, `rollout.*` to GRPO's, LPO's, SPO's and Adjoint Matching's,
@@ -1044,6 +1049,7 @@ fn align(a: &BenchArgs) -> Result<()> {
             seeds: a.fresh_seeds,
             prompts: a.fresh_prompts,
         },
+        train_seeds: a.train_seeds,
     };
     let report = crate::align::run_align(&cfgs, &a.methods, &a.out, progress)?;
     print!("{}", crate::align::format_table(&report));
@@ -1165,6 +1171,7 @@ mod tests {
             fresh_lists: 0,
             fresh_seeds: 2,
             fresh_prompts: 48,
+            train_seeds: 1,
             overrides: Vec::new(),
             out: "runs/bench-align".into(),
             json: None,
