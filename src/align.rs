@@ -122,6 +122,8 @@ pub struct AlignRow {
     pub weights: Option<PathBuf>,
     /// The training seed (none for the base row).
     pub seed: Option<u64>,
+    /// With a shapes judge: the exact reward's terms against the base row's ([`crate::eval::shapes_terms`]).
+    pub terms: Option<Vec<crate::eval::TermChange>>,
 }
 
 /// A method's result over its training seeds (`--train-seeds`): the change of each seed's LoRA on the held-out
@@ -456,6 +458,7 @@ pub fn run_align(
         reward_calls: None,
         weights: None,
         seed: None,
+        terms: None,
     }];
     let mut sets = Vec::new();
     for t in &trained {
@@ -464,6 +467,11 @@ pub fn run_align(
         let (s, eval_s) = sample(&format!("eval {}", t.name))?;
         lora.detach_from(&model.unet);
         let c = compare(&base, &s)?;
+        let terms = if cfg.run.eval.reward.is_shapes() {
+            Some(crate::eval::shapes_terms(&base, &s)?)
+        } else {
+            None
+        };
         rows.push(AlignRow {
             method: t.name.clone(),
             reward: c.model.reward,
@@ -477,6 +485,7 @@ pub fn run_align(
             reward_calls: t.calls,
             weights: Some(t.weights.clone()),
             seed: Some(t.seed),
+            terms,
         });
         sets.push((t.name.clone(), s));
     }

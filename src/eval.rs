@@ -291,6 +291,73 @@ impl Comparison {
     }
 }
 
+/// One term of the shapes world's exact reward, compared between two sample sets (see [`shapes_terms`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TermChange {
+    pub term: String,
+    pub base: f64,
+    pub model: f64,
+    /// Paired `model − base` per sample with its 95% interval, over the samples the term applies to.
+    pub change: MeanCi,
+}
+
+/// What moved: each term of the shapes world's exact reward (`reward = 0.8 · fidelity + 0.2 · aesthetic`,
+/// `fidelity` from colour, shape, count and relation, `aesthetic` from size, centring and contrast; see
+/// [`diffpref_rewards::shapes::ShapesReward`]) for two sample sets on the same shapes captions and noise,
+/// paired per sample. `relation` counts only the samples of captions that state one. A method that raises the
+/// reward through the aesthetic terms alone, or through one fidelity term at another's cost, shows it here.
+pub fn shapes_terms(base: &Samples, model: &Samples) -> Result<Vec<TermChange>> {
+    ensure!(
+        base.prompts == model.prompts && base.samples_per_prompt == model.samples_per_prompt,
+        "shapes_terms: the two sample sets have different prompts or sample counts"
+    );
+    let reward = diffpref_rewards::shapes::ShapesReward::new();
+    let k = base.samples_per_prompt;
+    let prompts: Vec<&str> = base
+        .prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.as_str(), k))
+        .collect();
+    let terms = |s: &Samples| -> Result<Vec<diffpref_rewards::shapes::Breakdown>> {
+        reward
+            .breakdown(&images_to_tensor(&s.images, &Device::Cpu)?, &prompts)
+            .context("the shapes reward's terms")
+    };
+    let (b, m) = (terms(base)?, terms(model)?);
+    type Term = fn(&diffpref_rewards::shapes::Breakdown) -> Option<f32>;
+    let named: [(&str, Term); 10] = [
+        ("colour", |x| Some(x.colour)),
+        ("shape", |x| Some(x.shape)),
+        ("count", |x| Some(x.count)),
+        ("relation", |x| x.relation),
+        ("fidelity", |x| Some(x.fidelity)),
+        ("size", |x| Some(x.size)),
+        ("centring", |x| Some(x.centring)),
+        ("contrast", |x| Some(x.contrast)),
+        ("aesthetic", |x| Some(x.aesthetic)),
+        ("reward", |x| Some(x.reward)),
+    ];
+    Ok(named
+        .iter()
+        .filter_map(|(name, f)| {
+            let pairs: Vec<(f64, f64)> = b
+                .iter()
+                .zip(&m)
+                .filter_map(|(x, y)| Some((f(x)? as f64, f(y)? as f64)))
+                .collect();
+            (!pairs.is_empty()).then(|| {
+                let n = pairs.len() as f64;
+                TermChange {
+                    term: name.to_string(),
+                    base: pairs.iter().map(|p| p.0).sum::<f64>() / n,
+                    model: pairs.iter().map(|p| p.1).sum::<f64>() / n,
+                    change: MeanCi::of(&pairs.iter().map(|p| p.1 - p.0).collect::<Vec<_>>()),
+                }
+            })
+        })
+        .collect())
+}
+
 /// Compares `model`'s samples with `base`'s (same prompts, same samples per prompt, same noise).
 pub fn compare(base: &Samples, model: &Samples) -> Result<Comparison> {
     ensure!(
@@ -416,6 +483,75 @@ mod tests {
         assert!(c.difference.ci95.abs() < 1e-12 && c.improved_beyond_ci());
         let other = samples(vec![0.5, 0.5], 1, vec![flat(0), flat(0)]);
         assert!(compare(&base, &other).is_err());
+    }
+
+    /// Ground-truth renders against blank images of the same captions: every term the renders satisfy rises,
+    /// `reward` is the exact reward's mean, and `relation` counts only the captions that state one.
+    #[test]
+    fn shapes_terms_pair_each_term_per_sample() {
+        let scenes = crate::data::shapes::random_scenes(3, 12, 2);
+        let with_relation = scenes
+            .iter()
+            .filter(|s| s.spec().relation.is_some())
+            .count();
+        assert!(with_relation > 0 && with_relation < scenes.len());
+        let prompts: Vec<String> = scenes.iter().map(|s| s.caption()).collect();
+        let set = |images: Vec<RgbImage>| {
+            let t = images_to_tensor(&images, &Device::Cpu).unwrap();
+            let p: Vec<&str> = prompts.iter().map(|p| p.as_str()).collect();
+            let r: Vec<f64> = diffpref_rewards::shapes::ShapesReward::new()
+                .score_exact(&t, &p)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            Samples {
+                prompts: prompts.clone(),
+                samples_per_prompt: 1,
+                images,
+                rewards: r,
+            }
+        };
+        let blank = set(scenes
+            .iter()
+            .map(|s| RgbImage::from_pixel(32, 32, Rgb(s.background)))
+            .collect());
+        let drawn = set(scenes.iter().map(|s| s.render(32)).collect());
+        let terms = shapes_terms(&blank, &drawn).unwrap();
+        let names: Vec<&str> = terms.iter().map(|t| t.term.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "colour",
+                "shape",
+                "count",
+                "relation",
+                "fidelity",
+                "size",
+                "centring",
+                "contrast",
+                "aesthetic",
+                "reward"
+            ]
+        );
+        let term = |n: &str| terms.iter().find(|t| t.term == n).unwrap();
+        assert_eq!(term("relation").change.n, with_relation);
+        assert_eq!(term("colour").change.n, scenes.len());
+        for n in ["colour", "count", "fidelity", "reward"] {
+            let t = term(n);
+            assert!(t.model > t.base && t.change.mean > 0.0, "{n}: {t:?}");
+            assert!((t.change.mean - (t.model - t.base)).abs() < 1e-9, "{n}");
+        }
+        let mean = |s: &Samples| s.rewards.iter().sum::<f64>() / s.rewards.len() as f64;
+        assert!((term("reward").base - mean(&blank)).abs() < 1e-6);
+        assert!((term("reward").model - mean(&drawn)).abs() < 1e-6);
+        // A set against itself: no change in any term.
+        assert!(shapes_terms(&drawn, &drawn)
+            .unwrap()
+            .iter()
+            .all(|t| t.change.mean == 0.0));
     }
 
     #[test]

@@ -334,5 +334,12 @@ fn bench_align_trains_each_method_with_several_seeds() {
     assert_eq!(s.fresh_changes, fresh);
     assert!(s.fresh_change.is_some());
     assert!(table.contains("over training seeds"), "{table}");
+    // A shapes judge: each trained row carries the exact reward's terms; their `reward` is the row's change.
+    assert!(report.rows[0].terms.is_none());
+    for r in &report.rows[1..] {
+        let t = r.terms.as_ref().unwrap();
+        let reward = t.iter().find(|t| t.term == "reward").unwrap();
+        assert!((reward.change.mean - r.difference.unwrap().mean).abs() < 1e-6);
+    }
     assert!(out.path().join("dpo@seed6").exists());
 }

@@ -90,6 +90,13 @@ fn grpo_raises_the_reward_of_its_training_prompts() {
         serde_json::from_str(&std::fs::read_to_string(&e.report).unwrap()).unwrap();
     assert_eq!(report["method"], "grpo");
     assert_eq!(report["reward_calls"], 96);
+    // The shapes judge's report says which of the exact reward's terms moved; its `reward` term is the change.
+    let terms = report["terms"].as_array().expect("terms in eval.json");
+    let reward = terms.iter().find(|t| t["term"] == "reward").unwrap();
+    assert!(
+        (reward["change"]["mean"].as_f64().unwrap() - e.comparison.difference.mean).abs() < 1e-6
+    );
+    assert!(terms.iter().any(|t| t["term"] == "fidelity"));
 }
 
 fn lora_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {

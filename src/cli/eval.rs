@@ -199,12 +199,26 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         Some(t) => {
             let c = compare(&base, t)?;
-            let report = c.report(
-                serde_json::json!({ "settings": settings }),
-                per_prompt(&[("base", &base), ("lora", t)]),
-            )?;
+            let mut fields = serde_json::json!({ "settings": settings });
+            let terms = if a.reward.reward.is_shapes() {
+                let terms = crate::eval::shapes_terms(&base, t)?;
+                fields["terms"] = serde_json::to_value(&terms)?;
+                terms
+            } else {
+                Vec::new()
+            };
+            let report = c.report(fields, per_prompt(&[("base", &base), ("lora", t)]))?;
             if !a.json {
                 print_comparison(reward.name(), prompts.len(), a.samples, &c);
+                if !terms.is_empty() {
+                    println!("  the exact reward's terms, base -> tuned (paired change ± 95% CI):");
+                    for t in &terms {
+                        println!(
+                            "    {:<10} {:.4} -> {:.4} ({:+.4} ± {:.4})",
+                            t.term, t.base, t.model, t.change.mean, t.change.ci95
+                        );
+                    }
+                }
             }
             (
                 report,

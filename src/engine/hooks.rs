@@ -170,6 +170,10 @@ impl Evaluation {
         if let (Some(f), serde_json::Value::Object(e)) = (fields.as_object_mut(), extra) {
             f.extend(e);
         }
+        if self.cfg.reward.is_shapes() {
+            // The exact reward's terms: what the method moved.
+            fields["terms"] = serde_json::to_value(crate::eval::shapes_terms(base, &after)?)?;
+        }
         let report = c.report(fields, per_prompt(&[("base", base), ("tuned", &after)]))?;
         let report_path = out.join("eval.json");
         crate::io::write_json(&report_path, &report)?;
