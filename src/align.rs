@@ -227,6 +227,7 @@ pub fn run_align(
             && cfgs.adjoint.run.mode == TrainMode::Lora,
         "bench align trains LoRAs (mode = \"lora\")"
     );
+    ensure!(cfgs.train_seeds >= 1, "--train-seeds must be at least 1");
     let prompts_file = cfg
         .run
         .eval
@@ -300,7 +301,6 @@ pub fn run_align(
     guard.check(&inputs, cfg.run.overwrite)?;
     guard.create()?;
 
-    ensure!(cfgs.train_seeds >= 1, "--train-seeds must be at least 1");
     // Train every method first (each run loads its own model), each with every training seed.
     let mut trained: Vec<Trained> = Vec::with_capacity(methods.len() * cfgs.train_seeds);
     for (method, kind) in methods.iter().zip(kinds) {

@@ -291,6 +291,15 @@ fn bench_align_trains_each_method_with_several_seeds() {
         },
         train_seeds: 2,
     };
+    // Zero seeds is refused before anything is written.
+    let none = out.path().join("none");
+    let zero = AlignConfigs {
+        train_seeds: 0,
+        ..cfgs.clone()
+    };
+    let err = run_align(&zero, &["dpo".into()], &none, false).unwrap_err();
+    assert!(format!("{err:#}").contains("--train-seeds"), "{err:#}");
+    assert!(!none.exists());
     let report = run_align(&cfgs, &["dpo".into()], out.path(), false).unwrap();
     let table = format_table(&report);
     eprintln!("{table}");
