@@ -321,10 +321,7 @@ pub fn run_align(
             };
             let name = &name;
             let dir = out.join(name);
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("cannot clear {}", dir.display()))?;
-            }
+            clear(&dir)?;
             let quiet = |r: &mut crate::engine::RunConfig| {
                 r.output_dir = Some(dir.clone());
                 r.seed += k;
@@ -353,10 +350,7 @@ pub fn run_align(
                 }
                 AlignMethod::Lpo => {
                     let lrm_dir = out.join(format!("{name}-lrm"));
-                    if lrm_dir.exists() {
-                        std::fs::remove_dir_all(&lrm_dir)
-                            .with_context(|| format!("cannot clear {}", lrm_dir.display()))?;
-                    }
+                    clear(&lrm_dir)?;
                     let mut l = cfgs.lrm.clone();
                     l.output_dir = Some(lrm_dir);
                     l.seed += k;
@@ -373,10 +367,7 @@ pub fn run_align(
                     let mut c = cfgs.spo.clone();
                     if c.spo.scorer == SpoScorer::Spm {
                         let spm_dir = out.join(format!("{name}-spm"));
-                        if spm_dir.exists() {
-                            std::fs::remove_dir_all(&spm_dir)
-                                .with_context(|| format!("cannot clear {}", spm_dir.display()))?;
-                        }
+                        clear(&spm_dir)?;
                         let mut m = cfgs.spm.clone();
                         m.output_dir = Some(spm_dir);
                         m.seed += k;
@@ -589,6 +580,14 @@ fn training_captions(
         }
     }
     Ok(taken)
+}
+
+/// Removes `dir` (a row's folder from an earlier run of the benchmark) if it exists.
+fn clear(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// A trained LoRA of a row.

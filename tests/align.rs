@@ -7,28 +7,43 @@ use diffpref::assets::{
     default_lrm_config, default_seppo_config, default_spm_config, default_spo_config,
 };
 use diffpref::eval::{read_prompts, sample_and_score, SampleOptions};
+use diffpref::methods::pairwise::DpoConfig;
 use diffpref::rewards::shapes::ShapesReward;
+use std::path::Path;
+
+/// The embedded DPO default in small (2 steps of 2 pairs, 2 samples per held-out prompt, its feature cache in
+/// `out`, then `extra`), judged on the first `n` captions of its held-out list (cut for time; written to
+/// `lists`), which it returns.
+fn small_dpo(out: &Path, lists: &Path, n: usize, extra: &[&str]) -> (DpoConfig, Vec<String>) {
+    let mut set: Vec<String> = [
+        "log.progress=false",
+        "optim.max_steps=2",
+        "optim.batch_size=2",
+        "eval.samples=2",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    set.push(format!(
+        "data.cache_dir={:?}",
+        out.join("cache").display().to_string()
+    ));
+    let mut cfg = default_dpo_config(&set).unwrap();
+    let first: Vec<String> =
+        read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap()[..n].to_vec();
+    let short = lists.join(format!("heldout-{n}.txt"));
+    std::fs::write(&short, first.join("\n") + "\n").unwrap();
+    cfg.run.eval.prompts = Some(short);
+    (cfg, first)
+}
 
 #[test]
 fn bench_align_compares_methods_with_the_base_on_equal_noise() {
     let out = tempfile::tempdir().unwrap();
-    let cache = out.path().join("cache");
-    let mut cfg = default_dpo_config(&[
-        "log.progress=false".into(),
-        "optim.max_steps=2".into(),
-        "optim.batch_size=2".into(),
-        "eval.samples=2".into(),
-        "eval.steps=4".into(),
-        format!("data.cache_dir={:?}", cache.display().to_string()),
-    ])
-    .unwrap();
-    // The rows are judged on the first 4 held-out captions (the default's list, cut for time).
-    let four: Vec<String> =
-        read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap()[..4].to_vec();
     let lists = tempfile::tempdir().unwrap();
-    let short = lists.path().join("heldout-4.txt");
-    std::fs::write(&short, four.join("\n") + "\n").unwrap();
-    cfg.run.eval.prompts = Some(short);
+    let (cfg, four) = small_dpo(out.path(), lists.path(), 4, &["eval.steps=4"]);
+    let cache = out.path().join("cache");
     // simpo is reference-free: it trains without the default's unconditional anchor instead of failing.
     assert!(cfg.loss.uncond_anchor > 0.0);
     // GRPO in small: one round of 2 prompts x 2 samples, one optimizer step.
@@ -257,23 +272,8 @@ fn bench_align_compares_methods_with_the_base_on_equal_noise() {
 #[test]
 fn bench_align_trains_each_method_with_several_seeds() {
     let out = tempfile::tempdir().unwrap();
-    let cache = out.path().join("cache");
-    let mut cfg = default_dpo_config(&[
-        "log.progress=false".into(),
-        "optim.max_steps=2".into(),
-        "optim.batch_size=2".into(),
-        "eval.samples=2".into(),
-        "eval.steps=3".into(),
-        "seed=5".into(),
-        format!("data.cache_dir={:?}", cache.display().to_string()),
-    ])
-    .unwrap();
-    let two: Vec<String> =
-        read_prompts(cfg.run.eval.prompts.as_ref().unwrap(), true).unwrap()[..2].to_vec();
     let lists = tempfile::tempdir().unwrap();
-    let short = lists.path().join("heldout-2.txt");
-    std::fs::write(&short, two.join("\n") + "\n").unwrap();
-    cfg.run.eval.prompts = Some(short);
+    let (cfg, _) = small_dpo(out.path(), lists.path(), 2, &["eval.steps=3", "seed=5"]);
     let q: &[String] = &["log.progress=false".into()];
     let cfgs = AlignConfigs {
         dpo: cfg.clone(),
