@@ -324,26 +324,14 @@ pub fn shapes_terms(base: &Samples, model: &Samples) -> Result<Vec<TermChange>> 
             .context("the shapes reward's terms")
     };
     let (b, m) = (terms(base)?, terms(model)?);
-    type Term = fn(&diffpref_rewards::shapes::Breakdown) -> Option<f32>;
-    let named: [(&str, Term); 10] = [
-        ("colour", |x| Some(x.colour)),
-        ("shape", |x| Some(x.shape)),
-        ("count", |x| Some(x.count)),
-        ("relation", |x| x.relation),
-        ("fidelity", |x| Some(x.fidelity)),
-        ("size", |x| Some(x.size)),
-        ("centring", |x| Some(x.centring)),
-        ("contrast", |x| Some(x.contrast)),
-        ("aesthetic", |x| Some(x.aesthetic)),
-        ("reward", |x| Some(x.reward)),
-    ];
-    Ok(named
+    Ok(diffpref_rewards::shapes::Breakdown::TERM_NAMES
         .iter()
-        .filter_map(|(name, f)| {
+        .enumerate()
+        .filter_map(|(i, name)| {
             let pairs: Vec<(f64, f64)> = b
                 .iter()
                 .zip(&m)
-                .filter_map(|(x, y)| Some((f(x)? as f64, f(y)? as f64)))
+                .filter_map(|(x, y)| Some((x.terms()[i].1? as f64, y.terms()[i].1? as f64)))
                 .collect();
             (!pairs.is_empty()).then(|| {
                 let n = pairs.len() as f64;

@@ -74,6 +74,28 @@ fn render_then_score_shapes() {
     for r in v["results"].as_array().unwrap() {
         assert!(r["score"].as_f64().unwrap() > 0.9, "{r}");
     }
+    // --terms: a render has every requested object in its colour and nothing else; the relation is only
+    // reported for the caption that states one.
+    let json = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "shapes",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--json",
+        "--terms",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+        let t = &r["terms"];
+        assert_eq!(t["colour"], 1.0, "{r}");
+        assert_eq!(t["count"], 1.0, "{r}");
+        assert!(
+            (t["reward"].as_f64().unwrap() - r["score"].as_f64().unwrap()).abs() < 1e-6,
+            "{r}"
+        );
+        assert_eq!(t["relation"].is_null(), i != 0, "{r}");
+    }
     // A wrong caption scores lower.
     let s = ok(&diffpref(&[
         "score",
@@ -135,6 +157,19 @@ fn bad_inputs_are_reported() {
         "score", "--reward", "clip", "--images", "x.png", "--prompt", "p",
     ]));
     assert!(e.contains("--weights"), "{e}");
+    let e = fails(&diffpref(&[
+        "score",
+        "--reward",
+        "clip",
+        "--weights",
+        "w",
+        "--images",
+        "x.png",
+        "--prompt",
+        "p",
+        "--terms",
+    ]));
+    assert!(e.contains("--terms") && e.contains("shapes"), "{e}");
 }
 
 #[test]
@@ -298,10 +333,43 @@ fn make_prefs_on_tiny_sd() {
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v.get("terms").is_none());
     for (item, l) in v["items"].as_array().unwrap().iter().zip(&lines) {
         assert!(
             (item["score_chosen"].as_f64().unwrap() - l["reward_chosen"].as_f64().unwrap()).abs()
                 < 1e-4
         );
     }
+    // --terms: per term over the pairs; the reward term's difference is the mean score gap.
+    let json = ok(&diffpref(&[
+        "score",
+        "--reward",
+        "shapes",
+        "--pairs",
+        manifest.to_str().unwrap(),
+        "--json",
+        "--terms",
+    ]));
+    let t: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let items = t["items"].as_array().unwrap();
+    let gap = items
+        .iter()
+        .map(|i| i["score_chosen"].as_f64().unwrap() - i["score_rejected"].as_f64().unwrap())
+        .sum::<f64>()
+        / items.len() as f64;
+    let terms = t["terms"].as_array().unwrap();
+    let reward = terms.iter().find(|x| x["term"] == "reward").unwrap();
+    assert!(
+        (reward["difference"]["mean"].as_f64().unwrap() - gap).abs() < 1e-5,
+        "{reward} vs {gap}"
+    );
+    assert!(
+        (reward["preferred"].as_f64().unwrap() - reward["other"].as_f64().unwrap() - gap).abs()
+            < 1e-5,
+        "{reward}"
+    );
+    assert_eq!(
+        terms.len(),
+        10 - usize::from(terms.iter().all(|x| x["term"] != "relation"))
+    );
 }

@@ -744,6 +744,39 @@ pub struct Breakdown {
     pub reward: f32,
 }
 
+impl Breakdown {
+    /// The names of [`Breakdown::terms`], in its order.
+    pub const TERM_NAMES: [&'static str; 10] = [
+        "colour",
+        "shape",
+        "count",
+        "relation",
+        "fidelity",
+        "size",
+        "centring",
+        "contrast",
+        "aesthetic",
+        "reward",
+    ];
+
+    /// Every term with its name (see [`Breakdown::TERM_NAMES`]); `relation` is `None` when the prompt states none.
+    pub fn terms(&self) -> [(&'static str, Option<f32>); 10] {
+        let v = [
+            Some(self.colour),
+            Some(self.shape),
+            Some(self.count),
+            self.relation,
+            Some(self.fidelity),
+            Some(self.size),
+            Some(self.centring),
+            Some(self.contrast),
+            Some(self.aesthetic),
+            Some(self.reward),
+        ];
+        std::array::from_fn(|i| (Self::TERM_NAMES[i], v[i]))
+    }
+}
+
 fn ramp(x: f32, lo: f32, hi: f32) -> f32 {
     ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
 }

@@ -4,7 +4,7 @@
 //! ```text
 //! diffpref score --reward clip|aesthetic|pickscore|hps|imagereward|shapes [--weights PATH]
 //!     (--images FILE|DIR ... (--prompt P | --prompts FILE) | --manifest FILE | --pairs FILE)
-//!     [--clip PATH] [--tokenizer DIR] [--batch-size N] [--json] [--device cpu|cuda[:N]] [--dtype f32|bf16|f16]
+//!     [--clip PATH] [--tokenizer DIR] [--batch-size N] [--json] [--terms] [--device cpu|cuda[:N]] [--dtype f32|bf16|f16]
 //! ```
 //!
 //! * `--weights`: the model folder (or weights file, or hub id). `clip` / `pickscore`: a transformers
@@ -23,15 +23,19 @@
 //!   to the file; `label` is the probability that `chosen` is preferred (default 1; 0 = `rejected` is
 //!   preferred; 0.5 = a tie, left out). Reports the accuracy (the reward ranks the preferred image higher;
 //!   equal scores count as wrong) with its 95% Wilson interval.
+//! * `--terms` (`shapes` only): every term of the exact reward per image; with `--pairs`, per term the
+//!   preferred and the other image's means, the paired difference and how often the preferred image is higher
+//!   (labels orient the pairs; ties left out) — what a preference set teaches.
 //! * Images of different sizes are scored in separate batches (each model resizes them itself).
 
 use super::common::ComputeArgs;
 use crate::imaging::{images_to_tensor, load_image};
 use crate::scoring::{load_reward_opt, RewardKind};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use diffpref_rewards::metrics::{pair_accuracy, PairAccuracy};
+use diffpref_rewards::shapes::Breakdown;
 use diffpref_rewards::Reward;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +77,12 @@ pub struct ScoreArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `shapes` only: every term of the exact reward (colour, shape, count, relation, fidelity, size, centring,
+    /// contrast, aesthetic) per image; with --pairs, per term the preferred and the other image's means, their
+    /// paired difference with its 95% interval and how often the preferred image scores higher: what the pairs
+    /// of a preference set differ in.
+    #[arg(long)]
+    pub terms: bool,
     /// `lrm` / `spm` only: the timestep images are scored at (their clean latents noised with a seeded noise
     /// when T > 0; the SPM scores the x0 its diffusion model predicts from them); with --pairs, the accuracy at
     /// T alone instead of per timestep band.
@@ -160,13 +170,14 @@ fn str_field(path: &Path, line: usize, v: &serde_json::Value, key: &str) -> Resu
         .with_context(|| format!("{} line {line}: no string `{key}`", path.display()))
 }
 
-/// Scores `(image, prompt)` items, batching images of equal size; returns one score per item.
-pub fn score_items(
-    reward: &dyn Reward,
+/// Runs `f` on the `(image, prompt)` items in batches of equally sized images (at most `batch_size` each);
+/// returns `f`'s values in the items' order.
+fn per_batch<T: Clone + Default>(
     items: &[(PathBuf, String)],
     batch_size: usize,
     device: &Device,
-) -> Result<Vec<f64>> {
+    mut f: impl FnMut(&Tensor, &[&str]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
     let mut sizes: Vec<(u32, u32)> = Vec::new();
     let mut groups: HashMap<(u32, u32), Vec<usize>> = HashMap::new();
     for (i, (path, _)) in items.iter().enumerate() {
@@ -177,7 +188,7 @@ pub fn score_items(
         }
         groups.entry(dims).or_default().push(i);
     }
-    let mut scores = vec![0f64; items.len()];
+    let mut out = vec![T::default(); items.len()];
     for dims in sizes {
         for chunk in groups[&dims].chunks(batch_size.max(1)) {
             let imgs = chunk
@@ -186,16 +197,87 @@ pub fn score_items(
                 .collect::<Result<Vec<_>>>()?;
             let x = images_to_tensor(&imgs, device)?;
             let prompts: Vec<&str> = chunk.iter().map(|&i| items[i].1.as_str()).collect();
-            let s = reward
-                .score(&x, &prompts)
+            let v = f(&x, &prompts)
                 .with_context(|| format!("scoring {}", items[chunk[0]].0.display()))?;
-            let s: Vec<f64> = s.to_dtype(DType::F64)?.to_vec1()?;
-            for (&i, v) in chunk.iter().zip(s) {
-                scores[i] = v;
+            for (&i, v) in chunk.iter().zip(v) {
+                out[i] = v;
             }
         }
     }
-    Ok(scores)
+    Ok(out)
+}
+
+/// Scores `(image, prompt)` items, batching images of equal size; returns one score per item.
+pub fn score_items(
+    reward: &dyn Reward,
+    items: &[(PathBuf, String)],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    per_batch(items, batch_size, device, |x, prompts| {
+        Ok(reward.score(x, prompts)?.to_dtype(DType::F64)?.to_vec1()?)
+    })
+}
+
+/// The shapes reward's terms of each `(image, prompt)` item.
+fn shapes_breakdowns(
+    items: &[(PathBuf, String)],
+    batch_size: usize,
+) -> Result<Vec<Option<Breakdown>>> {
+    let reward = diffpref_rewards::shapes::ShapesReward::new();
+    per_batch(items, batch_size, &Device::Cpu, |x, prompts| {
+        Ok(reward
+            .breakdown(x, prompts)?
+            .into_iter()
+            .map(Some)
+            .collect())
+    })
+}
+
+/// A breakdown as a JSON object `{term: value}` (`relation` null when the prompt states none).
+fn terms_json(b: &Breakdown) -> serde_json::Value {
+    serde_json::Value::Object(
+        b.terms()
+            .iter()
+            .map(|(name, v)| (name.to_string(), serde_json::json!(v)))
+            .collect(),
+    )
+}
+
+/// Per term over preference pairs: the preferred and the other image's means, their paired difference and how
+/// often the preferred image's term is higher / lower (`relation` over the pairs whose prompt states one).
+#[derive(serde::Serialize)]
+struct PairTerm {
+    term: &'static str,
+    preferred: f64,
+    other: f64,
+    difference: diffpref_rewards::metrics::MeanCi,
+    preferred_higher: f64,
+    preferred_lower: f64,
+}
+
+fn pair_terms(pairs: &[(&Breakdown, &Breakdown)]) -> Vec<PairTerm> {
+    Breakdown::TERM_NAMES
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &term)| {
+            let v: Vec<(f64, f64)> = pairs
+                .iter()
+                .filter_map(|(w, l)| Some((w.terms()[i].1? as f64, l.terms()[i].1? as f64)))
+                .collect();
+            let n = v.len() as f64;
+            (!v.is_empty()).then(|| PairTerm {
+                term,
+                preferred: v.iter().map(|p| p.0).sum::<f64>() / n,
+                other: v.iter().map(|p| p.1).sum::<f64>() / n,
+                difference: diffpref_rewards::metrics::MeanCi::of(
+                    &v.iter().map(|p| p.0 - p.1).collect::<Vec<_>>(),
+                ),
+                preferred_higher: v.iter().filter(|p| p.0 > p.1).count() as f64 / n,
+                preferred_lower: v.iter().filter(|p| p.0 < p.1).count() as f64 / n,
+            })
+        })
+        .collect()
 }
 
 /// The `(image, prompt)` items of a scoring run.
@@ -321,8 +403,23 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
         .map(|r| (r.score_chosen, r.score_rejected, r.label))
         .collect();
     let acc: PairAccuracy = pair_accuracy(&triples);
+    let terms = if a.terms {
+        let b = shapes_breakdowns(&items, a.batch_size)?;
+        let oriented: Vec<(&Breakdown, &Breakdown)> = pairs
+            .iter()
+            .zip(&slots)
+            .filter(|((.., label), _)| *label != 0.5)
+            .filter_map(|((.., label), &(ic, ir))| {
+                let (c, r) = (b[ic].as_ref()?, b[ir].as_ref()?);
+                Some(if *label > 0.5 { (c, r) } else { (r, c) })
+            })
+            .collect();
+        Some(pair_terms(&oriented))
+    } else {
+        None
+    };
     if a.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "reward": reward.name(),
             "weights": a.weights,
             "pairs": acc.pairs,
@@ -334,6 +431,9 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
             "label_ties": acc.label_ties,
             "items": results,
         });
+        if let Some(t) = &terms {
+            out["terms"] = serde_json::to_value(t)?;
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         for r in &results {
@@ -353,6 +453,24 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
             acc.score_ties,
             acc.label_ties
         );
+        if let Some(t) = &terms {
+            println!(
+                "{:<10} {:>9} {:>9} {:>18} {:>8} {:>8}",
+                "term", "preferred", "other", "difference", "higher", "lower"
+            );
+            for t in t {
+                println!(
+                    "{:<10} {:>9.4} {:>9.4} {:>+9.4} ± {:<6.4} {:>8.3} {:>8.3}",
+                    t.term,
+                    t.preferred,
+                    t.other,
+                    t.difference.mean,
+                    t.difference.ci95,
+                    t.preferred_higher,
+                    t.preferred_lower
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -437,6 +555,9 @@ fn run_step_pairs(
 pub fn run(a: ScoreArgs) -> Result<()> {
     let device = a.compute.device()?;
     let dtype = a.compute.dtype()?;
+    if a.terms && a.reward != RewardKind::Shapes {
+        bail!("--terms is for --reward shapes (the only reward here made of named terms)");
+    }
     let stepwise = matches!(a.reward, RewardKind::Lrm | RewardKind::Spm);
     if !stepwise && (a.timestep.is_some() || a.bands.is_some()) {
         bail!("--timestep and --bands are for --reward lrm and --reward spm");
@@ -491,13 +612,23 @@ pub fn run(a: ScoreArgs) -> Result<()> {
 fn score_and_print(a: &ScoreArgs, reward: &dyn Reward, device: &Device) -> Result<()> {
     let items = items(a)?;
     let scores = score_items(reward, &items, a.batch_size, device)?;
+    let terms = if a.terms {
+        shapes_breakdowns(&items, a.batch_size)?
+    } else {
+        vec![None; items.len()]
+    };
     let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
     if a.json {
         let results: Vec<serde_json::Value> = items
             .iter()
             .zip(&scores)
-            .map(|((p, prompt), s)| {
-                serde_json::json!({"image": p.display().to_string(), "prompt": prompt, "score": s})
+            .zip(&terms)
+            .map(|(((p, prompt), s), t)| {
+                let mut r = serde_json::json!({"image": p.display().to_string(), "prompt": prompt, "score": s});
+                if let Some(t) = t {
+                    r["terms"] = terms_json(t);
+                }
+                r
             })
             .collect();
         let out = serde_json::json!({
@@ -508,8 +639,25 @@ fn score_and_print(a: &ScoreArgs, reward: &dyn Reward, device: &Device) -> Resul
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        for ((p, prompt), s) in items.iter().zip(&scores) {
-            println!("{s:>12.6}  {}  {prompt}", p.display());
+        if a.terms {
+            let names: Vec<String> = Breakdown::TERM_NAMES
+                .iter()
+                .map(|n| format!("{n:>9}"))
+                .collect();
+            println!("{}  image  prompt", names.join(" "));
+        }
+        for (((p, prompt), s), t) in items.iter().zip(&scores).zip(&terms) {
+            match t {
+                Some(t) => {
+                    let cells: Vec<String> = t
+                        .terms()
+                        .iter()
+                        .map(|(_, v)| v.map_or(format!("{:>9}", "-"), |v| format!("{v:>9.4}")))
+                        .collect();
+                    println!("{}  {}  {prompt}", cells.join(" "), p.display());
+                }
+                None => println!("{s:>12.6}  {}  {prompt}", p.display()),
+            }
         }
         println!(
             "{}: mean {mean:.6} over {} images",
