@@ -22,6 +22,7 @@ use diffpref_pipelines::loading::StableDiffusion;
 use diffpref_pipelines::pipeline::{seeded_noise, GenerateOptions, Pipeline};
 use diffpref_pipelines::schedulers::SchedulerKind;
 use diffpref_rewards::metrics::{wilson_interval, MeanCi, Z95};
+use diffpref_rewards::shapes::Breakdown;
 use diffpref_rewards::Reward;
 use image::RgbImage;
 use indicatif::ProgressBar;
@@ -318,32 +319,46 @@ pub fn shapes_terms(base: &Samples, model: &Samples) -> Result<Vec<TermChange>> 
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.as_str(), k))
         .collect();
-    let terms = |s: &Samples| -> Result<Vec<diffpref_rewards::shapes::Breakdown>> {
+    let terms = |s: &Samples| -> Result<Vec<Breakdown>> {
         reward
             .breakdown(&images_to_tensor(&s.images, &Device::Cpu)?, &prompts)
             .context("the shapes reward's terms")
     };
     let (b, m) = (terms(base)?, terms(model)?);
-    Ok(diffpref_rewards::shapes::Breakdown::TERM_NAMES
-        .iter()
-        .enumerate()
-        .filter_map(|(i, name)| {
-            let pairs: Vec<(f64, f64)> = b
-                .iter()
-                .zip(&m)
-                .filter_map(|(x, y)| Some((x.terms()[i].1? as f64, y.terms()[i].1? as f64)))
-                .collect();
-            (!pairs.is_empty()).then(|| {
-                let n = pairs.len() as f64;
-                TermChange {
-                    term: name.to_string(),
-                    base: pairs.iter().map(|p| p.0).sum::<f64>() / n,
-                    model: pairs.iter().map(|p| p.1).sum::<f64>() / n,
-                    change: MeanCi::of(&pairs.iter().map(|p| p.1 - p.0).collect::<Vec<_>>()),
-                }
-            })
+    Ok(paired_terms(b.iter().zip(&m))
+        .into_iter()
+        .map(|(name, pairs)| {
+            let n = pairs.len() as f64;
+            TermChange {
+                term: name.to_string(),
+                base: pairs.iter().map(|p| p.0).sum::<f64>() / n,
+                model: pairs.iter().map(|p| p.1).sum::<f64>() / n,
+                change: MeanCi::of(&pairs.iter().map(|p| p.1 - p.0).collect::<Vec<_>>()),
+            }
         })
         .collect())
+}
+
+/// Per term of the shapes reward (in [`Breakdown::TERM_NAMES`] order), the `(first, second)` values of every
+/// pair of breakdowns that has it (`relation` only where the prompt states one); a term no pair has is left out.
+pub fn paired_terms<'a>(
+    pairs: impl IntoIterator<Item = (&'a Breakdown, &'a Breakdown)>,
+) -> Vec<(&'static str, Vec<(f64, f64)>)> {
+    let rows: Vec<_> = pairs
+        .into_iter()
+        .map(|(x, y)| (x.terms(), y.terms()))
+        .collect();
+    Breakdown::TERM_NAMES
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &name)| {
+            let v: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|(x, y)| Some((x[i].1? as f64, y[i].1? as f64)))
+                .collect();
+            (!v.is_empty()).then_some((name, v))
+        })
+        .collect()
 }
 
 /// Compares `model`'s samples with `base`'s (same prompts, same samples per prompt, same noise).

@@ -31,6 +31,12 @@ fn fails(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// `diffpref score --reward shapes ARGS --json`, parsed.
+fn score_shapes(args: &[&str]) -> serde_json::Value {
+    let out = diffpref(&[&["score", "--reward", "shapes", "--json"], args].concat());
+    serde_json::from_str(&ok(&out)).unwrap()
+}
+
 const CAPTIONS: &str =
     "a red circle above a blue square\n\n# comment\ntwo green triangles\na large yellow square\n";
 
@@ -61,31 +67,14 @@ fn render_then_score_shapes() {
     let img = image::open(out.join("00000.png")).unwrap();
     assert_eq!((img.width(), img.height()), (48, 48));
     // Scoring needs no --weights; every ground-truth render scores high for its caption.
-    let json = ok(&diffpref(&[
-        "score",
-        "--reward",
-        "shapes",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = score_shapes(&["--manifest", manifest.to_str().unwrap()]);
     assert_eq!(v["reward"], "shapes");
     for r in v["results"].as_array().unwrap() {
         assert!(r["score"].as_f64().unwrap() > 0.9, "{r}");
     }
     // --terms: a render has every requested object in its colour and nothing else; the relation is only
     // reported for the caption that states one.
-    let json = ok(&diffpref(&[
-        "score",
-        "--reward",
-        "shapes",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--json",
-        "--terms",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = score_shapes(&["--manifest", manifest.to_str().unwrap(), "--terms"]);
     for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
         let t = &r["terms"];
         assert_eq!(t["colour"], 1.0, "{r}");
@@ -97,17 +86,12 @@ fn render_then_score_shapes() {
         assert_eq!(t["relation"].is_null(), i != 0, "{r}");
     }
     // A wrong caption scores lower.
-    let s = ok(&diffpref(&[
-        "score",
-        "--reward",
-        "shapes",
+    let v = score_shapes(&[
         "--images",
         out.join("00001.png").to_str().unwrap(),
         "--prompt",
         "a purple circle",
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    ]);
     assert!(v["mean"].as_f64().unwrap() < 0.5, "{v}");
     // Random scenes render too, deterministically.
     let r1 = dir.path().join("r1");
@@ -324,15 +308,7 @@ fn make_prefs_on_tiny_sd() {
     let bad = make(&dir.path().join("bad"), &["--candidates", "1"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--candidates"));
     // score --pairs agrees with the manifest's rewards.
-    let json = ok(&diffpref(&[
-        "score",
-        "--reward",
-        "shapes",
-        "--pairs",
-        manifest.to_str().unwrap(),
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let v = score_shapes(&["--pairs", manifest.to_str().unwrap()]);
     assert!(v.get("terms").is_none());
     for (item, l) in v["items"].as_array().unwrap().iter().zip(&lines) {
         assert!(
@@ -341,16 +317,7 @@ fn make_prefs_on_tiny_sd() {
         );
     }
     // --terms: per term over the pairs; the reward term's difference is the mean score gap.
-    let json = ok(&diffpref(&[
-        "score",
-        "--reward",
-        "shapes",
-        "--pairs",
-        manifest.to_str().unwrap(),
-        "--json",
-        "--terms",
-    ]));
-    let t: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let t = score_shapes(&["--pairs", manifest.to_str().unwrap(), "--terms"]);
     let items = t["items"].as_array().unwrap();
     let gap = items
         .iter()

@@ -171,8 +171,8 @@ fn str_field(path: &Path, line: usize, v: &serde_json::Value, key: &str) -> Resu
 }
 
 /// Runs `f` on the `(image, prompt)` items in batches of equally sized images (at most `batch_size` each);
-/// returns `f`'s values in the items' order.
-fn per_batch<T: Clone + Default>(
+/// returns `f`'s values in the items' order (an error if `f` returns fewer values than it was given images).
+fn per_batch<T>(
     items: &[(PathBuf, String)],
     batch_size: usize,
     device: &Device,
@@ -188,7 +188,7 @@ fn per_batch<T: Clone + Default>(
         }
         groups.entry(dims).or_default().push(i);
     }
-    let mut out = vec![T::default(); items.len()];
+    let mut out: Vec<Option<T>> = items.iter().map(|_| None).collect();
     for dims in sizes {
         for chunk in groups[&dims].chunks(batch_size.max(1)) {
             let imgs = chunk
@@ -200,11 +200,13 @@ fn per_batch<T: Clone + Default>(
             let v = f(&x, &prompts)
                 .with_context(|| format!("scoring {}", items[chunk[0]].0.display()))?;
             for (&i, v) in chunk.iter().zip(v) {
-                out[i] = v;
+                out[i] = Some(v);
             }
         }
     }
-    Ok(out)
+    out.into_iter()
+        .collect::<Option<Vec<T>>>()
+        .context("the reward returned fewer values than it was given images")
 }
 
 /// Scores `(image, prompt)` items, batching images of equal size; returns one score per item.
@@ -219,19 +221,23 @@ pub fn score_items(
     })
 }
 
-/// The shapes reward's terms of each `(image, prompt)` item.
-fn shapes_breakdowns(
+/// The scores of `(image, prompt)` items and, with `--terms` (`shapes` only), each one's terms of the exact
+/// reward; the scores are then the breakdowns' `reward` (what the shapes reward's `score` returns), so every
+/// image is read and analysed once.
+fn scores_and_terms(
+    a: &ScoreArgs,
+    reward: &dyn Reward,
     items: &[(PathBuf, String)],
-    batch_size: usize,
-) -> Result<Vec<Option<Breakdown>>> {
-    let reward = diffpref_rewards::shapes::ShapesReward::new();
-    per_batch(items, batch_size, &Device::Cpu, |x, prompts| {
-        Ok(reward
-            .breakdown(x, prompts)?
-            .into_iter()
-            .map(Some)
-            .collect())
-    })
+    device: &Device,
+) -> Result<(Vec<f64>, Option<Vec<Breakdown>>)> {
+    if !a.terms {
+        return Ok((score_items(reward, items, a.batch_size, device)?, None));
+    }
+    let shapes = diffpref_rewards::shapes::ShapesReward::new();
+    let b = per_batch(items, a.batch_size, &Device::Cpu, |x, prompts| {
+        Ok(shapes.breakdown(x, prompts)?)
+    })?;
+    Ok((b.iter().map(|b| b.reward as f64).collect(), Some(b)))
 }
 
 /// A breakdown as a JSON object `{term: value}` (`relation` null when the prompt states none).
@@ -257,16 +263,11 @@ struct PairTerm {
 }
 
 fn pair_terms(pairs: &[(&Breakdown, &Breakdown)]) -> Vec<PairTerm> {
-    Breakdown::TERM_NAMES
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &term)| {
-            let v: Vec<(f64, f64)> = pairs
-                .iter()
-                .filter_map(|(w, l)| Some((w.terms()[i].1? as f64, l.terms()[i].1? as f64)))
-                .collect();
+    crate::eval::paired_terms(pairs.iter().copied())
+        .into_iter()
+        .map(|(term, v)| {
             let n = v.len() as f64;
-            (!v.is_empty()).then(|| PairTerm {
+            PairTerm {
                 term,
                 preferred: v.iter().map(|p| p.0).sum::<f64>() / n,
                 other: v.iter().map(|p| p.1).sum::<f64>() / n,
@@ -275,7 +276,7 @@ fn pair_terms(pairs: &[(&Breakdown, &Breakdown)]) -> Vec<PairTerm> {
                 ),
                 preferred_higher: v.iter().filter(|p| p.0 > p.1).count() as f64 / n,
                 preferred_lower: v.iter().filter(|p| p.0 < p.1).count() as f64 / n,
-            })
+            }
         })
         .collect()
 }
@@ -385,7 +386,7 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
         .iter()
         .map(|(prompt, c, r, _)| (slot(c, prompt), slot(r, prompt)))
         .collect();
-    let scores = score_items(reward, &items, a.batch_size, device)?;
+    let (scores, breakdowns) = scores_and_terms(a, reward, &items, device)?;
     let results: Vec<PairResult> = pairs
         .iter()
         .zip(&slots)
@@ -403,21 +404,21 @@ fn run_pairs(a: &ScoreArgs, reward: &dyn Reward, device: &Device, file: &Path) -
         .map(|r| (r.score_chosen, r.score_rejected, r.label))
         .collect();
     let acc: PairAccuracy = pair_accuracy(&triples);
-    let terms = if a.terms {
-        let b = shapes_breakdowns(&items, a.batch_size)?;
+    let terms = breakdowns.map(|b| {
         let oriented: Vec<(&Breakdown, &Breakdown)> = pairs
             .iter()
             .zip(&slots)
             .filter(|((.., label), _)| *label != 0.5)
-            .filter_map(|((.., label), &(ic, ir))| {
-                let (c, r) = (b[ic].as_ref()?, b[ir].as_ref()?);
-                Some(if *label > 0.5 { (c, r) } else { (r, c) })
+            .map(|((.., label), &(ic, ir))| {
+                if *label > 0.5 {
+                    (&b[ic], &b[ir])
+                } else {
+                    (&b[ir], &b[ic])
+                }
             })
             .collect();
-        Some(pair_terms(&oriented))
-    } else {
-        None
-    };
+        pair_terms(&oriented)
+    });
     if a.json {
         let mut out = serde_json::json!({
             "reward": reward.name(),
@@ -611,11 +612,10 @@ pub fn run(a: ScoreArgs) -> Result<()> {
 
 fn score_and_print(a: &ScoreArgs, reward: &dyn Reward, device: &Device) -> Result<()> {
     let items = items(a)?;
-    let scores = score_items(reward, &items, a.batch_size, device)?;
-    let terms = if a.terms {
-        shapes_breakdowns(&items, a.batch_size)?
-    } else {
-        vec![None; items.len()]
+    let (scores, breakdowns) = scores_and_terms(a, reward, &items, device)?;
+    let terms: Vec<Option<&Breakdown>> = match &breakdowns {
+        Some(b) => b.iter().map(Some).collect(),
+        None => vec![None; items.len()],
     };
     let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
     if a.json {
